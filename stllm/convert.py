@@ -78,7 +78,8 @@ def map_original_key(key: str) -> str | None:
     if k.startswith("Qformer.bert."):
         k = k[len("Qformer.bert.") :]
         k = k.replace("embeddings.LayerNorm.", "embeddings.layernorm.")
-        k = k.replace(".attention.self.", ".attention.attention.").replace(".crossattention.self.", ".crossattention.attention.")
+        k = k.replace(".attention.self.", ".attention.attention.")
+        k = k.replace(".crossattention.self.", ".crossattention.attention.")
         return "qformer." + k
     if k.startswith("visual_encoder."):
         k = k[len("visual_encoder.") :]

@@ -120,7 +120,9 @@ class HFEngine:
         self.last_timings = {"encode_s": t1 - t0, "generate_s": time.perf_counter() - t1}
         return results
 
-    def _generate_chunk(self, chunk: list[_Pair], gen_cfg: GenerationConfig, options: GenerationOptions) -> list[Answer]:
+    def _generate_chunk(
+        self, chunk: list[_Pair], gen_cfg: GenerationConfig, options: GenerationOptions
+    ) -> list[Answer]:
         embeds, mask = self.model.build_inputs_embeds([p.video_tokens for p in chunk], [p.input_ids for p in chunk])
         if options.seed is not None:
             torch.manual_seed(options.seed)

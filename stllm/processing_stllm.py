@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
+from transformers import BertTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
 from stllm.configuration_stllm import STLLMConfig
 from stllm.sampling import segment_midpoints
@@ -94,7 +94,7 @@ class STLLMProcessor:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: STLLMConfig | None = None) -> STLLMProcessor:
         config = config or STLLMConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = LlamaTokenizer.from_pretrained(path)  # ST-LLM's LLM is Vicuna (LLaMA)
         qformer_tokenizer = BertTokenizer.from_pretrained(os.path.join(path, QFORMER_TOKENIZER_DIR))
         return cls(config, tokenizer, qformer_tokenizer)
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
+from transformers import BertTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
 from stllm.configuration_stllm import DEFAULT_SYSTEM_PROMPT, STLLMConfig
 from stllm.modeling_stllm import STLLMForConditionalGeneration
@@ -84,7 +84,7 @@ def write_sentencepiece_tokenizer(dst: str | os.PathLike, model_proto: bytes) ->
 
 
 def load_llama_tokenizer(src: str | os.PathLike) -> PreTrainedTokenizerBase:
-    return apply_released_special_tokens(AutoTokenizer.from_pretrained(src))
+    return apply_released_special_tokens(LlamaTokenizer.from_pretrained(src))
 
 
 def tiny_config(vocab_size: int, video_input: str = "residual", btadapter_depth: int = 0, **overrides) -> STLLMConfig:

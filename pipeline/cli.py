@@ -1,0 +1,204 @@
+"""`stllm-index`: the project's command line.
+
+  stllm-index convert SRC DST        released ST-LLM weights → the project's safetensors folder
+  stllm-index ask VIDEO "question"   answer one question about one video (try a checkpoint)
+  stllm-index run JOB.yaml           index every video of a job (local folder or s3:// prefix)
+  stllm-index search ...             query an index (full text, vector, hybrid)
+  stllm-index demo                   the offline demo: tiny random model, generated clips, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _quiet() -> None:
+    # Keep the terminal readable: library progress bars and info logs are noise for a CLI user.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def default_model_dir() -> Path:
+    """Where the tiny random demo model is built on first use (no download, no network)."""
+    root = Path(os.environ.get("STLLM_INDEX_HOME", Path.home() / ".cache" / "stllm-index"))
+    return root / "tiny-model"
+
+
+def ensure_tiny_model(path: Path | None = None) -> Path:
+    path = path or default_model_dir()
+    if not (path / "config.json").exists():
+        from stllm.tiny import build_tiny
+
+        build_tiny(path)
+    return path
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--repetition-penalty", type=float, default=None, help="default: the checkpoint's (1.5)")
+    g.add_argument("--seed", type=int, default=None)
+
+
+def _generation_options(args: argparse.Namespace):
+    from stllm.engine import GenerationOptions
+
+    return GenerationOptions(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from stllm.convert import convert_checkpoint
+
+    t0 = time.perf_counter()
+    dst = convert_checkpoint(
+        args.src, args.dst, video_input=args.video_input, residual_size=args.residual_size,
+        num_frames=args.frames, dtype=args.dtype,
+    )
+    cfg = json.loads((dst / "config.json").read_text())
+    print(f"converted {args.src} → {dst} in {time.perf_counter() - t0:.1f}s "
+          f"(video_input={cfg['video_input']}, frames={cfg['num_frames']}, btadapter_depth={cfg['btadapter_depth']})")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from pipeline.decode import decode_video
+    from stllm.engine import VideoRequest, load_engine
+
+    t0 = time.perf_counter()
+    model_dir = Path(args.model) if args.model else ensure_tiny_model()
+    if not args.model:
+        print(f"(no --model given: using the tiny RANDOM demo model at {model_dir}; answers are noise)",
+              file=sys.stderr)
+    engine_kwargs = {"dtype": args.dtype, "device": args.device}
+    engine = load_engine(args.engine, str(model_dir), **engine_kwargs)
+    t1 = time.perf_counter()
+    num_frames = args.frames or engine.num_frames
+    data = Path(args.video).read_bytes()
+    video = decode_video(data, num_frames=num_frames, timeout_s=args.decode_timeout)
+    t2 = time.perf_counter()
+    [result] = engine.generate([VideoRequest(args.video, video.frames, [args.question])], _generation_options(args))
+    t3 = time.perf_counter()
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+        return 1
+    answer = result.answers[0]
+    if args.json:
+        print(json.dumps({
+            "video": args.video, "question": args.question, "answer": answer.text,
+            "token_ids": answer.token_ids, "frame_indices": list(video.frame_indices),
+            "decoder": video.decoder, "engine": args.engine, "model": str(model_dir),
+            "timings_s": {"load": round(t1 - t0, 3), "decode": round(t2 - t1, 3), "generate": round(t3 - t2, 3)},
+        }, indent=2))
+    else:
+        print(answer.text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(workdir=Path(args.workdir) if args.workdir else None)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.jobs import JobError, load_job
+    from pipeline.runner import run_job
+
+    try:
+        job = load_job(args.job, args.set or [])
+    except JobError as e:
+        print(f"invalid job {args.job}:\n{e}", file=sys.stderr)
+        return 2
+    summary = run_job(job, address=args.address, progress=not args.no_progress)
+    return 0 if summary.get("failed_fatal", 0) == 0 else 1
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pipeline.search_cli import run_search
+
+    return run_search(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stllm-index", description="Index video archives with ST-LLM.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert released ST-LLM weights (folder or hub id) to our format")
+    c.add_argument("src", help="released folder (pytorch_model-*.bin / *.safetensors) or hub id")
+    c.add_argument("dst", help="output folder (safetensors)")
+    c.add_argument("--video-input", choices=["all", "mean", "residual"], default=None,
+                   help="default: residual when the checkpoint has the global MLP, else all")
+    c.add_argument("--residual-size", type=int, default=16)
+    c.add_argument("--frames", type=int, default=None, help="frames sampled per video (default 64 residual, 16 all)")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the weights (default: keep the checkpoint's)")
+    c.set_defaults(func=cmd_convert)
+
+    a = sub.add_parser("ask", help="answer one question about one video")
+    a.add_argument("video")
+    a.add_argument("question")
+    a.add_argument("--model", help="converted checkpoint folder (default: the tiny random demo model)")
+    a.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    a.add_argument("--frames", type=int, default=None, help="frames to sample (default: the model's)")
+    a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--decode-timeout", type=float, default=120.0)
+    a.add_argument("--json", action="store_true", help="print answer, token ids, frame indices and timings")
+    _add_generation_flags(a)
+    a.set_defaults(func=cmd_ask)
+
+    r = sub.add_parser("run", help="index the videos of a job file")
+    r.add_argument("job", help="job YAML (see jobs/)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field, e.g. model.engine=vllm")
+    r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("search", help="search an index")
+    s.add_argument("index", help="LanceDB uri (folder or s3://)")
+    s.add_argument("query", nargs="?", default=None, help="text query")
+    s.add_argument("--table", default="videos")
+    s.add_argument("--mode", choices=["fts", "vector", "hybrid"], default="hybrid")
+    s.add_argument("--similar-to", default=None, help="video_id: find visually similar videos")
+    s.add_argument("-k", type=int, default=5)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_search)
+
+    d = sub.add_parser("demo", help="offline demo on generated clips with the tiny random model")
+    d.add_argument("--workdir", default=None)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    _quiet()
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
