@@ -1,0 +1,140 @@
+"""Run one indexing job: list → skip already indexed → Ray Data stages → one writer → summary.
+
+The driver lists the source and is the single writer of the Parquet dataset and the LanceDB table
+(LanceDB writers conflict); CPU tasks decode, an actor pool runs the model, one actor embeds text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, is_dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.stages import ERROR_FIELDS, DecodeStage, EmbedStage, ModelStage, resolve_model_path, video_id_of
+
+
+def _model_facts(job) -> dict[str, Any]:
+    """num_frames / image_size of the checkpoint the job uses (read from its config.json)."""
+    path = Path(resolve_model_path(job.model.path))
+    cfg = json.loads((path / "config.json").read_text())
+    return {
+        "path": str(path),
+        "num_frames": job.model.num_frames or cfg["num_frames"],
+        "image_size": cfg.get("image_size", 224),
+        "model_id": f"{path.name}:{cfg.get('video_input')}:{cfg['num_frames']}",
+    }
+
+
+def _generation_options(job) -> dict[str, Any]:
+    m = job.model
+    return dict(max_new_tokens=m.max_new_tokens, num_beams=m.num_beams, do_sample=m.do_sample,
+                temperature=m.temperature, top_p=m.top_p, repetition_penalty=m.repetition_penalty, seed=m.seed)
+
+
+def _init_ray(address: str | None, job) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or job.runtime.address or os.environ.get("RAY_ADDRESS")
+    # The project must be importable in every worker; a job file is small config, not code.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(runtime_env=env, include_dashboard=False, log_to_driver=False,
+                 num_cpus=job.runtime.num_cpus)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress bar below
+    ctx.print_on_execution_start = False
+
+
+def list_work(job, sink=None) -> tuple[list[dict[str, Any]], int]:
+    """The source's videos minus those already indexed with the same content and config."""
+    from pipeline.sources import list_videos
+
+    rows = []
+    for src in list_videos(job.source.uri, extensions=job.source.extensions, s3=job.source.s3,
+                           limit=job.source.limit):
+        d = asdict(src) if is_dataclass(src) else dict(src)
+        d["video_id"] = video_id_of(d["etag"], d["size"])
+        rows.append(d)
+    skipped = 0
+    if job.runtime.skip_existing and sink is not None:
+        done = sink.existing_ids(job.config_hash())
+        skipped = sum(r["video_id"] in done for r in rows)
+        rows = [r for r in rows if r["video_id"] not in done]
+    return rows, skipped
+
+
+def run_job(job, address: str | None = None, progress: bool = True) -> dict[str, Any]:
+    import ray
+
+    from pipeline.report import print_summary, progress_bar
+    from pipeline.sinks import open_sinks
+
+    t_start = time.perf_counter()
+    started_at = datetime.now(UTC)
+    run_id = f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    facts = _model_facts(job)
+    config_hash = job.config_hash()
+    sinks = open_sinks(job, run_id=run_id, config_hash=config_hash, model_id=facts["model_id"])
+    rows, skipped = list_work(job, sinks)
+    counts = {"listed": len(rows) + skipped, "skipped": skipped, "indexed": 0, "errors": 0}
+    stage_s = {"decode_s": 0.0, "model_s": 0.0, "embed_s": 0.0}
+    if rows:
+        _init_ray(address, job)
+        rt = job.runtime
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
+        ds = ds.map(
+            DecodeStage(facts["num_frames"], facts["image_size"], rt.decode_timeout_s, job.source.s3),
+            num_cpus=rt.decode_cpus, concurrency=rt.decode_concurrency,
+        )
+        ds = ds.map_batches(
+            ModelStage, batch_format="pandas", batch_size=rt.batch_size, concurrency=rt.model_pool_size,
+            num_gpus=rt.num_gpus_per_actor, num_cpus=rt.model_cpus,
+            fn_constructor_kwargs=dict(
+                engine=job.model.engine, model_path=facts["path"], dtype=job.model.dtype, device=job.model.device,
+                caption_prompt=job.caption_prompt, questions=list(job.questions),
+                options=_generation_options(job), engine_kwargs=job.model.engine_kwargs,
+            ),
+        )
+        ds = ds.map_batches(
+            EmbedStage, batch_format="pandas", batch_size=rt.batch_size, concurrency=1, num_cpus=rt.embed_cpus,
+            fn_constructor_kwargs=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
+        )
+        with progress_bar(len(rows), enabled=progress) as bar:
+            for batch in ds.iter_batches(batch_format="pandas", batch_size=rt.commit_every, prefetch_batches=1):
+                ok, bad = _split(batch)
+                for col in stage_s:
+                    stage_s[col] += float(batch[col].fillna(0).sum()) if col in batch else 0.0
+                sinks.write(ok, bad)
+                counts["indexed"] += len(ok)
+                counts["errors"] += len(bad)
+                bar.advance(len(batch), errors=counts["errors"])
+    sinks.close()
+    wall = time.perf_counter() - t_start
+    manifest = {
+        "run_id": run_id, "job": job.name, "config_hash": config_hash, "model_id": facts["model_id"],
+        "engine": job.model.engine, "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(), "wall_s": round(wall, 3), "counts": counts,
+        "stage_seconds": {k: round(v, 3) for k, v in stage_s.items()},
+        "videos_per_s": round(counts["indexed"] / wall, 4) if wall else None,
+        "outputs": sinks.locations(),
+    }
+    sinks.write_manifest(manifest)
+    if progress:
+        print_summary(manifest)
+    return manifest
+
+
+def _split(batch: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    failed = batch["error_stage"].notna()
+    return batch[~failed].reset_index(drop=True), batch[failed][["uri", *ERROR_FIELDS]].reset_index(drop=True)

@@ -1,0 +1,147 @@
+"""The Ray Data stages, one small callable each. A row travels: listing → decode → model → embed → sink.
+
+Rows carry keys, not bytes: the decode task fetches the object itself and emits only the sampled,
+224×224 uint8 frames (≈ T·150 KB). A failed row keeps flowing with `error_*` set, so the sink records it
+and the job goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ERROR_FIELDS = ("error_stage", "error_type", "error_message")
+
+
+def video_id_of(etag: str, size: int) -> str:
+    """A video's identity is its content: ETag (or local fingerprint) + size, hashed."""
+    return hashlib.sha256(f"{etag}:{size}".encode()).hexdigest()[:32]
+
+
+def _error(row: dict[str, Any], stage: str, exc: BaseException) -> dict[str, Any]:
+    row.update(error_stage=stage, error_type=type(exc).__name__, error_message=str(exc) or repr(exc))
+    return row
+
+
+class DecodeStage:
+    """CPU task: fetch the bytes, probe, sample the model's frames, resize/crop to the model's input size."""
+
+    def __init__(self, num_frames: int, image_size: int, timeout_s: float, s3_options: Any = None):
+        self.num_frames = num_frames
+        self.image_size = image_size
+        self.timeout_s = timeout_s
+        self.s3_options = s3_options
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        from pipeline.decode import decode_video
+        from pipeline.sources import read_bytes
+
+        row = dict(row)
+        row.update(frames=b"", frames_shape=[], frame_indices=[], duration_s=None, fps=None, width=None,
+                   height=None, codec=None, decoder=None, n_frames=None, thumbnail=b"", decode_s=0.0,
+                   error_stage=None, error_type=None, error_message=None)
+        t0 = time.perf_counter()
+        try:
+            data = read_bytes(row["uri"], self.s3_options)
+        except Exception as e:  # noqa: BLE001 — any fetch failure becomes an error record
+            return _error(row, "fetch", e)
+        try:
+            v = decode_video(data, num_frames=self.num_frames, size=self.image_size, timeout_s=self.timeout_s)
+        except Exception as e:  # noqa: BLE001
+            return _error(row, "decode", e)
+        row.update(frames=v.frames.tobytes(), frames_shape=list(v.frames.shape),
+                   frame_indices=[int(i) for i in v.frame_indices], duration_s=v.duration_s, fps=v.fps,
+                   width=v.width, height=v.height, codec=v.codec, decoder=v.decoder, n_frames=v.n_frames,
+                   thumbnail=v.thumbnail_jpeg, decode_s=time.perf_counter() - t0)
+        return row
+
+
+def resolve_model_path(path: str) -> str:
+    """`tiny` means the deterministic tiny random demo model, built on first use on each node."""
+    if path == "tiny":
+        from pipeline.cli import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    return path
+
+
+class ModelStage:
+    """Actor holding one engine (hf or vllm): a caption and an answer per job question for each video."""
+
+    def __init__(self, engine: str, model_path: str, dtype: str | None, device: str, caption_prompt: str,
+                 questions: list[str], options: dict[str, Any], engine_kwargs: dict[str, Any] | None = None):
+        from stllm.engine import GenerationOptions, load_engine
+
+        self.engine = load_engine(engine, resolve_model_path(model_path), dtype=dtype, device=device,
+                                  **(engine_kwargs or {}))
+        self.prompts = [caption_prompt, *questions]
+        self.options = GenerationOptions(**options)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from stllm.engine import VideoRequest
+
+        t0 = time.perf_counter()
+        todo = [i for i in range(len(batch)) if batch["error_stage"].iloc[i] is None]
+        requests = []
+        for i in todo:
+            shape = tuple(int(s) for s in batch["frames_shape"].iloc[i])
+            frames = np.frombuffer(batch["frames"].iloc[i], dtype=np.uint8).reshape(shape)
+            requests.append(VideoRequest(batch["video_id"].iloc[i], frames, self.prompts))
+        captions: list[str | None] = [None] * len(batch)
+        answers: list[list[dict[str, str]]] = [[] for _ in range(len(batch))]
+        visual: list[list[float] | None] = [None] * len(batch)
+        errors = {f: list(batch[f]) for f in ERROR_FIELDS}
+        try:
+            results = self.engine.generate(requests, self.options) if requests else []
+        except Exception as e:  # noqa: BLE001 — a broken batch fails its rows, not the job
+            results = []
+            for i in todo:
+                errors["error_stage"][i], errors["error_type"][i] = "model", type(e).__name__
+                errors["error_message"][i] = f"{e}\n{traceback.format_exc(limit=3)}"
+        for i, res in zip(todo, results, strict=False):
+            if not res.ok:
+                errors["error_stage"][i], errors["error_type"][i] = "model", "ValueError"
+                errors["error_message"][i] = res.error
+                continue
+            captions[i] = res.answers[0].text
+            answers[i] = [{"question": a.question, "answer": a.text} for a in res.answers[1:]]
+            visual[i] = res.visual_embedding.astype(np.float32).tolist()
+        out = batch.drop(columns=["frames", "frames_shape"])
+        out["caption"] = captions
+        out["answers"] = answers
+        out["visual_embedding"] = visual
+        for f, values in errors.items():
+            out[f] = values
+        out["model_s"] = (time.perf_counter() - t0) / max(len(batch), 1)
+        return out
+
+
+class EmbedStage:
+    """Actor: sentence-transformers embeddings of each caption (and of caption + answers for search)."""
+
+    def __init__(self, model: str, batch_size: int = 32, device: str = "cpu"):
+        from pipeline.embedder import load_text_embedder
+
+        self.model = load_text_embedder(model, device=device)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        t0 = time.perf_counter()
+        captions = [c if isinstance(c, str) else "" for c in batch["caption"]]
+        answers_text = [
+            " ".join(f"{a['question']} {a['answer']}" for a in (ans if ans is not None else []))
+            for ans in batch["answers"]
+        ]
+        emb = self.model.encode(captions, batch_size=self.batch_size, normalize_embeddings=True,
+                                convert_to_numpy=True, show_progress_bar=False)
+        out = batch.copy()
+        ok = [c is not None and isinstance(c, str) for c in batch["caption"]]
+        out["caption_embedding"] = [e.astype(np.float32).tolist() if k else None for e, k in zip(emb, ok, strict=True)]
+        out["answers_text"] = answers_text
+        out["embed_s"] = (time.perf_counter() - t0) / max(len(batch), 1)
+        return out
