@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: venv
-	$(BIN)/ruff check stllm pipeline schemas tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 
 demo: venv
@@ -32,8 +32,8 @@ bench: venv
 	$(BIN)/python -m benchmarks.run
 
 lint: venv
-	$(BIN)/ruff check --fix stllm pipeline schemas tests benchmarks
-	$(BIN)/ruff format stllm pipeline schemas tests benchmarks
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
