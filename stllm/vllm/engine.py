@@ -1,0 +1,218 @@
+"""The `vllm` engine: ST-LLM served by vLLM behind the shared `stllm.engine` interface (see `HFEngine`).
+
+One vLLM request per (video, question): token prompt `[pad] + BOS(2) + system + "###Human: q ###Assistant: "`
+(the pad placeholder expands to the visual tokens, which therefore come first, as in the `hf` engine),
+`multi_modal_data={"video": prepared uint8 frames}`, `mm_processor_kwargs={"question": q}` and the video's
+content key as its multimodal UUID (vLLM then hashes the key + question instead of 9.6 MB of pixels).
+The ViT runs once per video inside the worker (feature LRU keyed by that content key, see `model.py`).
+
+Decoding parity with `hf`: greedy / sampling map to SamplingParams; stop at "###" and EOS (id 2);
+the repetition penalty covers generated tokens only, like HF `generate(inputs_embeds=...)`, through the
+`OutputRepetitionPenalty` logits processor (vLLM's own penalty would also hit every prompt token).
+Beam search is refused: vLLM's `LLM.beam_search` has no repetition penalty or stop strings and re-runs the
+multimodal preprocessing at every step, so it would not be ST-LLM's decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from stllm.configuration_stllm import STLLMConfig
+from stllm.engine import Answer, GenerationOptions, VideoRequest, VideoResult
+from stllm.processing_stllm import STLLMProcessor
+from stllm.vllm.processor import QUESTION_KWARG, prepare_frames, video_key
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class _Pending:
+    request: int
+    question: str
+    request_id: str  # vLLM's internal id: "<external>-<8 random chars>"; outputs carry the external one
+
+    @property
+    def external_id(self) -> str:
+        return self.request_id.rsplit("-", 1)[0]
+
+
+class VLLMEngine:
+    kind = "vllm"
+
+    def __init__(self, llm, processor: STLLMProcessor):  # llm: vllm.LLM (imported lazily)
+        self.llm = llm
+        self.processor = processor
+        self.config: STLLMConfig = processor.config
+        self.max_model_len: int = llm.llm_engine.model_config.max_model_len
+        self.last_timings: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str,
+        dtype: str | None = None,
+        device: str = "auto",
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.85,
+        max_batch_size: int | None = None,
+        **kwargs: object,
+    ) -> VLLMEngine:
+        """Start vLLM over a converted checkpoint folder (the same folder the `hf` engine loads).
+
+        dtype: None = bfloat16 on GPU, float32 on CPU. device: "auto" | "cpu" | "cuda"; the installed vLLM
+        build decides the device, a mismatching request is an error. max_batch_size → vLLM `max_num_seqs`.
+        Other kwargs go to `vllm.LLM` (e.g. `load_format="dummy"`, `enforce_eager=True`). On CPU the KV
+        cache size is `VLLM_CPU_KVCACHE_SPACE` (GiB).
+        """
+        if not os.path.isdir(model_dir):
+            raise ValueError(f"model folder {model_dir} does not exist (convert the released weights first)")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        from stllm.vllm.model import WORKER_EXTENSION
+        from stllm.vllm.plugin import register
+        from stllm.vllm.sampling import LOGITS_PROCESSOR
+
+        register()  # the entry point does this too; explicit so a non-installed checkout also works here
+        platform = "cpu" if current_platform.is_cpu() else current_platform.device_type
+        if device not in ("auto", platform):
+            raise ValueError(f"device={device!r} but the installed vLLM build runs on {platform!r}")
+        if dtype is None:
+            dtype = "float32" if platform == "cpu" else "bfloat16"
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        config = STLLMConfig.from_pretrained(model_dir)
+        llm_kwargs: dict[str, object] = dict(
+            model=str(model_dir),
+            tokenizer=str(model_dir),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            limit_mm_per_prompt={"video": 1},
+            logits_processors=[LOGITS_PROCESSOR],
+            worker_extension_cls=WORKER_EXTENSION,
+            generation_config="vllm",  # decoding defaults come from GenerationOptions, not the folder
+        )
+        if platform != "cpu":
+            llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_batch_size is not None:
+            llm_kwargs["max_num_seqs"] = max_batch_size
+        llm_kwargs.update(kwargs)
+        llm = LLM(**llm_kwargs)
+        llm.collective_rpc("stllm_clear_vit_cache")  # drop the start-up profiling dummy's ViT features
+        return cls(llm, STLLMProcessor.from_pretrained(model_dir, config=config))
+
+    @property
+    def num_frames(self) -> int:
+        return self.config.num_frames
+
+    @property
+    def vit_forwards(self) -> int:
+        """ViT forwards run by the (first) worker since start-up, start-up profiling included."""
+        return int(self.llm.collective_rpc("stllm_vit_forwards")[0])
+
+    def close(self) -> None:
+        """Stop the engine-core processes now (otherwise they go at interpreter exit)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def sampling_params(self, options: GenerationOptions):
+        from vllm import SamplingParams
+
+        from stllm.vllm.sampling import PENALTY_ARG
+
+        if options.num_beams > 1:
+            raise ValueError(
+                "num_beams > 1 is not supported by the vllm engine (vLLM's beam search has no repetition "
+                "penalty or stop strings); use the hf engine for beam search"
+            )
+        rp = options.repetition_penalty or self.config.default_repetition_penalty
+        kwargs: dict[str, object] = dict(
+            max_tokens=options.max_new_tokens,
+            stop=[self.config.stop_string],
+            repetition_penalty=1.0,  # vLLM's would penalise prompt tokens too; ours covers new tokens only
+            extra_args={PENALTY_ARG: float(rp)} if rp != 1.0 else None,
+            seed=options.seed,
+        )
+        if options.do_sample:
+            kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k or 0)
+        else:
+            kwargs.update(temperature=0.0)
+        return SamplingParams(**kwargs)
+
+    def _prompts(self, req: VideoRequest, options: GenerationOptions) -> tuple[str, list[dict]]:
+        """Validate one request and build its vLLM prompts; ValueError names what is wrong."""
+        if not req.questions:
+            raise ValueError("the request has no questions")
+        frames = prepare_frames(self.processor, req.frames)
+        key = video_key(frames).hex()
+        placeholder = self.config.text_config.pad_token_id
+        n_visual = self.config.num_visual_tokens()
+        prompts = []
+        for q in req.questions:
+            ids = self.processor.process_question(q).input_ids
+            total = n_visual + len(ids) + options.max_new_tokens
+            if total > self.max_model_len:
+                raise ValueError(
+                    f"prompt of {n_visual + len(ids)} tokens + {options.max_new_tokens} new tokens exceeds "
+                    f"the engine's {self.max_model_len} positions"
+                )
+            prompts.append({
+                "prompt_token_ids": [placeholder, *ids],
+                "multi_modal_data": {"video": frames},
+                "mm_processor_kwargs": {QUESTION_KWARG: q},
+                "multi_modal_uuids": {"video": [key]},
+            })
+        return key, prompts
+
+    def generate(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> list[VideoResult]:
+        options = options or GenerationOptions()
+        params = self.sampling_params(options)
+        results = [VideoResult(video_id=r.video_id) for r in requests]
+        keys: dict[int, str] = {}
+        pending: list[_Pending] = []
+        t0 = time.perf_counter()
+        # Video by video, so a video's questions reach the encoder back to back (ViT feature cache hits).
+        for i, req in enumerate(requests):
+            try:
+                keys[i], prompts = self._prompts(req, options)
+            except (ValueError, TypeError) as e:
+                results[i].error = f"{type(e).__name__}: {e}"
+                continue
+            added: list[_Pending] = []
+            try:
+                for q, prompt in zip(req.questions, prompts, strict=True):
+                    (rid,) = self.llm.enqueue(prompt, params, use_tqdm=False)
+                    added.append(_Pending(i, q, rid))
+            except Exception as e:  # vLLM's input processing rejected it: fail this request alone
+                if added:
+                    self.llm.llm_engine.abort_request([p.request_id for p in added], internal=True)
+                results[i].error = f"{type(e).__name__}: {e}"
+                keys.pop(i)
+                continue
+            pending += added
+        t1 = time.perf_counter()
+        outputs = {o.request_id: o for o in self.llm.wait_for_completion(use_tqdm=False)} if pending else {}
+        t2 = time.perf_counter()
+        for p in pending:
+            out = (outputs.get(p.request_id) or outputs[p.external_id]).outputs[0]
+            token_ids = list(out.token_ids)
+            results[p.request].answers.append(
+                Answer(question=p.question, text=self.processor.decode_answer(token_ids), token_ids=token_ids)
+            )
+        if keys:
+            order = sorted(keys)
+            embeddings = self.llm.collective_rpc("stllm_visual_embeddings", args=([keys[i] for i in order],))[0]
+            for i, emb in zip(order, embeddings, strict=True):
+                if emb is None:  # only if >4096 newer videos evicted it within this call
+                    results[i].error = "visual embedding was evicted before it could be read"
+                    results[i].answers = []
+                else:
+                    results[i].visual_embedding = np.asarray(emb, dtype=np.float32)
+        self.last_timings = {"prepare_s": t1 - t0, "generate_s": t2 - t1}
+        return results
+
+
+__all__ = ["VLLMEngine"]

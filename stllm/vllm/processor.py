@@ -1,0 +1,171 @@
+"""vLLM multimodal processing for ST-LLM: `multi_modal_data={"video": uint8 (T, H, W, 3)}` → model inputs.
+
+Same facts as the `hf` engine (`STLLMProcessor`): segment-midpoint sampling of `num_frames` frames,
+shorter side → 224 bicubic + centre crop. The frames travel to the worker as uint8 224×224 (4× smaller
+than float pixels); the model scales/normalises them with the same formula as `STLLMProcessor.pixel_values`.
+
+Fields per video (all `batched("video")`, i.e. one entry per video item):
+- `video_frames`      uint8 (T, S, S, 3)
+- `video_key`         int64 (2,): 128 bits of SHA-256 over the processed frames; keys the model's ViT
+                      feature cache and the visual-embedding store (see `model.py`)
+- `qformer_input_ids` int64 (Lq,): the question, BERT-tokenized (left-truncated) for the Q-Former
+
+The question comes from the request's `mm_processor_kwargs={"question": ...}`. Prompt: ONE placeholder
+token (the pad id, `[PAD]`) that is expanded to `config.num_visual_tokens()` copies, followed by the text
+token ids; the engine sends `[pad] + STLLMProcessor.prompt_ids(question)` so the visual tokens come first,
+then BOS (id 2) + system + "###Human: ...", exactly as the `hf` engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+
+import numpy as np
+import torch
+from transformers import BatchFeature, BertTokenizer
+from vllm.config.multimodal import MultiModalDummyOptions
+from vllm.inputs import MultiModalDataDict
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import (
+    BaseDummyInputsBuilder,
+    BaseMultiModalProcessor,
+    BaseProcessingInfo,
+    PromptReplacement,
+    PromptUpdate,
+)
+
+from stllm.configuration_stllm import STLLMConfig
+from stllm.processing_stllm import QFORMER_TOKENIZER_DIR, STLLMProcessor, as_frames, resize_crop
+
+QUESTION_KWARG = "question"
+# Scope keys vLLM may add to `mm_processor_kwargs` on its own (always empty for this model).
+_SCOPE_KWARGS = frozenset({"text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs"})
+
+
+def prepare_frames(processor: STLLMProcessor, video: object) -> np.ndarray:
+    """Decoded clip → the model's sampled, resized uint8 frames (T, S, S, 3). Idempotent."""
+    if isinstance(video, torch.Tensor):
+        video = video.cpu().numpy()
+    frames = processor.sample(as_frames(video))
+    return np.ascontiguousarray(resize_crop(frames, processor.config.image_size))
+
+
+def video_key(frames: np.ndarray) -> bytes:
+    """128-bit content key of prepared frames (SHA-256 is hardware-accelerated: ~7 ms for 64×224²)."""
+    h = hashlib.sha256(repr(frames.shape).encode())
+    h.update(memoryview(np.ascontiguousarray(frames)).cast("B"))
+    return h.digest()[:16]
+
+
+def key_to_tensor(key: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(key, dtype=np.int64).copy())
+
+
+def tensor_to_key(t: torch.Tensor) -> str:
+    """The hex form used by the model's caches and the worker RPC (`video_key(...).hex()`)."""
+    return t.detach().to("cpu", torch.int64).numpy().tobytes().hex()
+
+
+class STLLMProcessingInfo(BaseProcessingInfo):
+    def get_hf_config(self) -> STLLMConfig:
+        return self.ctx.get_hf_config(STLLMConfig)
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"video": 1}  # one video per prompt: the released prompt format has a single video
+
+    def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
+        # No HF ProcessorMixin exists to introspect; `question` stays a flat kwarg.
+        return {"text_kwargs": set(), "videos_kwargs": set()}
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        return {"video": self.get_num_video_tokens()}
+
+    def get_num_video_tokens(self) -> int:
+        # Sampling always yields config.num_frames frames, so the count is fixed per checkpoint.
+        return self.get_hf_config().num_visual_tokens()
+
+    def get_placeholder_token_id(self) -> int:
+        return self.get_hf_config().text_config.pad_token_id
+
+    @cached_property
+    def stllm_processor(self) -> STLLMProcessor:
+        model_dir = self.ctx.model_config.model
+        qdir = os.path.join(model_dir, QFORMER_TOKENIZER_DIR)
+        if not os.path.isdir(qdir):
+            raise ValueError(f"{model_dir} has no {QFORMER_TOKENIZER_DIR}/ (convert the checkpoint first)")
+        # Only sampling, resizing and the Q-Former tokenizer are used here; the LLaMA tokenizer is vLLM's.
+        return STLLMProcessor(self.get_hf_config(), self.get_tokenizer(), BertTokenizer.from_pretrained(qdir))
+
+
+class STLLMDummyInputsBuilder(BaseDummyInputsBuilder[STLLMProcessingInfo]):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        tokenizer = self.info.get_tokenizer()
+        placeholder = tokenizer.convert_ids_to_tokens([self.info.get_placeholder_token_id()])[0]
+        return placeholder * mm_counts.get("video", 0)
+
+    def get_dummy_mm_data(
+        self, seq_len: int, mm_counts: Mapping[str, int], mm_options: MultiModalDummyOptions
+    ) -> MultiModalDataDict:
+        config = self.info.get_hf_config()
+        return {
+            "video": self._get_dummy_videos(
+                width=config.image_size,
+                height=config.image_size,
+                num_frames=config.num_frames,
+                num_videos=mm_counts.get("video", 0),
+                overrides=mm_options.get("video") if mm_options else None,
+            )
+        }
+
+
+class STLLMMultiModalProcessor(BaseMultiModalProcessor[STLLMProcessingInfo]):
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        unknown = sorted(k for k, v in hf_kwargs.items() if k != QUESTION_KWARG and not (k in _SCOPE_KWARGS and not v))
+        if unknown:
+            raise ValueError(f"unknown mm_processor_kwargs {unknown}; ST-LLM takes only {QUESTION_KWARG!r}")
+        question = hf_kwargs.get(QUESTION_KWARG, "")  # no question (profiling dummies): empty Q-Former text
+        if not isinstance(question, str):
+            raise ValueError(f"mm_processor_kwargs[{QUESTION_KWARG!r}] must be a string")
+        proc = self.info.stllm_processor
+        videos = hf_data.get("videos", [])
+        frames = [prepare_frames(proc, v) for v in videos]
+        q_ids = proc.qformer_inputs(question)[0][0]  # (Lq,); its mask is all ones (one unpadded sequence)
+        return BatchFeature({
+            "video_frames": [torch.from_numpy(f) for f in frames],
+            "video_key": [key_to_tensor(video_key(f)) for f in frames],
+            "qformer_input_ids": [q_ids.clone() for _ in frames],
+        })
+
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return {
+            "video_frames": MultiModalFieldConfig.batched("video"),
+            "video_key": MultiModalFieldConfig.batched("video", keep_on_cpu=True),  # read on the host
+            "qformer_input_ids": MultiModalFieldConfig.batched("video"),
+        }
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        ph = self.info.get_placeholder_token_id()
+        return [PromptReplacement(modality="video", target=[ph], replacement=[ph] * self.info.get_num_video_tokens())]
+
+
+__all__ = [
+    "STLLMProcessingInfo",
+    "STLLMDummyInputsBuilder",
+    "STLLMMultiModalProcessor",
+    "prepare_frames",
+    "video_key",
+    "key_to_tensor",
+    "tensor_to_key",
+    "QUESTION_KWARG",
+]
