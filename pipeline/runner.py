@@ -7,6 +7,7 @@ The driver lists the source and is the single writer of the Parquet dataset and 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -18,6 +19,8 @@ from typing import Any
 import pandas as pd
 
 from pipeline.stages import ERROR_FIELDS, DecodeStage, EmbedStage, ModelStage, resolve_model_path, video_id_of
+
+log = logging.getLogger(__name__)
 
 
 def _model_facts(job) -> dict[str, Any]:
@@ -35,7 +38,8 @@ def _model_facts(job) -> dict[str, Any]:
 def _generation_options(job) -> dict[str, Any]:
     m = job.model
     return dict(max_new_tokens=m.max_new_tokens, num_beams=m.num_beams, do_sample=m.do_sample,
-                temperature=m.temperature, top_p=m.top_p, repetition_penalty=m.repetition_penalty, seed=m.seed)
+                temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, repetition_penalty=m.repetition_penalty,
+                seed=m.seed)
 
 
 def _init_ray(address: str | None, job) -> None:
@@ -51,9 +55,24 @@ def _init_ray(address: str | None, job) -> None:
     else:
         ray.init(runtime_env=env, include_dashboard=False, log_to_driver=False,
                  num_cpus=job.runtime.num_cpus)
+    _fit_cpu_reservations(job, ray.cluster_resources().get("CPU", 1.0))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress bar below
     ctx.print_on_execution_start = False
+
+
+def _fit_cpu_reservations(job, cluster_cpus: float) -> None:
+    """Actor reservations must leave room for decode tasks, or Ray never schedules them (a silent hang
+    on a 2-core machine). Scale the model/embed reservations down when they would not fit."""
+    rt = job.runtime
+    actors = rt.model_pool_size * rt.model_cpus + rt.embed_cpus
+    room = cluster_cpus - rt.decode_cpus
+    if actors > room:
+        scale = max(room, 0.1) / actors
+        rt.model_cpus = round(rt.model_cpus * scale, 3) or 0.01
+        rt.embed_cpus = round(rt.embed_cpus * scale, 3) or 0.01
+        log.warning("scaled actor CPU reservations to fit %.1f CPUs: model %.2f each, embed %.2f",
+                    cluster_cpus, rt.model_cpus, rt.embed_cpus)
 
 
 def list_work(job, sink=None) -> tuple[list[dict[str, Any]], int]:
@@ -85,12 +104,12 @@ def run_job(job, address: str | None = None, progress: bool = True) -> dict[str,
     run_id = f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     facts = _model_facts(job)
     config_hash = job.config_hash()
+    _init_ray(address, job)  # before LanceDB opens anything: its fork handlers warn when Ray forks later
     sinks = open_sinks(job, run_id=run_id, config_hash=config_hash, model_id=facts["model_id"])
     rows, skipped = list_work(job, sinks)
     counts = {"listed": len(rows) + skipped, "skipped": skipped, "indexed": 0, "errors": 0}
     stage_s = {"decode_s": 0.0, "model_s": 0.0, "embed_s": 0.0}
     if rows:
-        _init_ray(address, job)
         rt = job.runtime
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
         ds = ds.map(

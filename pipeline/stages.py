@@ -86,7 +86,8 @@ class ModelStage:
         from stllm.engine import VideoRequest
 
         t0 = time.perf_counter()
-        todo = [i for i in range(len(batch)) if batch["error_stage"].iloc[i] is None]
+        # A batch holding an error row turns the others' None into NaN: test with isna, not `is None`.
+        todo = [i for i in range(len(batch)) if pd.isna(batch["error_stage"].iloc[i])]
         requests = []
         for i in todo:
             shape = tuple(int(s) for s in batch["frames_shape"].iloc[i])
@@ -140,7 +141,7 @@ class EmbedStage:
         emb = self.model.encode(captions, batch_size=self.batch_size, normalize_embeddings=True,
                                 convert_to_numpy=True, show_progress_bar=False)
         out = batch.copy()
-        ok = [c is not None and isinstance(c, str) for c in batch["caption"]]
+        ok = [isinstance(c, str) for c in batch["caption"]]
         out["caption_embedding"] = [e.astype(np.float32).tolist() if k else None for e, k in zip(emb, ok, strict=True)]
         out["answers_text"] = answers_text
         out["embed_s"] = (time.perf_counter() - t0) / max(len(batch), 1)

@@ -12,60 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import BertTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
 from stllm.configuration_stllm import STLLMConfig
 from stllm.sampling import segment_midpoints
+from stllm.transforms import as_frames, resize_crop, resize_crop_image
 
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
-
-
-def resize_crop(frames: np.ndarray, size: int = 224) -> np.ndarray:
-    """uint8 (T, H, W, 3) → uint8 (T, size, size, 3): shorter side to `size` (bicubic), centre crop.
-
-    Idempotent on frames that are already size×size, so the decode stage may do it early (smaller rows).
-    """
-    _check_frames(frames)
-    t, h, w, _ = frames.shape
-    if h == size and w == size:
-        return frames
-    if h <= w:
-        new_h, new_w = size, int(size * w / h)
-    else:
-        new_h, new_w = int(size * h / w), size
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    out = np.empty((t, size, size, 3), dtype=np.uint8)
-    for i in range(t):
-        img = Image.fromarray(frames[i]).resize((new_w, new_h), Image.BICUBIC)
-        out[i] = np.asarray(img)[top : top + size, left : left + size]
-    return out
-
-
-def as_frames(frames: np.ndarray | list[np.ndarray]) -> np.ndarray:
-    """Accept an array (T, H, W, 3) or a list of (H, W, 3) frames; reject mixed sizes with a clear error."""
-    if isinstance(frames, (list, tuple)):
-        if not frames:
-            raise ValueError("the video has zero frames")
-        sizes = {tuple(np.shape(f)) for f in frames}
-        if len(sizes) > 1:
-            raise ValueError(f"frames of mixed sizes: {sorted(sizes)}")
-        frames = np.stack(frames)
-    _check_frames(frames)
-    return frames
-
-
-def _check_frames(frames: np.ndarray) -> None:
-    if not isinstance(frames, np.ndarray):
-        raise ValueError(f"frames must be a numpy uint8 array (T, H, W, 3), got {type(frames).__name__}")
-    if frames.dtype != np.uint8:
-        raise ValueError(f"frames must have dtype uint8, got {frames.dtype}")
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must have shape (T, H, W, 3), got {frames.shape}")
-    if frames.shape[0] == 0:
-        raise ValueError("the video has zero frames")
-    if frames.shape[1] == 0 or frames.shape[2] == 0:
-        raise ValueError(f"frames have an empty size {frames.shape[1:3]}")
 
 
 @dataclass
@@ -149,4 +102,6 @@ class STLLMProcessor:
         return text.split("Assistant:")[-1].strip()
 
 
-__all__ = ["STLLMProcessor", "ProcessedQuestion", "resize_crop", "as_frames", "QFORMER_TOKENIZER_DIR"]
+__all__ = [
+    "STLLMProcessor", "ProcessedQuestion", "resize_crop", "resize_crop_image", "as_frames", "QFORMER_TOKENIZER_DIR"
+]

@@ -120,6 +120,14 @@ def build_tiny_model(
         for name, p in model.named_parameters():
             if "global_up_proj" in name or "temporal_fc" in name:
                 p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed + 1))
+        # Readable noise for the demo: byte-fallback pieces never win (zero logits) while word pieces get
+        # large ones; otherwise random weights mostly emit invalid UTF-8 bytes.
+        head = model.language_model.lm_head.weight
+        for tid, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+            if piece.startswith("<0x") or piece in ("<unk>", "<s>", "[PAD]"):
+                head[tid] = 0
+            elif tid != tokenizer.eos_token_id:
+                head[tid] *= 4
     model.eval()
     processor = STLLMProcessor(config, tokenizer, build_qformer_tokenizer())
     return model, processor, proto

@@ -1,0 +1,58 @@
+"""`make demo`: generated sample clips → the embedded demo job (tiny random model, CPU) → summary + a search."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from pipeline.cli import ensure_tiny_model
+
+DEMO_CODECS = ("h264", "hevc", "vp9", "av1")
+DEMO_SCENES = 2  # clips per codec: different colours/motions so search has something to tell apart
+
+
+def make_demo_videos(folder: Path) -> list[Path]:
+    """Sample clips in four codecs (AV1 needs the PyAV fallback) plus one corrupt file."""
+    from pipeline.fixtures import make_corrupt_video, make_test_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for codec in DEMO_CODECS:
+        for scene in range(DEMO_SCENES):
+            ext = "webm" if codec == "vp9" else "mp4"
+            path = folder / f"{codec}_{scene}.{ext}"
+            if not path.exists():
+                make_test_video(path, codec, seed=scene)
+            paths.append(path)
+    bad = folder / "corrupt.mp4"
+    if not bad.exists():
+        make_corrupt_video(bad, "random")
+    paths.append(bad)
+    return paths
+
+
+def run_demo(workdir: Path | None = None) -> int:
+    from pipeline.jobs import load_job
+    from pipeline.runner import run_job
+    from pipeline.sinks import search
+
+    console = Console()
+    root = Path(workdir or Path(os.environ.get("STLLM_INDEX_HOME", Path.home() / ".cache" / "stllm-index")) / "demo")
+    videos = make_demo_videos(root / "videos")
+    console.print(f"[bold]stllm-index demo[/bold]: {len(videos)} sample clips in {root / 'videos'}")
+    console.print("model: the tiny RANDOM ST-LLM (captions are noise); see README for real weights")
+    ensure_tiny_model()
+    job = load_job(None, [
+        f"source.uri={root / 'videos'}",
+        f"output.parquet={root / 'index' / 'parquet'}",
+        f"output.lancedb={root / 'index' / 'lancedb'}",
+        f"output.manifest_dir={root / 'index' / 'runs'}",
+    ])
+    manifest = run_job(job, progress=True)
+    console.print("\n[bold]search[/bold] (full text: 'video')")
+    hits = search(job.output.lancedb, job.output.table, text="video", k=1)
+    for hit in hits:
+        console.print({k: hit[k] for k in ("uri", "caption", "answers", "decoder", "codec") if k in hit})
+    return 0 if manifest["counts"]["indexed"] > 0 else 1

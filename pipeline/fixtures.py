@@ -1,0 +1,127 @@
+"""Synthetic video clips for tests and the demo, encoded with PyAV (no files shipped, no network).
+
+A clip shows a coloured background and a white square moving left to right by a known amount per frame,
+so a test can tell which frame it got (`square_x`). Encoders present in this PyAV build (checked with
+`av.codecs_available`): libx264, libx265, libvpx-vp9, libsvtav1 (AV1; libaom/rav1e are absent).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+Codec = Literal["h264", "hevc", "vp9", "av1"]
+
+# codec → (encoder candidates in order of preference, encoder options)
+_ENCODERS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "h264": (("libx264",), {"preset": "veryfast"}),
+    "hevc": (("libx265",), {"preset": "veryfast", "x265-params": "log-level=error"}),
+    "vp9": (("libvpx-vp9",), {"deadline": "realtime", "cpu-used": "8"}),
+    "av1": (("libsvtav1", "libaom-av1", "librav1e"), {}),
+}
+SQUARE = 12  # side of the moving square, pixels
+
+
+def square_x(index: int, n_frames: int, width: int) -> int:
+    """Left edge of the square in frame `index`."""
+    return 2 + (index * (width - SQUARE - 4)) // max(n_frames - 1, 1)
+
+
+def frame_image(index: int, n_frames: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """The RGB uint8 (H, W, 3) image of frame `index`: deterministic for (index, n_frames, size, seed)."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    base = rng.integers(40, 200, size=3)
+    img = np.empty((h, w, 3), dtype=np.uint8)
+    ramp = np.linspace(0, 40, w, dtype=np.float32)  # a gradient, so resizing has something to do
+    for c in range(3):
+        img[:, :, c] = np.clip(base[c] + ramp[None, :] * (c + 1) / 3 + index % 7, 0, 255).astype(np.uint8)
+    x, y = square_x(index, n_frames, w), (h - SQUARE) // 2
+    img[y:y + SQUARE, x:x + SQUARE] = 255
+    cy = 2 + (index * 5 + seed * 11) % max(h - 10, 1)  # a second, coloured shape moving vertically
+    img[cy:cy + 6, w - 10:w - 4] = (255 * (seed % 2), 40, 255 * ((seed + 1) % 2))
+    return img
+
+
+def available_encoder(codec: Codec) -> str:
+    import av
+
+    candidates, _ = _ENCODERS[codec]
+    for name in candidates:
+        if name in av.codecs_available:
+            return name
+    raise RuntimeError(f"no {codec} encoder in this PyAV build (tried {', '.join(candidates)})")
+
+
+def make_test_video(path: str | os.PathLike, codec: Codec, n_frames: int = 24,
+                    size: tuple[int, int] = (96, 64), fps: int = 12, seed: int = 0,
+                    options: dict[str, str] | None = None) -> Path:
+    """Encode a synthetic clip of `n_frames` frames of `size` (width, height) at `fps`.
+
+    The container follows the file name (.mp4, .mkv, .webm). Width and height must be even (yuv420p).
+    """
+    import av
+
+    path = Path(path)
+    if codec not in _ENCODERS:
+        raise ValueError(f"codec must be one of {sorted(_ENCODERS)}, got {codec!r}")
+    w, h = size
+    if w % 2 or h % 2:
+        raise ValueError(f"width and height must be even for yuv420p, got {size}")
+    encoder = available_encoder(codec)
+    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints a banner to stderr at info level
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", options=(options or {})) as container:
+        stream = container.add_stream(encoder, rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = dict(_ENCODERS[codec][1])
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(frame_image(i, n_frames, size, seed), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@dataclass(frozen=True)
+class StallAt:
+    """A `stage_hook` for `decode_video` (picklable): when the decode worker reaches `stage`, sleep
+    `seconds` (a stuck decoder) or, with `exit_code`, kill the worker process (a crashing one)."""
+
+    stage: str
+    seconds: float = 3600.0
+    exit_code: int | None = None
+
+    def __call__(self, stage: str) -> None:
+        if stage == self.stage:
+            if self.exit_code is not None:
+                os._exit(self.exit_code)
+            time.sleep(self.seconds)
+
+
+def make_corrupt_video(path: str | os.PathLike, kind: Literal["random", "truncated"] = "random") -> Path:
+    """A file no decoder can read: `random` bytes named like a video, or a real H.264 MP4 cut in half.
+
+    The truncated file has its index (moov) at the front, so its header promises frames the data no
+    longer holds — the over-reported frame count that hangs decord on some files (decord #373).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "random":
+        path.write_bytes(np.random.default_rng(1234).integers(0, 256, 8192, dtype=np.uint8).tobytes())
+    elif kind == "truncated":
+        tmp = path.with_name(path.name + ".full.mp4")
+        make_test_video(tmp, "h264", n_frames=48, options={"movflags": "+faststart"})
+        data = tmp.read_bytes()
+        tmp.unlink()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        raise ValueError(f"kind must be 'random' or 'truncated', got {kind!r}")
+    return path

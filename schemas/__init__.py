@@ -1,0 +1,161 @@
+"""Arrow schemas of every table stllm-index writes, versioned.
+
+Bump `SCHEMA_VERSION` on any change a reader could notice (a column added, removed, renamed or retyped);
+the version travels in each schema's metadata, so Parquet files and LanceDB tables say which one they hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from schemas.manifest import RunManifest, manifest_json_schema
+
+SCHEMA_VERSION = 1
+VERSION_KEY = b"stllm_index.schema_version"
+TABLE_KEY = b"stllm_index.table"
+
+ANSWER_TYPE = pa.struct([pa.field("question", pa.string()), pa.field("answer", pa.string())])
+# Per-stage wall seconds of one video; the runner fills what it measures, the rest stays null.
+TIMINGS_TYPE = pa.struct([
+    pa.field("fetch_s", pa.float64()),
+    pa.field("decode_s", pa.float64()),
+    pa.field("model_s", pa.float64()),
+    pa.field("embed_s", pa.float64()),
+])
+TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
+
+
+def _metadata(table: str, **extra: Any) -> dict[bytes, bytes]:
+    meta = {VERSION_KEY: str(SCHEMA_VERSION).encode(), TABLE_KEY: table.encode()}
+    meta.update({f"stllm_index.{k}".encode(): str(v).encode() for k, v in extra.items()})
+    return meta
+
+
+def video_schema(text_dim: int = 384, visual_dim: int = 4096) -> pa.Schema:
+    """The main results table: one row per (video, model/questions config).
+
+    `video_id` is the content id the caller computed (hash of ETag/fingerprint + size); `config_hash` is
+    the job's `config_hash()`; together they are the row's identity. `answers_text` flattens the answers
+    so a full-text index can cover them. Embeddings are nullable fixed-size float32 vectors.
+    """
+    if text_dim < 1 or visual_dim < 1:
+        raise ValueError(f"embedding dims must be >= 1, got text_dim={text_dim}, visual_dim={visual_dim}")
+    fields = [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("etag", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("config_hash", pa.string(), nullable=False),
+        pa.field("questions_hash", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("answers", pa.list_(ANSWER_TYPE)),
+        pa.field("answers_text", pa.string()),
+        pa.field("caption_embedding", pa.list_(pa.float32(), text_dim)),
+        pa.field("visual_embedding", pa.list_(pa.float32(), visual_dim)),
+        pa.field("duration_s", pa.float64()),
+        pa.field("fps", pa.float64()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("codec", pa.string()),
+        pa.field("decoder", pa.string()),
+        pa.field("n_frames", pa.int64()),
+        pa.field("frame_indices", pa.list_(pa.int32())),
+        pa.field("thumbnail", pa.binary()),
+        pa.field("timings", TIMINGS_TYPE),
+        pa.field("indexed_at", TIMESTAMP_TYPE, nullable=False),
+    ]
+    return pa.schema(fields, metadata=_metadata("videos", text_dim=text_dim, visual_dim=visual_dim))
+
+
+def error_schema() -> pa.Schema:
+    """One row per failed video and stage (fetch, decode, model, embed, sink)."""
+    fields = [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("video_id", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("at", TIMESTAMP_TYPE, nullable=False),
+    ]
+    return pa.schema(fields, metadata=_metadata("errors"))
+
+
+def schema_version(schema: pa.Schema) -> int | None:
+    """The version stored in a schema's metadata (None for tables written without one)."""
+    raw = (schema.metadata or {}).get(VERSION_KEY)
+    return int(raw) if raw is not None else None
+
+
+def embedding_dims(schema: pa.Schema) -> dict[str, int]:
+    """{column: dim} of the fixed-size-list columns, e.g. of an existing table."""
+    return {f.name: f.type.list_size for f in schema if pa.types.is_fixed_size_list(f.type)}
+
+
+def check_schema(actual: pa.Schema, expected: pa.Schema) -> None:
+    """Raise ValueError naming the first column whose presence or type differs (order is not checked)."""
+    got = {f.name: f for f in actual}
+    want = {f.name: f for f in expected}
+    missing = [n for n in want if n not in got]
+    if missing:
+        raise ValueError(f"column '{missing[0]}' is missing (expected {want[missing[0]].type})")
+    extra = [n for n in got if n not in want]
+    if extra:
+        raise ValueError(f"column '{extra[0]}' is not in the schema")
+    for name, field in want.items():
+        if not got[name].type.equals(field.type):
+            raise ValueError(f"column '{name}' has type {got[name].type}, expected {field.type}")
+
+
+def check_table(table: pa.Table, schema: pa.Schema) -> None:
+    """Raise ValueError naming the mismatched column: missing, unexpected, wrong type, or nulls where
+    the schema forbids them."""
+    check_schema(table.schema, schema)
+    for field in schema:
+        if not field.nullable:
+            nulls = table.column(field.name).null_count
+            if nulls:
+                raise ValueError(f"column '{field.name}' has {nulls} null value(s) but is not nullable")
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Build a table in the schema's column order (missing keys become null), then check it. A value that
+    does not fit its column raises ValueError naming the column."""
+    rows = list(rows)
+    try:
+        table = pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as e:
+        for field in schema:  # find the culprit: pyarrow's message does not name it
+            try:
+                pa.array([r.get(field.name) for r in rows], type=field.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as col_error:
+                raise ValueError(f"column '{field.name}': {col_error}") from None
+        raise ValueError(str(e)) from None
+    check_table(table, schema)
+    return table
+
+
+def flatten_answers(answers: Iterable[Mapping[str, str]] | None) -> str:
+    """The answers as one text for full-text search: 'question answer' per line."""
+    return "\n".join(f"{a.get('question', '')} {a.get('answer', '')}".strip() for a in (answers or []))
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "VERSION_KEY",
+    "RunManifest",
+    "check_schema",
+    "check_table",
+    "embedding_dims",
+    "error_schema",
+    "flatten_answers",
+    "manifest_json_schema",
+    "rows_to_table",
+    "schema_version",
+    "video_schema",
+]

@@ -1,0 +1,191 @@
+"""Sampling, resize/crop, every codec (decord or the PyAV fallback), corrupt files, the killable timeout."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.decode import (
+    DecodeError,
+    DecodeTimeout,
+    DecodeWorker,
+    decode_video,
+    decode_video_inline,
+    resize_crop,
+    sample_frame_indices,
+    seq_frame_indices,
+)
+from pipeline.fixtures import SQUARE, StallAt, square_x
+
+CODECS = ["h264", "hevc", "vp9", "av1"]
+
+
+def test_sample_frame_indices_by_hand() -> None:
+    assert sample_frame_indices(24, 8) == [1, 4, 7, 10, 13, 16, 19, 22]  # seg 3: 1.5 + 3i
+    # seg 2.5: int(1.25 + round(2.5 i)); round(2.5)=2 and round(7.5)=8 (half to even, as np.round)
+    assert sample_frame_indices(10, 4) == [1, 3, 6, 9]
+    # seg 0.5: round(0.5)=0, round(1.5)=2, round(2.5)=2, round(3.5)=4 → 4.25 clipped to 3
+    assert sample_frame_indices(4, 8) == [0, 0, 1, 2, 2, 2, 3, 3]
+    assert sample_frame_indices(3, 5) == [0, 1, 1, 2, 2]
+    assert sample_frame_indices(1, 3) == [0, 0, 0]
+    assert sample_frame_indices(7, 7) == list(range(7))
+    for bad in [(0, 4), (5, 0)]:
+        with pytest.raises(ValueError):
+            sample_frame_indices(*bad)
+
+
+def test_sampling_matches_the_model_processor() -> None:
+    from stllm.sampling import segment_midpoints  # numpy only
+
+    for n in (1, 2, 7, 24, 100, 331, 1231):
+        for t in (1, 4, 8, 16, 64):
+            assert sample_frame_indices(n, t) == segment_midpoints(n, t)
+
+
+def test_seq_frame_indices_by_hand() -> None:
+    # the chat demo's get_seq_frames: seg (n-1)/T, midpoint of rounded segment ends
+    assert seq_frame_indices(10, 4) == [1, 3, 5, 8]
+    assert seq_frame_indices(3, 8) == [0, 1, 1]  # min(n, T) frames
+
+
+def _hand_resize_crop(frame: np.ndarray, size: int) -> np.ndarray:
+    h, w = frame.shape[:2]
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    img = Image.fromarray(frame).resize((new_w, new_h), Image.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+@pytest.mark.parametrize("shape", [(2, 30, 50, 3), (2, 50, 30, 3), (1, 32, 50, 3), (1, 16, 16, 3)])
+def test_resize_crop_is_pil_bicubic_then_centre_crop(shape: tuple[int, ...]) -> None:
+    frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    out = resize_crop(frames, 16)
+    assert out.shape == (shape[0], 16, 16, 3) and out.dtype == np.uint8
+    for i in range(shape[0]):
+        np.testing.assert_array_equal(out[i], _hand_resize_crop(frames[i], 16))
+    if shape == (1, 32, 50, 3):  # 50→25 wide: left = round(4.5) = 4 (half to even), not 5
+        img = Image.fromarray(frames[0]).resize((25, 16), Image.BICUBIC)
+        np.testing.assert_array_equal(out[0], np.asarray(img)[:, 4:20])
+    with pytest.raises(ValueError):
+        resize_crop(frames.astype(np.float32), 16)
+
+
+def test_resize_crop_matches_the_model_processor() -> None:
+    processing = pytest.importorskip("stllm.processing_stllm")
+    frames = np.random.default_rng(1).integers(0, 256, (3, 45, 80, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_crop(frames, 24), processing.resize_crop(frames, 24))
+
+
+def _square_left(frame: np.ndarray) -> int:
+    """x of the white square in a native-size frame (the columns that are bright over its rows)."""
+    h = frame.shape[0]
+    rows = frame[(h - SQUARE) // 2:(h + SQUARE) // 2].astype(int).sum(axis=(0, 2))
+    return int(np.argmax(np.convolve(rows, np.ones(SQUARE), mode="valid")))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_every_codec_decodes_the_right_frames(video_fixtures, codec: str) -> None:
+    data = video_fixtures[codec].read_bytes()
+    v = decode_video(data, num_frames=8, size=32, timeout_s=60)
+    assert v.decoder == ("pyav" if codec == "av1" else "decord")  # decord cannot open AV1
+    assert v.codec == codec and v.n_frames == 24 and v.fps == pytest.approx(12.0)
+    assert (v.width, v.height) == (96, 64) and v.duration_s == pytest.approx(2.0, abs=0.1)
+    assert v.frame_indices == sample_frame_indices(24, 8)
+    assert v.frames.shape == (8, 32, 32, 3) and v.frames.dtype == np.uint8
+    thumb = Image.open(io.BytesIO(v.thumbnail_jpeg))
+    assert thumb.format == "JPEG" and thumb.size == (96, 64)
+
+    native = decode_video(data, num_frames=8, size=None, timeout_s=60)
+    assert native.frames.shape == (8, 64, 96, 3)
+    for frame, idx in zip(native.frames, native.frame_indices, strict=True):
+        assert abs(_square_left(frame) - square_x(idx, 24, 96)) <= 1, (codec, idx)
+    np.testing.assert_array_equal(resize_crop(native.frames, 32), v.frames)
+
+
+def test_forced_decoders(video_fixtures) -> None:
+    av1 = video_fixtures["av1"].read_bytes()
+    with pytest.raises(DecodeError) as e:
+        decode_video(av1, 4, 32, decoder="decord")
+    assert e.value.stage == "decord.open"
+    h264 = video_fixtures["h264"].read_bytes()
+    a = decode_video(h264, 8, 32, decoder="pyav")
+    b = decode_video_inline(h264, 8, 32, decoder="decord")
+    assert a.decoder == "pyav" and b.decoder == "decord" and a.frame_indices == b.frame_indices
+    assert np.abs(a.frames.astype(int) - b.frames.astype(int)).mean() < 3  # same frames, own RGB conversion
+    np.testing.assert_array_equal(decode_video(h264, 8, 32).frames, b.frames)  # worker == inline
+
+
+def test_long_sampling_repeats_frames_of_short_clips(video_fixtures) -> None:
+    v = decode_video(video_fixtures["vp9"].read_bytes(), num_frames=40, size=16)
+    assert v.frames.shape[0] == 40 and v.frame_indices == sample_frame_indices(24, 40)
+    dupes = [i for i in range(39) if v.frame_indices[i] == v.frame_indices[i + 1]]
+    assert dupes
+    for i in dupes:
+        np.testing.assert_array_equal(v.frames[i], v.frames[i + 1])
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated"])
+def test_corrupt_files_raise_decode_error(video_fixtures, kind: str) -> None:
+    data = video_fixtures[kind].read_bytes()
+    with pytest.raises(DecodeError) as e:
+        decode_video(data, 8, 32, timeout_s=60)
+    assert not isinstance(e.value, DecodeTimeout)
+    if kind == "random":
+        assert e.value.stage == "probe" and "not a readable video" in str(e.value)
+    else:  # the header promises 48 frames; decord fails, then PyAV runs out of data
+        assert e.value.stage == "pyav.read" and "truncated" in str(e.value) and "decord" in str(e.value)
+    with pytest.raises(DecodeError):
+        decode_video_inline(data, 8, 32)
+
+
+def test_a_stuck_decode_is_killed_within_the_timeout(video_fixtures) -> None:
+    data = video_fixtures["h264"].read_bytes()
+    with DecodeWorker() as worker:
+        worker.decode(data, 4, 16)
+        pid = worker.pid
+        t0 = time.monotonic()
+        with pytest.raises(DecodeTimeout) as e:
+            worker.decode(data, 4, 16, timeout_s=1.0, stage_hook=StallAt("probe"))
+        assert time.monotonic() - t0 < 4.0
+        assert e.value.stage == "probe" and "killed" in str(e.value)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # really gone (and reaped), not just abandoned
+        assert worker.decode(data, 4, 16).frames.shape == (4, 16, 16, 3)  # a fresh process takes over
+        assert worker.pid != pid
+
+    # The shared worker behind decode_video: same bound, then back to work.
+    t0 = time.monotonic()
+    with pytest.raises(DecodeTimeout):
+        decode_video(data, 4, 16, timeout_s=1.0, stage_hook=StallAt("transform"))
+    assert time.monotonic() - t0 < 4.0 + 2.0  # + a possible worker start
+    assert decode_video(data, 4, 16).decoder == "decord"
+
+
+def test_a_hung_decord_is_retried_with_pyav(video_fixtures) -> None:
+    # decord hangs forever on some files (decord #373): killed at the timeout, then PyAV decodes them
+    data = video_fixtures["hevc"].read_bytes()
+    v = decode_video(data, 4, 16, timeout_s=1.5, stage_hook=StallAt("decord.read"))
+    assert v.decoder == "pyav" and v.frame_indices == sample_frame_indices(24, 4)
+    with pytest.raises(DecodeTimeout) as e:  # forcing decord: no second chance
+        decode_video(data, 4, 16, timeout_s=1.0, decoder="decord", stage_hook=StallAt("decord.read"))
+    assert e.value.stage == "decord.read"
+
+
+def test_a_crashing_decoder_is_reported_and_replaced(video_fixtures) -> None:
+    data = video_fixtures["hevc"].read_bytes()
+    with DecodeWorker() as worker:
+        with pytest.raises(DecodeError) as e:
+            worker.decode(data, 4, 16, stage_hook=StallAt("decord.read", exit_code=3))
+        assert e.value.stage == "worker" and "exit code 3" in str(e.value) and "decord.read" in str(e.value)
+        assert worker.decode(data, 4, 16).decoder == "decord"
+
+
+def test_decode_errors_survive_pickling() -> None:  # Ray ships exceptions between processes
+    e = pickle.loads(pickle.dumps(DecodeTimeout("decord.read", "took too long")))
+    assert isinstance(e, DecodeTimeout) and e.stage == "decord.read" and e.message == "took too long"

@@ -1,0 +1,124 @@
+"""Job files: every shipped job validates; bad input is rejected naming the field; --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.jobs import JobConfig, JobError, apply_overrides, default_job_text, load_job, parse_value
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_FILES = sorted((ROOT / "jobs").glob("*.yaml"))
+
+
+def test_the_shipped_jobs_validate() -> None:
+    assert {p.stem for p in JOB_FILES} >= {"demo", "nightly", "catalog", "curation"}
+    jobs = [load_job(p) for p in JOB_FILES]
+    assert all(isinstance(j, JobConfig) for j in jobs)
+    assert len({j.name for j in jobs}) == len(jobs)
+    assert len({j.config_hash() for j in jobs}) == len(jobs)
+    nightly = load_job(ROOT / "jobs" / "nightly.yaml")
+    assert (nightly.model.engine, nightly.model.dtype, nightly.model.device) == ("vllm", "bfloat16", "cuda")
+    assert nightly.source.uri.startswith("s3://")
+
+
+def test_the_embedded_default_is_jobs_demo_yaml() -> None:
+    assert default_job_text() == (ROOT / "jobs" / "demo.yaml").read_text()
+    demo = load_job(None)
+    assert demo == load_job(ROOT / "jobs" / "demo.yaml")
+    assert demo.model.path == "tiny" and demo.model.engine == "hf" and demo.model.device == "cpu"
+    assert len(demo.questions) == 2
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["model.engine=tf"], "field 'model.engine': Input should be 'hf' or 'vllm'"),
+    (["model.dtype=fp8"], "field 'model.dtype': Input should be 'float32', 'bfloat16' or 'float16'"),
+    (["model.device=cuda"], "field 'runtime.num_gpus_per_actor': must be > 0 when model.device is 'cuda'"),
+    (["model.top_p=1.5"], "field 'model.top_p': Input should be less than or equal to 1"),
+    (["model.path=' '"], "field 'model.path': String should have at least 1 character"),
+    (["questions=[a, b, a]"], "field 'questions': duplicate question 'a'"),
+    (["questions.1=''"], "field 'questions.1': String should have at least 1 character"),
+    (["runtime.batch_size=0"], "field 'runtime.batch_size': Input should be greater than or equal to 1"),
+    (["runtime.decode_timeout_s=soon"], "field 'runtime.decode_timeout_s': Input should be a valid number"),
+    (["output.parquet=null", "output.lancedb=null"], "field 'output.parquet': set output.parquet, output.l"),
+    (["output.errors_table=videos"], "field 'output.errors_table': must differ from output.table"),
+    (["source.extensions=[mp4, '']"], "field 'source.extensions': extensions must be non-empty"),
+    (["name=has space"], "field 'name': String should match pattern"),
+    (["model.temperature=0"], "field 'model.temperature': Input should be greater than 0"),
+])
+def test_invalid_values_are_rejected_with_field_and_reason(overrides: list[str], expected: str) -> None:
+    with pytest.raises(JobError) as e:
+        load_job(None, overrides)
+    assert expected in str(e.value)
+
+
+def test_unknown_and_missing_fields(tmp_path: Path) -> None:
+    text = default_job_text().replace("model:", "modle:", 1)
+    (tmp_path / "typo.yaml").write_text(text)
+    with pytest.raises(JobError) as e:
+        load_job(tmp_path / "typo.yaml")
+    lines = str(e.value).splitlines()
+    assert "field 'model': required field is missing" in lines
+    allowed = "name, source, model, caption_prompt, questions, embedder, output, runtime"
+    assert f"field 'modle': unknown field (allowed: {allowed})" in lines
+    with pytest.raises(JobError, match=r"field 'runtime.decode_timout_s': unknown field \(allowed: address,"):
+        load_job(None, ["runtime.decode_timout_s=3"])
+    with pytest.raises(JobError, match=r"field 'source.s3.endpoint': unknown field \(allowed: endpoint_url,"):
+        load_job(None, ["source.s3.endpoint=http://x"])
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(JobError, match="job file not found"):
+        load_job(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(JobError, match="not valid YAML"):
+        load_job(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(JobError, match="must be a YAML mapping"):
+        load_job(tmp_path / "list.yaml")
+
+
+def test_set_overrides() -> None:
+    job = load_job(None, [
+        "model.engine=vllm", "model.num_frames=16", "model.do_sample=true", "model.repetition_penalty=1.5",
+        "questions.0=What happens: first, then?", "questions.2=Is it #1?", "runtime.address=auto",
+        "source.s3={endpoint_url: 'http://127.0.0.1:9000', region: us-east-1}", "source.limit=null",
+        "output.lancedb=s3://b/db", "caption_prompt=\"quoted: text\"",
+    ])
+    assert job.model.engine == "vllm" and job.model.num_frames == 16 and job.model.do_sample is True
+    assert job.model.repetition_penalty == 1.5 and job.runtime.address == "auto"
+    assert job.questions == ["What happens: first, then?", "Which direction does it move?", "Is it #1?"]
+    assert job.source.s3.endpoint_url == "http://127.0.0.1:9000" and job.source.limit is None
+    assert job.caption_prompt == "quoted: text" and job.output.lancedb == "s3://b/db"
+
+    assert parse_value("true") is True and parse_value("3") == 3 and parse_value("0.5") == 0.5
+    assert parse_value("null") is None and parse_value("") is None and parse_value("[a, b]") == ["a", "b"]
+    assert parse_value("a: b") == "a: b" and parse_value("x #1") == "x #1"
+    for bad in (["model.engine"], ["=x"], ["model..engine=x"], ["model.path.deeper=x"], ["questions.9=x"],
+                ["questions=[Why?]"]):  # PyYAML reads '?' in a flow list as a key marker
+        with pytest.raises(JobError, match="--set"):
+            load_job(None, bad)
+    data = {"a": {"b": 1}}
+    assert apply_overrides(data, ["a.c.d=2"]) == {"a": {"b": 1, "c": {"d": 2}}} and data == {"a": {"b": 1}}
+
+
+def test_config_hash_tracks_what_changes_the_rows() -> None:
+    base = load_job(None)
+    same = [["model.engine=vllm"], ["model.device=auto"], ["runtime.batch_size=9"], ["model.temperature=0.3"],
+            ["output.table=other"], ["name=renamed"]]
+    for ov in same:  # execution details, and sampling knobs that greedy decoding ignores
+        assert load_job(None, ov).config_hash() == base.config_hash(), ov
+    different = [["model.path=/models/x"], ["model.num_frames=4"], ["model.dtype=bfloat16"], ["questions=[]"],
+                 ["caption_prompt=Summarise."], ["model.max_new_tokens=9"], ["embedder.model=other-model"],
+                 ["model.do_sample=true"]]
+    hashes = {load_job(None, ov).config_hash() for ov in different}
+    assert len(hashes) == len(different) and base.config_hash() not in hashes
+    assert load_job(None, ["model.path=/x"]).questions_hash() == base.questions_hash()
+    assert load_job(None, ['questions=["Why?"]']).questions_hash() != base.questions_hash()
+
+
+def test_secrets_are_masked_in_dumps() -> None:
+    job = load_job(None, ["output.s3={access_key_id: AKIA, secret_access_key: hunter2}"])
+    assert job.output.s3.secret == "hunter2"
+    assert "hunter2" not in job.model_dump_json()
