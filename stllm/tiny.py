@@ -22,6 +22,9 @@ from stllm.configuration_stllm import DEFAULT_SYSTEM_PROMPT, STLLMConfig
 from stllm.modeling_stllm import STLLMForConditionalGeneration
 from stllm.processing_stllm import STLLMProcessor
 
+# Bump when the builder's output changes, so cached demo models are rebuilt.
+TINY_VERSION = 2
+
 # Text the tiny sentencepiece model is trained on: the prompt format plus everyday video words.
 _CORPUS = [
     DEFAULT_SYSTEM_PROMPT,
