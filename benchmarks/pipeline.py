@@ -1,0 +1,127 @@
+"""Pipeline benchmarks on CPU with the tiny model.
+
+pipeline_vs_slowest_stage: end-to-end wall time of a job over the wall time of its slowest stage run
+alone through the same Ray Data operators (decode tasks, model actor, embedder actor). ≤ 1.15 means the
+stages overlap instead of running one after the other.
+
+rss_growth_50_to_500: peak resident memory of the whole job (driver + Ray processes) for 500 short videos
+over that for 50, minus 1. Memory must not grow with the archive's size.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.common import Result, tree_rss_bytes
+
+COMMON = [
+    "runtime.decode_cpus=0.5", "runtime.model_cpus=0.5", "runtime.embed_cpus=0.5", "runtime.batch_size=8",
+    "runtime.skip_existing=false", "model.max_new_tokens=16",
+]
+
+
+def _make_clips(folder: Path, n: int, distinct: int = 8) -> Path:
+    """n short clips (copies of `distinct` generated ones: decoding cost is what matters)."""
+    from pipeline.fixtures import make_test_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    seeds = [make_test_video(folder / f"seed{i}.mp4", "h264", n_frames=48, size=(160, 120), seed=i)
+             for i in range(distinct)]
+    for i in range(n - distinct):
+        (folder / f"copy{i:04d}.mp4").write_bytes(seeds[i % distinct].read_bytes())
+    return folder
+
+
+def _job(clips: Path, out: Path, extra: list[str] = ()):
+    from pipeline.jobs import load_job
+
+    return load_job(None, [f"source.uri={clips}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lance",
+                           f"output.manifest_dir={out}/runs", *COMMON, *extra])
+
+
+def bench_pipeline(videos: int = 24) -> list[Result]:
+    import ray
+
+    from pipeline.runner import _generation_options, _init_ray, _model_facts, list_work, run_job
+    from pipeline.stages import DecodeStage, EmbedStage, ModelStage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        job = _job(_make_clips(tmp / "clips", videos), tmp / "out")
+        _init_ray(None, job)
+        rt, facts = job.runtime, _model_facts(job)
+        rows, _ = list_work(job)
+        decode = DecodeStage(facts["num_frames"], facts["image_size"], rt.decode_timeout_s, None)
+        model_kwargs = dict(engine=job.model.engine, model_path=facts["path"], dtype=job.model.dtype,
+                            device=job.model.device, caption_prompt=job.caption_prompt, questions=list(job.questions),
+                            options=_generation_options(job))
+
+        def decode_stage(ds):
+            return ds.map(decode, num_cpus=rt.decode_cpus, concurrency=rt.decode_concurrency)
+
+        def model_stage(ds):
+            return ds.map_batches(ModelStage, batch_format="pandas", batch_size=rt.batch_size, concurrency=1,
+                                  num_cpus=rt.model_cpus, fn_constructor_kwargs=model_kwargs)
+
+        def embed_stage(ds):
+            return ds.map_batches(EmbedStage, batch_format="pandas", batch_size=rt.batch_size, concurrency=1,
+                                  num_cpus=rt.embed_cpus, fn_constructor_kwargs={"model": job.embedder.model})
+
+        run_job(_job(tmp / "clips", tmp / "warm", ["source.limit=2"]), progress=False)  # warm caches/imports
+        timings = {}
+        t0 = time.perf_counter()
+        decoded = decode_stage(ray.data.from_items(rows)).materialize()
+        timings["decode"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        answered = model_stage(decoded).materialize()
+        timings["model"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        embed_stage(answered).materialize()
+        timings["embed"] = time.perf_counter() - t0
+        manifest = run_job(job, progress=False)
+        ray.shutdown()
+    slowest = max(timings, key=timings.get)
+    return [Result("pipeline_vs_slowest_stage", manifest["wall_s"] / timings[slowest], "<= 1.15", detail={
+        "videos": videos, "end_to_end_s": manifest["wall_s"], "slowest_stage": slowest,
+        **{f"{k}_alone_s": round(v, 2) for k, v in timings.items()}})]
+
+
+def _peak_rss(fn) -> tuple[float, object]:
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], tree_rss_bytes())
+            time.sleep(0.2)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        t.join()
+    return peak[0], out
+
+
+def bench_memory(small: int = 50, large: int = 500) -> list[Result]:
+    import ray
+
+    from pipeline.runner import run_job
+
+    peaks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clips = _make_clips(tmp / "clips", large)
+        for n in (small, large):
+            ray.shutdown()  # a fresh local cluster per size: the peak belongs to that run alone
+            job = _job(clips, tmp / f"out{n}", [f"source.limit={n}", "questions=[]"])
+            peaks[n], manifest = _peak_rss(lambda job=job: run_job(job, progress=False))
+            assert manifest["counts"]["indexed"] == n, manifest["counts"]
+        ray.shutdown()
+    growth = peaks[large] / peaks[small] - 1
+    return [Result(f"rss_growth_{small}_to_{large}", growth, "<= 0.10", detail={
+        f"peak_rss_{small}_mib": round(peaks[small] / 2**20), f"peak_rss_{large}_mib": round(peaks[large] / 2**20)})]
