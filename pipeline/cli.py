@@ -129,8 +129,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except JobError as e:
         print(f"invalid job {args.job}:\n{e}", file=sys.stderr)
         return 2
-    summary = run_job(job, address=args.address, progress=not args.no_progress)
-    return 0 if summary.get("failed_fatal", 0) == 0 else 1
+    manifest = run_job(job, address=args.address, progress=not args.no_progress)
+    c = manifest["counts"]
+    # Per-video failures are recorded in the errors table; exit 1 only when nothing at all could be indexed.
+    return 0 if c["listed"] == 0 or c["indexed"] + c["skipped"] > 0 else 1
 
 
 def cmd_search(args: argparse.Namespace) -> int:

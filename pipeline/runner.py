@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 def _model_facts(job) -> dict[str, Any]:
     """num_frames / image_size of the checkpoint the job uses (read from its config.json)."""
     path = Path(resolve_model_path(job.model.path))
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model.path: {path} is not a converted checkpoint folder (no config.json); "
+                         "convert the released weights with `stllm-index convert`")
     cfg = json.loads((path / "config.json").read_text())
     return {
         "path": str(path),
