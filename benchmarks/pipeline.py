@@ -45,41 +45,25 @@ def _job(clips: Path, out: Path, extra: list[str] = ()):
 def bench_pipeline(videos: int = 24) -> list[Result]:
     import ray
 
-    from pipeline.runner import _generation_options, _init_ray, _model_facts, list_work, run_job
-    from pipeline.stages import DecodeStage, EmbedStage, ModelStage
+    from pipeline.runner import _init_ray, _model_facts, list_work, run_job, stage_ops
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         job = _job(_make_clips(tmp / "clips", videos), tmp / "out")
         _init_ray(None, job)
-        rt, facts = job.runtime, _model_facts(job)
+        facts = _model_facts(job)
         rows, _ = list_work(job)
-        decode = DecodeStage(facts["num_frames"], facts["image_size"], rt.decode_timeout_s, None)
-        model_kwargs = dict(engine=job.model.engine, model_path=facts["path"], dtype=job.model.dtype,
-                            device=job.model.device, caption_prompt=job.caption_prompt, questions=list(job.questions),
-                            options=_generation_options(job))
-
-        def decode_stage(ds):
-            return ds.map(decode, num_cpus=rt.decode_cpus, concurrency=rt.decode_concurrency)
-
-        def model_stage(ds):
-            return ds.map_batches(ModelStage, batch_format="pandas", batch_size=rt.batch_size, concurrency=1,
-                                  num_cpus=rt.model_cpus, fn_constructor_kwargs=model_kwargs)
-
-        def embed_stage(ds):
-            return ds.map_batches(EmbedStage, batch_format="pandas", batch_size=rt.batch_size, concurrency=1,
-                                  num_cpus=rt.embed_cpus, fn_constructor_kwargs={"model": job.embedder.model})
-
+        ops = stage_ops(job, facts)
         run_job(_job(tmp / "clips", tmp / "warm", ["source.limit=2"]), progress=False)  # warm caches/imports
         timings = {}
         t0 = time.perf_counter()
-        decoded = decode_stage(ray.data.from_items(rows)).materialize()
+        decoded = ops["decode"](ray.data.from_items(rows)).materialize()
         timings["decode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        answered = model_stage(decoded).materialize()
+        answered = ops["model"](decoded).materialize()
         timings["model"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        embed_stage(answered).materialize()
+        ops["embed"](answered).materialize()
         timings["embed"] = time.perf_counter() - t0
         manifest = run_job(job, progress=False)
         ray.shutdown()

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +53,8 @@ def _init_ray(address: str | None, job) -> None:
         return
     address = address or job.runtime.address or os.environ.get("RAY_ADDRESS")
     # The project must be importable in every worker; a job file is small config, not code.
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
+    # Two malloc arenas: glibc's default (8 per core) lets long-lived actors' RSS creep up with batch count.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "MALLOC_ARENA_MAX": "2"}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
@@ -76,6 +78,43 @@ def _fit_cpu_reservations(job, cluster_cpus: float) -> None:
         rt.embed_cpus = round(rt.embed_cpus * scale, 3) or 0.01
         log.warning("scaled actor CPU reservations to fit %.1f CPUs: model %.2f each, embed %.2f",
                     cluster_cpus, rt.model_cpus, rt.embed_cpus)
+
+
+def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
+    """The three stages as Ray Data operators, in order. Fixed-size actor pools everywhere: a set number of
+    processes for the whole run (decode workers keep their killable decoder subprocess warm), so memory
+    does not grow with the archive."""
+    from ray.data import ActorPoolStrategy
+
+    rt = job.runtime
+
+    def decode(ds):
+        return ds.map(
+            DecodeStage, compute=ActorPoolStrategy(size=rt.decode_concurrency), num_cpus=rt.decode_cpus,
+            fn_constructor_kwargs=dict(num_frames=facts["num_frames"], image_size=facts["image_size"],
+                                       timeout_s=rt.decode_timeout_s, s3_options=job.source.s3),
+        )
+
+    def model(ds):
+        return ds.map_batches(
+            ModelStage, batch_format="pandas", batch_size=rt.batch_size,
+            compute=ActorPoolStrategy(size=rt.model_pool_size), num_gpus=rt.num_gpus_per_actor,
+            num_cpus=rt.model_cpus,
+            fn_constructor_kwargs=dict(
+                engine=job.model.engine, model_path=facts["path"], dtype=job.model.dtype, device=job.model.device,
+                caption_prompt=job.caption_prompt, questions=list(job.questions),
+                options=_generation_options(job), engine_kwargs=job.model.engine_kwargs,
+            ),
+        )
+
+    def embed(ds):
+        return ds.map_batches(
+            EmbedStage, batch_format="pandas", batch_size=rt.batch_size, compute=ActorPoolStrategy(size=1),
+            num_cpus=rt.embed_cpus,
+            fn_constructor_kwargs=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
+        )
+
+    return {"decode": decode, "model": model, "embed": embed}
 
 
 def list_work(job, sink=None) -> tuple[list[dict[str, Any]], int]:
@@ -115,23 +154,8 @@ def run_job(job, address: str | None = None, progress: bool = True) -> dict[str,
     if rows:
         rt = job.runtime
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
-        ds = ds.map(
-            DecodeStage(facts["num_frames"], facts["image_size"], rt.decode_timeout_s, job.source.s3),
-            num_cpus=rt.decode_cpus, concurrency=rt.decode_concurrency,
-        )
-        ds = ds.map_batches(
-            ModelStage, batch_format="pandas", batch_size=rt.batch_size, concurrency=rt.model_pool_size,
-            num_gpus=rt.num_gpus_per_actor, num_cpus=rt.model_cpus,
-            fn_constructor_kwargs=dict(
-                engine=job.model.engine, model_path=facts["path"], dtype=job.model.dtype, device=job.model.device,
-                caption_prompt=job.caption_prompt, questions=list(job.questions),
-                options=_generation_options(job), engine_kwargs=job.model.engine_kwargs,
-            ),
-        )
-        ds = ds.map_batches(
-            EmbedStage, batch_format="pandas", batch_size=rt.batch_size, concurrency=1, num_cpus=rt.embed_cpus,
-            fn_constructor_kwargs=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
-        )
+        for op in stage_ops(job, facts).values():
+            ds = op(ds)
         with progress_bar(len(rows), enabled=progress) as bar:
             for batch in ds.iter_batches(batch_format="pandas", batch_size=rt.commit_every, prefetch_batches=1):
                 ok, bad = _split(batch)

@@ -28,6 +28,16 @@ def _error(row: dict[str, Any], stage: str, exc: BaseException) -> dict[str, Any
     return row
 
 
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the OS after a batch (glibc keeps them otherwise; RSS would creep)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class DecodeStage:
     """CPU task: fetch the bytes, probe, sample the model's frames, resize/crop to the model's input size."""
 
@@ -119,6 +129,7 @@ class ModelStage:
         for f, values in errors.items():
             out[f] = values
         out["model_s"] = (time.perf_counter() - t0) / max(len(batch), 1)
+        _release_freed_memory()
         return out
 
 
