@@ -58,25 +58,35 @@ def print_table(results: list[Result]) -> None:
     Console().print(table)
 
 
+def _pss(pid: int) -> int:
+    """Proportional set size: shared pages (Ray's object store, shared libraries) split between their users,
+    so summing over processes counts each page once, unlike RSS."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def tree_rss_bytes(pid: int | None = None) -> int:
-    """Resident memory of a process and all its descendants (Ray workers included), from /proc."""
+    """Memory of a process and all its descendants (Ray's processes included): the sum of their PSS."""
     pid = pid or os.getpid()
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                parts = f.read().rsplit(")", 1)[1].split()
-            ppid, pages = int(parts[1]), int(parts[21])
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry))
-        rss[int(entry)] = pages * os.sysconf("SC_PAGE_SIZE")
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()
-        total += rss.get(p, 0)
+        total += _pss(p)
         stack.extend(children.get(p, []))
     return total

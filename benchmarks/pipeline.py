@@ -4,8 +4,9 @@ pipeline_vs_slowest_stage: end-to-end wall time of a job over the wall time of i
 alone through the same Ray Data operators (decode tasks, model actor, embedder actor). ≤ 1.15 means the
 stages overlap instead of running one after the other.
 
-rss_growth_50_to_500: peak resident memory of the whole job (driver + Ray processes) for 500 short videos
-over that for 50, minus 1. Memory must not grow with the archive's size.
+rss_growth_50_to_500: peak memory of the whole job (driver + every Ray process, summed as PSS so pages shared
+through Ray's object store count once) for 500 short videos over that for 50, minus 1. Memory must not grow
+with the archive's size.
 """
 
 from __future__ import annotations
