@@ -20,7 +20,7 @@ from benchmarks.common import Result, tree_rss_bytes
 
 COMMON = [
     "runtime.decode_cpus=0.5", "runtime.model_cpus=0.5", "runtime.embed_cpus=0.5", "runtime.batch_size=8",
-    "runtime.skip_existing=false", "model.max_new_tokens=16",
+    "runtime.skip_existing=false", "model.max_new_tokens=16", "runtime.buffer_mb=64",
 ]
 
 

@@ -112,6 +112,8 @@ class RuntimeConfig(_Strict):
     model_cpus: float = Field(default=1.0, gt=0)
     embed_cpus: float = Field(default=1.0, gt=0)
     commit_every: int = Field(default=32, ge=1, description="rows per sink commit")
+    buffer_mb: int = Field(default=512, ge=16, description="object-store budget for rows in flight between "
+                           "stages: decoding waits when it is full, so memory does not grow with the archive")
     skip_existing: bool = True
 
 

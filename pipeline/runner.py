@@ -51,6 +51,8 @@ def _init_ray(address: str | None, job) -> None:
 
     if ray.is_initialized():
         return
+    # No usage reporting (offline machines); it also stops Ray Data polling a Prometheus port at exit.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or job.runtime.address or os.environ.get("RAY_ADDRESS")
     # The project must be importable in every worker; a job file is small config, not code.
     # Two malloc arenas: glibc's default (8 per core) lets long-lived actors' RSS creep up with batch count.
@@ -62,6 +64,8 @@ def _init_ray(address: str | None, job) -> None:
                  num_cpus=job.runtime.num_cpus)
     _fit_cpu_reservations(job, ray.cluster_resources().get("CPU", 1.0))
     ctx = ray.data.DataContext.get_current()
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=job.runtime.buffer_mb * 2**20)
     ctx.enable_progress_bars = False  # our own progress bar below
     ctx.print_on_execution_start = False
 
@@ -71,7 +75,7 @@ def _fit_cpu_reservations(job, cluster_cpus: float) -> None:
     on a 2-core machine). Scale the model/embed reservations down when they would not fit."""
     rt = job.runtime
     actors = rt.model_pool_size * rt.model_cpus + rt.embed_cpus
-    room = cluster_cpus - rt.decode_cpus
+    room = cluster_cpus - rt.decode_cpus  # at least one decode actor must fit; the pool grows into what is left
     if actors > room:
         scale = max(room, 0.1) / actors
         rt.model_cpus = round(rt.model_cpus * scale, 3) or 0.01
@@ -81,8 +85,8 @@ def _fit_cpu_reservations(job, cluster_cpus: float) -> None:
 
 
 def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
-    """The three stages as Ray Data operators, in order. Fixed-size actor pools everywhere: a set number of
-    processes for the whole run (decode workers keep their killable decoder subprocess warm), so memory
+    """The three stages as Ray Data operators, in order. Actor pools with bounded sizes: a set number of
+    processes for the whole run (decode actors keep their killable decoder subprocess warm), so memory
     does not grow with the archive."""
     from ray.data import ActorPoolStrategy
 
@@ -90,7 +94,8 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
 
     def decode(ds):
         return ds.map(
-            DecodeStage, compute=ActorPoolStrategy(size=rt.decode_concurrency), num_cpus=rt.decode_cpus,
+            DecodeStage, compute=ActorPoolStrategy(min_size=1, max_size=rt.decode_concurrency),
+            num_cpus=rt.decode_cpus,
             fn_constructor_kwargs=dict(num_frames=facts["num_frames"], image_size=facts["image_size"],
                                        timeout_s=rt.decode_timeout_s, s3_options=job.source.s3),
         )
