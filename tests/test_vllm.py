@@ -142,15 +142,35 @@ class TestResidual:
 # ---- all-mode checkpoint with a BT-Adapter --------------------------------------------------------------
 
 
+def _stop_pair(answers: list[list[int]]) -> tuple[int, int]:
+    """Two generated tokens A, B such that some answer meets A first and another meets B first."""
+    def first(ids: list[int], t: int) -> int:
+        return ids.index(t) if t in ids else len(ids)
+
+    tokens = sorted({t for ids in answers for t in ids} - {STOP_ID, EOS_ID})
+    for a in tokens:
+        for b in tokens:
+            if a != b and any(first(x, a) < first(x, b) for x in answers) and any(
+                first(x, b) < first(x, a) for x in answers
+            ):
+                return a, b
+    raise AssertionError(f"no token pair splits these answers: {answers}")
+
+
 @pytest.fixture(scope="module")
 def all_bt_dir(tmp_path_factory):
-    """`all` mode + BT-Adapter; LM-head rows of "###" and EOS copy (×1.001) rows of tokens the tiny model
-    produces, so some greedy answers end on the stop string and some on EOS (with penalty 1.5)."""
+    """`all` mode + BT-Adapter; the LM-head rows of "###" and EOS copy (×1.001) the rows of two tokens the
+    model really generates, chosen so that some greedy answers end on the stop string and some on EOS."""
+    from stllm.hf_engine import HFEngine
+
     d = build_tiny(tmp_path_factory.mktemp("tiny_all_bt") / "model", video_input="all", btadapter_depth=1)
+    hf = HFEngine.from_pretrained(str(d), dtype="float32", device="cpu")
+    results = hf.generate(_requests(range(3)), GenerationOptions(max_new_tokens=24, repetition_penalty=1.5))
+    a, b = _stop_pair([ans.token_ids for r in results for ans in r.answers])
     sd = load_file(d / "model.safetensors")
     head = sd["language_model.lm_head.weight"]
-    head[STOP_ID] = head[372] * 1.001
-    head[EOS_ID] = head[384] * 1.001
+    head[STOP_ID] = head[a] * 1.001
+    head[EOS_ID] = head[b] * 1.001
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
     return d
 
