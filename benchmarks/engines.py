@@ -1,8 +1,17 @@
-"""Engine benchmarks: vLLM over hf throughput on the same tiny weights and batch; ViT passes per video."""
+"""Engine benchmarks: vLLM over hf throughput on the same tiny weights and batch; ViT passes per video.
+
+Both engines stay up and take turns on the same fresh clips (`ROUNDS` rounds, new clips each round, so no
+ViT cache hit carries over); each engine's best round counts. On a shared 2-core machine single runs swing
+by 10× or more (other processes' load; the hf engine's two OpenMP threads suffer most), so a one-shot
+figure mostly measures the neighbours. Each engine runs with its defaults: hf with two torch threads and
+batches of 32 pairs (96 pairs in one batch is no faster), vLLM with its CPU defaults (one worker thread,
+the other core reserved for its scheduler and our input processing).
+"""
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 
@@ -11,6 +20,7 @@ import numpy as np
 from benchmarks.common import Result
 
 QUESTIONS = ["Describe the video in detail.", "What is happening?", "Where does it take place?"]
+ROUNDS = 3
 
 
 def _requests(n: int, first: int = 0):
@@ -20,7 +30,11 @@ def _requests(n: int, first: int = 0):
     return [VideoRequest(f"v{i}", synthetic_frames(i, t=8, h=224, w=224), QUESTIONS) for i in range(first, first + n)]
 
 
-def bench_engines(videos: int = 32, max_new_tokens: int = 32) -> list[Result]:
+def _tokens(results) -> list[list[list[int]]]:
+    return [[a.token_ids for a in r.answers] for r in results]
+
+
+def bench_engines(videos: int = 32, max_new_tokens: int = 32, rounds: int = ROUNDS) -> list[Result]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from stllm.engine import GenerationOptions
     from stllm.hf_engine import HFEngine
@@ -28,36 +42,45 @@ def bench_engines(videos: int = 32, max_new_tokens: int = 32) -> list[Result]:
     from stllm.vllm.engine import VLLMEngine
 
     opts = GenerationOptions(max_new_tokens=max_new_tokens)
+    hf_s, vllm_s, same, vit = [], [], [], []
+    timings: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = str(build_tiny(f"{tmp}/tiny"))
         hf = HFEngine.from_pretrained(path, dtype="float32", device="cpu", max_batch_size=32)
         hf.generate(_requests(2, first=10_000), opts)  # warm-up on other clips
-        t0 = time.perf_counter()
-        hf_out = hf.generate(_requests(videos), opts)
-        hf_s = time.perf_counter() - t0
-        del hf
         engine = VLLMEngine.from_pretrained(path, dtype="float32", device="cpu")
         try:
             engine.generate(_requests(2, first=10_000), opts)  # warm-up (other clips: no cache hits)
-            before = engine.vit_forwards
-            t0 = time.perf_counter()
-            vllm_out = engine.generate(_requests(videos), opts)
-            vllm_s = time.perf_counter() - t0
-            vit = (engine.vit_forwards - before) / videos
+            for r in range(rounds):
+                requests = _requests(videos, first=1_000 * r)
+                time.sleep(1.5)  # vLLM's processes busy-poll for 1 s after their last message
+                t0 = time.perf_counter()
+                hf_out = hf.generate(requests, opts)
+                hf_s.append(time.perf_counter() - t0)
+                before = engine.vit_forwards
+                t0 = time.perf_counter()
+                vllm_out = engine.generate(requests, opts)
+                vllm_s.append(time.perf_counter() - t0)
+                vit.append((engine.vit_forwards - before) / videos)
+                same.append(sum(a == b for x, y in zip(_tokens(hf_out), _tokens(vllm_out), strict=True)
+                                for a, b in zip(x, y, strict=True)))
+                if vllm_s[-1] == min(vllm_s):
+                    timings["vllm"] = engine.last_timings
+                if hf_s[-1] == min(hf_s):
+                    timings["hf"] = hf.last_timings
         finally:
             engine.close()
-    same = sum(
-        a.token_ids == b.token_ids for x, y in zip(hf_out, vllm_out, strict=True)
-        for a, b in zip(x.answers, y.answers, strict=True)
-    )
-    ratio = (videos / vllm_s) / (videos / hf_s)
+    ratio = min(hf_s) / min(vllm_s)  # videos/s of vLLM over videos/s of hf, best rounds
+    pairs = videos * len(QUESTIONS)
     return [
         Result("vllm_vs_hf_throughput", ratio, ">= 3", detail={
-            "videos": videos, "questions": len(QUESTIONS), "max_new_tokens": max_new_tokens,
-            "hf_videos_per_s": round(videos / hf_s, 3), "vllm_videos_per_s": round(videos / vllm_s, 3),
-            "identical_answers": f"{same}/{videos * len(QUESTIONS)}", **{f"vllm_{k}": round(v, 2) for k, v in
-                                                                        engine.last_timings.items()}}),
-        Result("vit_forwards_per_video", float(vit), "== 1", unit="passes",
+            "videos": videos, "questions": len(QUESTIONS), "max_new_tokens": max_new_tokens, "rounds": rounds,
+            "hf_videos_per_s": round(videos / min(hf_s), 3), "vllm_videos_per_s": round(videos / min(vllm_s), 3),
+            "median_ratio": round(statistics.median(h / v for h, v in zip(hf_s, vllm_s, strict=True)), 3),
+            "hf_s": [round(x, 2) for x in hf_s], "vllm_s": [round(x, 2) for x in vllm_s],
+            "identical_answers": f"{min(same)}/{pairs}",
+            **{f"{e}_{k}": round(v, 2) for e, t in timings.items() for k, v in t.items()}}),
+        Result("vit_forwards_per_video", float(max(vit)), "== 1", unit="passes",
                detail={"questions_per_video": len(QUESTIONS), "engine": "vllm"}),
     ]
 

@@ -24,7 +24,7 @@ import numpy as np
 from stllm.configuration_stllm import STLLMConfig
 from stllm.engine import Answer, GenerationOptions, VideoRequest, VideoResult
 from stllm.processing_stllm import STLLMProcessor
-from stllm.vllm.processor import QUESTION_KWARG, prepare_frames, video_key
+from stllm.vllm.processor import QUESTION_KWARG, prepare_and_key
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,6 +49,7 @@ class VLLMEngine:
         self.config: STLLMConfig = processor.config
         self.max_model_len: int = llm.llm_engine.model_config.max_model_len
         self.last_timings: dict[str, float] = {}
+        self._question_ids: dict[str, list[int]] = {}
 
     @classmethod
     def from_pretrained(
@@ -67,6 +68,13 @@ class VLLMEngine:
         build decides the device, a mismatching request is an error. max_batch_size → vLLM `max_num_seqs`.
         Other kwargs go to `vllm.LLM` (e.g. `load_format="dummy"`, `enforce_eager=True`). On CPU the KV
         cache size is `VLLM_CPU_KVCACHE_SPACE` (GiB).
+
+        CPU threads: vLLM binds its model worker to all cores but one (kept for its scheduler process, which
+        busy-polls, and for this process's input processing). On a 2-core machine that is one worker thread;
+        `VLLM_CPU_OMP_THREADS_BIND=0-1` (set before this call) gives the worker both cores: ~15-20% faster on an
+        idle machine, but many times slower when other processes compete for the cores, as any two-thread
+        OpenMP run there (the `hf` engine too). The default is kept. `enforce_eager=True` starts ~15-25 s
+        sooner on CPU (no inductor compile) at ~10% slower LLM steps.
         """
         if not os.path.isdir(model_dir):
             raise ValueError(f"model folder {model_dir} does not exist (convert the released weights first)")
@@ -142,17 +150,30 @@ class VLLMEngine:
             kwargs.update(temperature=0.0)
         return SamplingParams(**kwargs)
 
+    def _prompt_ids(self, question: str) -> list[int]:
+        """LLaMA prompt ids of a question (validated as `STLLMProcessor.process_question` does), memoised: the
+        same few questions are usually asked of every video. The Q-Former tokens are made by vLLM's processor."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty")
+        ids = self._question_ids.get(question)
+        if ids is None:
+            ids = self.processor.prompt_ids(question)
+            if len(self._question_ids) >= 1024:
+                self._question_ids.clear()
+            self._question_ids[question] = ids
+        return ids
+
     def _prompts(self, req: VideoRequest, options: GenerationOptions) -> tuple[str, list[dict]]:
         """Validate one request and build its vLLM prompts; ValueError names what is wrong."""
         if not req.questions:
             raise ValueError("the request has no questions")
-        frames = prepare_frames(self.processor, req.frames)
-        key = video_key(frames).hex()
+        frames, key_bytes = prepare_and_key(self.processor, req.frames)  # vLLM's processor then reuses both
+        key = key_bytes.hex()
         placeholder = self.config.text_config.pad_token_id
         n_visual = self.config.num_visual_tokens()
         prompts = []
         for q in req.questions:
-            ids = self.processor.process_question(q).input_ids
+            ids = self._prompt_ids(q)
             total = n_visual + len(ids) + options.max_new_tokens
             if total > self.max_model_len:
                 raise ValueError(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
@@ -77,6 +78,31 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
 
 
+class _SameInputMemoLinear(nn.Linear):
+    """A Q-Former cross-attention key/value projection that reuses its last output when called again on the very
+    same input tensor. A video's questions share one ViT feature tensor (from the feature cache), so the K/V
+    projections of the ViT features run once per video instead of once per question (about 1/8 of a tiny
+    Q-Former pass). Bit-identical: same op, same input. Only the feature cache's tensors reach it, and nothing
+    writes to them in place; a freed input can never match (weak reference)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memo = self.__dict__.get("_stllm_memo")
+        if memo is not None and memo[0]() is x:
+            return memo[1]
+        out = super().forward(x)
+        self.__dict__["_stllm_memo"] = (weakref.ref(x), out)  # plain attribute: not a registered buffer
+        return out
+
+
+def _memoize_cross_attention_kv(qformer: nn.Module) -> None:
+    for layer in qformer.encoder.layer:
+        if getattr(layer, "has_cross_attention", False):
+            attn = layer.crossattention.attention
+            for proj in (attn.key, attn.value):
+                if type(proj) is nn.Linear:
+                    proj.__class__ = _SameInputMemoLinear  # same parameters and names: loading is unchanged
+
+
 def checkpoint_keys(config: STLLMConfig) -> set[str]:
     """The exact key set of a converted checkpoint: the `transformers` model's state dict, built on meta."""
     from stllm.modeling_stllm import STLLMForConditionalGeneration
@@ -125,6 +151,7 @@ class STLLMVLLMModel(nn.Module, SupportsMultiModal):
             )
             self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
             self.qformer = InstructBlipQFormerModel(qcfg)
+            _memoize_cross_attention_kv(self.qformer)
             self.language_projection = nn.Linear(qcfg.hidden_size, tcfg.hidden_size)
             if config.video_input == "residual":
                 self.global_down_proj = nn.Linear(tcfg.hidden_size, config.residual_hidden_size)
