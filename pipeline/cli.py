@@ -138,7 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     """Full-text / vector / hybrid search over an index; --similar-to finds visually similar videos."""
     from pipeline.embedder import load_text_embedder
-    from pipeline.sinks import connect_lance, search
+    from pipeline.search import search
+    from pipeline.sinks import connect_lance
     from pipeline.sources import S3Options
 
     s3 = S3Options() if args.index.startswith("s3://") else None

@@ -36,7 +36,7 @@ def make_demo_videos(folder: Path) -> list[Path]:
 def run_demo(workdir: Path | None = None) -> int:
     from pipeline.jobs import load_job
     from pipeline.runner import run_job
-    from pipeline.sinks import search
+    from pipeline.search import search
 
     console = Console()
     root = Path(workdir or Path(os.environ.get("STLLM_INDEX_HOME", Path.home() / ".cache" / "stllm-index")) / "demo")

@@ -143,8 +143,8 @@ def list_work(job, sink=None) -> tuple[list[dict[str, Any]], int]:
 def run_job(job, address: str | None = None, progress: bool = True) -> dict[str, Any]:
     import ray
 
+    from pipeline.job_sinks import open_sinks
     from pipeline.report import print_summary, progress_bar
-    from pipeline.sinks import open_sinks
 
     t_start = time.perf_counter()
     started_at = datetime.now(UTC)

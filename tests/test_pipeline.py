@@ -110,7 +110,7 @@ def test_parquet_and_lancedb_match_the_schemas_and_each_other(indexed):
 
 
 def test_full_text_and_vector_search_find_the_right_video(indexed):
-    from pipeline.sinks import search
+    from pipeline.search import search
 
     job, _ = indexed
     parquet, _, _ = _tables(job)

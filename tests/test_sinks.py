@@ -12,16 +12,16 @@ import pyarrow as pa
 import pytest
 
 import schemas
+from pipeline.job_sinks import open_sinks
 from pipeline.jobs import load_job
+from pipeline.search import search
 from pipeline.sinks import (
     ROW_KEY,
     LanceSink,
     ParquetSink,
     connect_lance,
-    open_sinks,
     read_manifest,
     read_parquet,
-    search,
     write_manifest,
 )
 
