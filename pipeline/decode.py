@@ -10,7 +10,7 @@
   (decord leaks on some files). A decord hang is retried once with PyAV. `decode_video_inline` is the
   same work in the calling process, for benchmarks and debugging.
 - Fast path: decord's frames reach numpy through DLPack (no copy); resizing runs on a small thread pool
-  (PIL releases the GIL) while decord decodes the next chunk; the result crosses a socket once, straight
+  (PIL releases the GIL) while decord decodes the next chunk on one thread; the result crosses a socket once, straight
   into the caller's array (no pickling of frames).
 """
 
@@ -47,7 +47,10 @@ Sampling = Literal["segment", "seq"]
 THUMBNAIL_MAX_WIDTH = 320
 _CHUNK = 8  # frames per decord get_batch call: small enough to overlap decoding with resizing
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_THREADS = int(os.environ.get("STLLM_DECODE_THREADS", min(4, os.cpu_count() or 1)))
+# One decord thread plus resize threads on the remaining cores: decord's frame-threaded decoding of a single
+# video gains little on short clips, and an oversubscribed core slows both sides (measured on 2 cores).
+_THREADS = int(os.environ.get("STLLM_DECODE_THREADS", max(1, min(4, (os.cpu_count() or 1) - 1))))
+_DECORD_THREADS = int(os.environ.get("STLLM_DECORD_THREADS", 1))
 
 
 class DecodeError(Exception):
@@ -240,7 +243,7 @@ def _decode_decord(data: bytes, num_frames: int, size: int | None, sampling: Sam
 
     progress("decord.open")
     try:
-        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
+        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=_DECORD_THREADS)
         n = len(vr)
     except Exception as e:  # noqa: BLE001 — decord raises DECORDError / RuntimeError
         raise DecodeError("decord.open", _short(e)) from None

@@ -2,20 +2,64 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from PIL import Image
 
 
-def resize_crop_image(img: Image.Image, size: int = 224) -> np.ndarray:
-    """One PIL frame → uint8 (size, size, 3): shorter side to `size` (bicubic; the other side
-    int(size·long/short), as torchvision's Resize(int)), then a centre crop with torchvision's rounding."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return np.asarray(img)
+def _target(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """(new_w, new_h, left, top): shorter side to `size`, the other int(size·long/short) as torchvision's
+    Resize(int); centre-crop offsets with torchvision's rounding (round half to even)."""
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    img = img.resize((new_w, new_h), Image.BICUBIC)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return np.asarray(img.crop((left, top, left + size, top + size)))
+    return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+
+
+def resize_crop_reference(img: Image.Image, size: int = 224) -> np.ndarray:
+    """The definition: one PIL bicubic resize of the whole frame, then the centre crop."""
+    w, h = img.size
+    new_w, new_h, left, top = _target(w, h, size)
+    return np.asarray(img.resize((new_w, new_h), Image.BICUBIC).crop((left, top, left + size, top + size)))
+
+
+def _resize_crop_two_pass(img: Image.Image, size: int) -> np.ndarray:
+    """The same pixels as `resize_crop_reference` with less work: Pillow resizes in two separable passes and
+    its second pass is independent per column (per row), so running the passes ourselves and cropping between
+    them skips the columns (rows) the crop throws away — ~30% less on 4:3 video. Pillow 13 runs the vertical
+    pass first when the height shrinks more than twice as much as the width; we follow the same order."""
+    w, h = img.size
+    new_w, new_h, left, top = _target(w, h, size)
+    if not (h - new_h > 0 and h - new_h > (w - new_w) * 2):  # horizontal first
+        if new_w != w:
+            img = img.resize((new_w, h), Image.BICUBIC)
+        img = img.crop((left, 0, left + size, h))
+        if new_h != h:
+            img = img.resize((size, new_h), Image.BICUBIC)
+        return np.asarray(img.crop((0, top, size, top + size)))
+    img = img.resize((w, new_h), Image.BICUBIC).crop((0, top, w, top + size))
+    if new_w != w:
+        img = img.resize((new_w, size), Image.BICUBIC)
+    return np.asarray(img.crop((left, 0, left + size, size)))
+
+
+@functools.cache
+def two_pass_is_exact() -> bool:
+    """Checked once per process on shapes that take both pass orders: a Pillow that orders or rounds its
+    passes differently silently falls back to the reference path (bit-exactness beats speed)."""
+    rng = np.random.default_rng(0)
+    for h, w in ((37, 50), (50, 37), (90, 20), (20, 90), (33, 33)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        if not np.array_equal(_resize_crop_two_pass(img, 16), resize_crop_reference(img, 16)):
+            return False
+    return True
+
+
+def resize_crop_image(img: Image.Image, size: int = 224) -> np.ndarray:
+    """One PIL frame → uint8 (size, size, 3): shorter side to `size` (bicubic), then a centre crop —
+    pixel for pixel `resize_crop_reference`."""
+    if img.size == (size, size):
+        return np.asarray(img)
+    return (_resize_crop_two_pass if two_pass_is_exact() else resize_crop_reference)(img, size)
 
 
 def resize_crop(frames: np.ndarray, size: int = 224) -> np.ndarray:

@@ -76,6 +76,23 @@ def test_resize_crop_is_pil_bicubic_then_centre_crop(shape: tuple[int, ...]) -> 
         resize_crop(frames.astype(np.float32), 16)
 
 
+def test_two_pass_resize_is_pixel_exact() -> None:
+    # The fast path (our own two passes with a crop between) must equal one PIL resize + crop on this Pillow,
+    # for both pass orders Pillow picks (landscape, portrait, tall, upscale, near-square) and real video sizes.
+    from stllm.transforms import _resize_crop_two_pass, resize_crop_image, resize_crop_reference, two_pass_is_exact
+
+    assert two_pass_is_exact()
+    rng = np.random.default_rng(3)
+    sizes = [(320, 240), (640, 360), (1920, 1080), (240, 320), (225, 500), (500, 225), (279, 1223), (176, 144),
+             (100, 80), (224, 300), (999, 1000), (223, 223)]
+    sizes += [tuple(int(x) for x in rng.integers(17, 900, 2)) for _ in range(40)]
+    for w, h in sizes:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = resize_crop_reference(img, 224)
+        np.testing.assert_array_equal(_resize_crop_two_pass(img, 224), ref, err_msg=f"{w}x{h}")
+        np.testing.assert_array_equal(resize_crop_image(img, 224), ref, err_msg=f"{w}x{h}")
+
+
 def test_resize_crop_matches_the_model_processor() -> None:
     processing = pytest.importorskip("stllm.processing_stllm")
     frames = np.random.default_rng(1).integers(0, 256, (3, 45, 80, 3), dtype=np.uint8)
