@@ -109,8 +109,7 @@ class RuntimeConfig(_Strict):
     batch_size: int = Field(default=4, ge=1, description="videos per model/embedder batch")
     model_pool_size: int = Field(default=1, ge=1, description="model actors")
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
-    model_cpus: float = Field(default=1.0, gt=0)
-    embed_cpus: float = Field(default=1.0, gt=0)
+    model_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per model actor (it also embeds)")
     commit_every: int = Field(default=32, ge=1, description="rows per sink commit")
     buffer_mb: int = Field(default=512, ge=16, description="object-store budget for rows in flight between "
                            "stages: decoding waits when it is full, so memory does not grow with the archive")

@@ -1,7 +1,7 @@
 """Run one indexing job: list → skip already indexed → Ray Data stages → one writer → summary.
 
 The driver lists the source and is the single writer of the Parquet dataset and the LanceDB table
-(LanceDB writers conflict); CPU tasks decode, an actor pool runs the model, one actor embeds text.
+(LanceDB writers conflict); a pool of decode actors feeds a pool of model actors, which also embed the text.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.stages import ERROR_FIELDS, DecodeStage, EmbedStage, ModelStage, resolve_model_path, video_id_of
+from pipeline.stages import ERROR_FIELDS, DecodeStage, ModelStage, resolve_model_path, video_id_of
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +74,15 @@ def _fit_cpu_reservations(job, cluster_cpus: float) -> None:
     """Actor reservations must leave room for decode tasks, or Ray never schedules them (a silent hang
     on a 2-core machine). Scale the model/embed reservations down when they would not fit."""
     rt = job.runtime
-    actors = rt.model_pool_size * rt.model_cpus + rt.embed_cpus
+    actors = rt.model_pool_size * rt.model_cpus
     room = cluster_cpus - rt.decode_cpus  # at least one decode actor must fit; the pool grows into what is left
     if actors > room:
-        scale = max(room, 0.1) / actors
-        rt.model_cpus = round(rt.model_cpus * scale, 3) or 0.01
-        rt.embed_cpus = round(rt.embed_cpus * scale, 3) or 0.01
-        log.warning("scaled actor CPU reservations to fit %.1f CPUs: model %.2f each, embed %.2f",
-                    cluster_cpus, rt.model_cpus, rt.embed_cpus)
+        rt.model_cpus = round(rt.model_cpus * max(room, 0.1) / actors, 3) or 0.01
+        log.warning("scaled model actor CPU reservations to fit %.1f CPUs: %.2f each", cluster_cpus, rt.model_cpus)
 
 
 def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
-    """The three stages as Ray Data operators, in order. Actor pools with bounded sizes: a set number of
+    """The stages as Ray Data operators, in order. Actor pools with bounded sizes: a set number of
     processes for the whole run (decode actors keep their killable decoder subprocess warm), so memory
     does not grow with the archive."""
     from ray.data import ActorPoolStrategy
@@ -109,17 +106,11 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
                 engine=job.model.engine, model_path=facts["path"], dtype=job.model.dtype, device=job.model.device,
                 caption_prompt=job.caption_prompt, questions=list(job.questions),
                 options=_generation_options(job), engine_kwargs=job.model.engine_kwargs,
+                embedder=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
             ),
         )
 
-    def embed(ds):
-        return ds.map_batches(
-            EmbedStage, batch_format="pandas", batch_size=rt.batch_size, compute=ActorPoolStrategy(size=1),
-            num_cpus=rt.embed_cpus,
-            fn_constructor_kwargs=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
-        )
-
-    return {"decode": decode, "model": model, "embed": embed}
+    return {"decode": decode, "model": model}
 
 
 def list_work(job, sink=None) -> tuple[list[dict[str, Any]], int]:

@@ -1,4 +1,4 @@
-"""The Ray Data stages, one small callable each. A row travels: listing → decode → model → embed → sink.
+"""The Ray Data stages, one small callable each. A row travels: listing → decode → model (+ embed) → sink.
 
 Rows carry keys, not bytes: the decode task fetches the object itself and emits only the sampled,
 224×224 uint8 frames (≈ T·150 KB). A failed row keeps flowing with `error_*` set, so the sink records it
@@ -81,16 +81,20 @@ def resolve_model_path(path: str) -> str:
 
 
 class ModelStage:
-    """Actor holding one engine (hf or vllm): a caption and an answer per job question for each video."""
+    """Actor holding one engine (hf or vllm): a caption and an answer per job question for each video, then
+    the text embeddings (`EmbedStage`) in the same process. The embedder is small next to the video model:
+    a separate actor would cost another process start-up (torch import) and another hop for every row."""
 
     def __init__(self, engine: str, model_path: str, dtype: str | None, device: str, caption_prompt: str,
-                 questions: list[str], options: dict[str, Any], engine_kwargs: dict[str, Any] | None = None):
+                 questions: list[str], options: dict[str, Any], engine_kwargs: dict[str, Any] | None = None,
+                 embedder: dict[str, Any] | None = None):
         from stllm.engine import GenerationOptions, load_engine
 
         self.engine = load_engine(engine, resolve_model_path(model_path), dtype=dtype, device=device,
                                   **(engine_kwargs or {}))
         self.prompts = [caption_prompt, *questions]
         self.options = GenerationOptions(**options)
+        self.embed = EmbedStage(**embedder) if embedder is not None else None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from stllm.engine import VideoRequest
@@ -129,12 +133,15 @@ class ModelStage:
         for f, values in errors.items():
             out[f] = values
         out["model_s"] = (time.perf_counter() - t0) / max(len(batch), 1)
+        if self.embed is not None:
+            out = self.embed(out)
         _release_freed_memory()
         return out
 
 
 class EmbedStage:
-    """Actor: sentence-transformers embeddings of each caption (and of caption + answers for search)."""
+    """sentence-transformers embeddings of each caption (and the answers' text for search); run by
+    `ModelStage` in its actor, or on its own as a Ray Data callable."""
 
     def __init__(self, model: str, batch_size: int = 32, device: str = "cpu"):
         from pipeline.embedder import load_text_embedder

@@ -44,7 +44,7 @@ def _overrides(s3_server, bucket: str, runs: Path) -> list[str]:
         f"source.uri=s3://{bucket}/archive", f"source.s3={s3}",
         f"output.parquet=s3://{bucket}/index/parquet", f"output.lancedb=s3://{bucket}/index/lancedb",
         f"output.s3={s3}", f"output.manifest_dir={runs}",
-        "runtime.decode_cpus=0.5", "runtime.model_cpus=0.5", "runtime.embed_cpus=0.5", "runtime.batch_size=2",
+        "runtime.decode_cpus=0.5", "runtime.model_cpus=0.5", "runtime.batch_size=2",
     ]
 
 

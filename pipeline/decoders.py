@@ -1,0 +1,349 @@
+"""The decoding work itself, in whichever process runs it: sample T indices, decode them, resize + centre crop.
+
+- Sampling: ST-LLM's segment midpoints (`sample_frame_indices`), or the original chat demo's rule
+  (`seq_frame_indices`, `sampling="seq"`).
+- Decoders: decord first (the original's), PyAV when decord cannot open or read the file (AV1, for one).
+  Probe facts (codec, size, fps, duration) always come from PyAV, which only reads the headers for that.
+- Fast path: decord's frames reach numpy through DLPack (no copy); resizing runs on a small thread pool
+  (PIL releases the GIL) while decord decodes the next chunk on one thread.
+
+`pipeline.decode` runs this in a killable worker process (the public API); `decode_inline` runs it here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+# The model's own sampling and transforms: the decode stage and the engines cannot drift apart.
+from stllm.sampling import segment_midpoints as sample_frame_indices  # noqa: F401 (re-exported)
+from stllm.transforms import resize_crop_image
+
+Decoder = Literal["auto", "decord", "pyav"]
+Sampling = Literal["segment", "seq"]
+
+THUMBNAIL_MAX_WIDTH = 320
+_CHUNK = 8  # frames per decord get_batch call: small enough to overlap decoding with resizing
+# One decord thread plus resize threads on the remaining cores: decord's frame-threaded decoding of a single
+# video gains little on short clips, and an oversubscribed core slows both sides (measured on 2 cores).
+_THREADS = int(os.environ.get("STLLM_DECODE_THREADS", max(1, min(4, (os.cpu_count() or 1) - 1))))
+_DECORD_THREADS = int(os.environ.get("STLLM_DECORD_THREADS", 1))
+
+
+class DecodeError(Exception):
+    """A video could not be decoded. `stage` says where: probe, decord.open, decord.read, pyav.open,
+    pyav.read, transform, worker, or the stage a timeout hit."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable with both args (Ray ships exceptions)
+        return (type(self), (self.stage, self.message))
+
+
+class DecodeTimeout(DecodeError):
+    """The decode did not finish in time; its process was killed."""
+
+
+@dataclass
+class DecodedVideo:
+    frames: np.ndarray  # uint8 (T, size, size, 3); (T, H, W, 3) when decoded with size=None
+    frame_indices: list[int]
+    n_frames: int  # frames in the video, as the decoder counted them
+    fps: float
+    duration_s: float
+    width: int
+    height: int
+    codec: str  # canonical FFmpeg name: h264, hevc, vp9, av1, ...
+    decoder: str  # "decord" or "pyav"
+    thumbnail_jpeg: bytes = field(repr=False)
+
+    def info(self) -> dict[str, Any]:
+        """Everything but the frames (what a result row stores)."""
+        d = asdict(self)
+        del d["frames"]
+        return d
+
+
+# ---------------------------------------------------------------- sampling and transforms
+
+
+def seq_frame_indices(n_frames: int, num_samples: int) -> list[int]:
+    """The original chat demo's rule (`get_seq_frames`): min(n, T) frames, midpoints of rounded segments of
+    (n-1)/T. Returns fewer than `num_samples` indices for short videos."""
+    if n_frames < 1:
+        raise ValueError(f"cannot sample from a video with {n_frames} frames")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    total = min(n_frames, num_samples)
+    seg = (n_frames - 1) / total
+    return [(int(np.round(seg * i)) + int(np.round(seg * (i + 1)))) // 2 for i in range(total)]
+
+
+def _indices(n_frames: int, num_samples: int, sampling: Sampling) -> list[int]:
+    return (seq_frame_indices if sampling == "seq" else sample_frame_indices)(n_frames, num_samples)
+
+
+def _thumbnail_jpeg(img: Image.Image, max_width: int = THUMBNAIL_MAX_WIDTH) -> bytes:
+    w, h = img.size
+    if w > max_width:
+        img = img.resize((max_width, max(1, round(h * max_width / w))), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _resize_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, _THREADS), thread_name_prefix="resize")
+        return _pool
+
+
+class _Collector:
+    """Resizes frames as they arrive (on the pool), writing each into its slots of the output array.
+    With size None the frames are kept at their native size (one copy, no resize)."""
+
+    def __init__(self, indices: Sequence[int], size: int | None):
+        self.size = size
+        self.count = len(indices)
+        self.out: np.ndarray | None = None
+        if size is not None:
+            self.out = np.empty((self.count, size, size, 3), dtype=np.uint8)
+        self.slots: dict[int, list[int]] = {}
+        for pos, idx in enumerate(indices):
+            self.slots.setdefault(idx, []).append(pos)
+        self.thumb_pos = self.count // 2
+        self.thumbnail = b""
+        self._futures: list[Future[None]] = []
+
+    def add(self, index: int, frame: np.ndarray) -> None:
+        slots = self.slots[index]
+        if self.size is not None:
+            self._futures.append(_resize_pool().submit(self._one, slots, frame))
+            return
+        if self.out is None:
+            self.out = np.empty((self.count, *frame.shape), dtype=np.uint8)
+        if frame.shape != self.out.shape[1:]:
+            raise DecodeError("transform", f"frame size changed: {frame.shape} vs {self.out.shape[1:]}")
+        for pos in slots:
+            self.out[pos] = frame
+        if self.thumb_pos in slots:
+            self.thumbnail = _thumbnail_jpeg(Image.fromarray(frame))
+
+    def _one(self, slots: list[int], frame: np.ndarray) -> None:
+        assert self.out is not None and self.size is not None
+        img = Image.fromarray(frame)
+        small = resize_crop_image(img, self.size)
+        for pos in slots:
+            self.out[pos] = small
+        if self.thumb_pos in slots:
+            self.thumbnail = _thumbnail_jpeg(img)
+
+    def result(self) -> tuple[np.ndarray, bytes]:
+        try:
+            for f in self._futures:
+                f.result()
+        except Exception as e:  # noqa: BLE001
+            raise DecodeError("transform", short_message(e)) from None
+        assert self.out is not None
+        return self.out, self.thumbnail
+
+    def drain(self) -> None:
+        """Wait for queued work, ignoring its errors (the caller is already failing)."""
+        for f in self._futures:
+            f.exception()
+
+
+# ---------------------------------------------------------------- decoders (run in the worker or inline)
+
+Progress = Callable[[str], None]
+
+
+def _no_progress(stage: str) -> None:
+    pass
+
+
+def _probe(data: bytes) -> dict[str, Any]:
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as c:
+            if not c.streams.video:
+                raise DecodeError("probe", "the file has no video stream")
+            s = c.streams.video[0]
+            fps = float(s.average_rate or s.guessed_rate or s.base_rate or 0.0)
+            if c.duration:
+                duration = c.duration / 1_000_000  # AV_TIME_BASE
+            elif s.duration and s.time_base:
+                duration = float(s.duration * s.time_base)
+            else:
+                duration = s.frames / fps if s.frames and fps else 0.0
+            return {"codec": s.codec_context.codec.canonical_name, "width": s.codec_context.width,
+                    "height": s.codec_context.height, "fps": fps, "duration_s": duration, "frames": s.frames}
+    except DecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 — av raises many types for garbage input
+        raise DecodeError("probe", f"not a readable video ({type(e).__name__}: {e})") from None
+
+
+class _DLPackView:
+    """Hands decord's DLPack capsule to numpy.from_dlpack: the frames are not copied."""
+
+    def __init__(self, nd: Any):
+        self.nd = nd
+
+    def __dlpack__(self, **_: Any) -> Any:
+        return self.nd.to_dlpack()
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU
+
+
+def _as_numpy(nd: Any) -> np.ndarray:
+    try:
+        return np.from_dlpack(_DLPackView(nd))
+    except Exception:  # noqa: BLE001 — older numpy/decord: one copy instead
+        return nd.asnumpy()
+
+
+def _decode_decord(data: bytes, num_frames: int, size: int | None, sampling: Sampling,
+                   progress: Progress) -> tuple[np.ndarray, list[int], int, bytes]:
+    import decord
+
+    progress("decord.open")
+    try:
+        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=_DECORD_THREADS)
+        n = len(vr)
+    except Exception as e:  # noqa: BLE001 — decord raises DECORDError / RuntimeError
+        raise DecodeError("decord.open", short_message(e)) from None
+    if n < 1:
+        raise DecodeError("decord.open", "decord reports zero frames")
+    indices = _indices(n, num_frames, sampling)
+    collector = _Collector(indices, size)
+    unique = sorted(set(indices))  # already clipped to n-1: never ask past the reported end (#373)
+    progress("decord.read")
+    try:
+        for start in range(0, len(unique), _CHUNK):
+            chunk = unique[start:start + _CHUNK]
+            batch = _as_numpy(vr.get_batch(chunk))
+            for j, idx in enumerate(chunk):
+                collector.add(idx, batch[j])
+    except Exception as e:  # noqa: BLE001
+        collector.drain()  # let queued resizes finish before the error propagates
+        raise e if isinstance(e, DecodeError) else DecodeError("decord.read", short_message(e)) from None
+    progress("transform")
+    frames, thumb = collector.result()
+    return frames, indices, n, thumb
+
+
+def _count_packets(data: bytes) -> int:
+    import av
+
+    with av.open(io.BytesIO(data)) as c:
+        s = c.streams.video[0]
+        return sum(1 for p in c.demux(s) if p.size)
+
+
+def _decode_pyav(data: bytes, num_frames: int, size: int | None, sampling: Sampling,
+                 progress: Progress) -> tuple[np.ndarray, list[int], int, bytes]:
+    import av
+
+    progress("pyav.open")
+    try:
+        with av.open(io.BytesIO(data)) as c:
+            n = c.streams.video[0].frames
+        # WebM/MKV headers carry no frame count: count packets (demux only, no decoding).
+        n = n or _count_packets(data)
+    except Exception as e:  # noqa: BLE001
+        raise DecodeError("pyav.open", short_message(e)) from None
+    if n < 1:
+        raise DecodeError("pyav.open", "the video stream has no frames")
+    indices = _indices(n, num_frames, sampling)
+    collector = _Collector(indices, size)
+    wanted, last = set(indices), max(indices)
+    progress("pyav.read")
+    decoded, last_frame = 0, None
+    try:
+        with av.open(io.BytesIO(data)) as c:
+            stream = c.streams.video[0]
+            stream.thread_type = "AUTO"
+            for i, frame in enumerate(c.decode(stream)):
+                decoded, last_frame = i + 1, frame
+                if i in wanted:
+                    collector.add(i, frame.to_ndarray(format="rgb24"))
+                if i >= last:
+                    break
+    except Exception as e:  # noqa: BLE001
+        collector.drain()
+        raise e if isinstance(e, DecodeError) else DecodeError("pyav.read", short_message(e)) from None
+    if last_frame is None:
+        raise DecodeError("pyav.read", "no frame could be decoded")
+    if decoded <= last:
+        # The header over-reported its frame count. A few missing frames at the end are common (decord
+        # #373 files); many mean a truncated or corrupt file.
+        if n - decoded > max(2, n // 20):
+            collector.drain()
+            raise DecodeError("pyav.read", f"only {decoded} of the {n} frames the header promises could be "
+                                           "decoded (truncated or corrupt file)")
+        tail = last_frame.to_ndarray(format="rgb24")
+        for idx in sorted(i for i in wanted if i >= decoded):
+            collector.add(idx, tail)
+        n = decoded
+    progress("transform")
+    frames, thumb = collector.result()
+    return frames, indices, n, thumb
+
+
+_DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")  # "[12:00:00] /src/video_reader.cc:486: "
+
+
+def short_message(e: BaseException, limit: int = 300) -> str:
+    text = _DECORD_PREFIX.sub("", " ".join(str(e).split())) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def decode_inline(data: bytes, num_frames: int, size: int | None, decoder: Decoder, sampling: Sampling,
+            progress: Progress = _no_progress) -> DecodedVideo:
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    progress("probe")
+    probe = _probe(data)
+    used, first_error = decoder, None
+    result = None
+    if decoder in ("auto", "decord"):
+        try:
+            result = _decode_decord(data, num_frames, size, sampling, progress)
+            used = "decord"
+        except (DecodeError, ImportError) as e:  # ImportError: platforms without a decord wheel
+            if decoder == "decord":
+                raise e if isinstance(e, DecodeError) else DecodeError("decord.open", str(e)) from None
+            first_error = e
+    if result is None:
+        try:
+            result = _decode_pyav(data, num_frames, size, sampling, progress)
+        except DecodeError as e:
+            if first_error is not None:
+                raise DecodeError(e.stage, f"{e.message} (decord: {first_error})") from None
+            raise
+        used = "pyav"
+    frames, indices, n, thumb = result
+    return DecodedVideo(frames=frames, frame_indices=indices, n_frames=n, fps=probe["fps"],
+                        duration_s=probe["duration_s"], width=probe["width"], height=probe["height"],
+                        codec=probe["codec"], decoder=used, thumbnail_jpeg=thumb)
