@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.common import Result, tree_rss_bytes
 
 COMMON = [
-    "runtime.decode_cpus=0.5", "runtime.model_cpus=1.0", "runtime.batch_size=8",
+    "runtime.decode_concurrency=1", "runtime.decode_cpus=0.5", "runtime.model_cpus=1.0", "runtime.batch_size=8",
     "runtime.skip_existing=false", "model.max_new_tokens=16", "runtime.buffer_mb=64",
 ]
 
@@ -43,10 +43,16 @@ def _job(clips: Path, out: Path, extra: list[str] = ()):
                            f"output.manifest_dir={out}/runs", *COMMON, *extra])
 
 
-def bench_pipeline(videos: int = 96) -> list[Result]:
+def bench_pipeline(videos: int = 96, rounds: int = 2) -> list[Result]:
+    """Rounds interleave the end-to-end run and the stages alone (this VM's speed drifts); best of each."""
     import ray
 
     from pipeline.runner import _init_ray, _model_facts, list_work, run_job, stage_ops
+
+    best: dict[str, float] = {}
+
+    def keep(name: str, seconds: float) -> None:
+        best[name] = min(best.get(name, float("inf")), seconds)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -56,19 +62,23 @@ def bench_pipeline(videos: int = 96) -> list[Result]:
         rows, _ = list_work(job)
         ops = stage_ops(job, facts)
         run_job(_job(tmp / "clips", tmp / "warm", ["source.limit=2"]), progress=False)  # warm caches/imports
-        timings = {}
-        t0 = time.perf_counter()
-        decoded = ops["decode"](ray.data.from_items(rows)).materialize()
-        timings["decode"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ops["model"](decoded).materialize()
-        timings["model"] = time.perf_counter() - t0
-        manifest = run_job(job, progress=False)
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            decoded = ops["decode"](ray.data.from_items(rows)).materialize()
+            keep("decode", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ops["model"](decoded).materialize()
+            keep("model", time.perf_counter() - t0)
+            del decoded
+            manifest = run_job(_job(tmp / "clips", tmp / f"out{r}"), progress=False)
+            assert manifest["counts"]["indexed"] == videos, manifest["counts"]
+            keep("end_to_end", manifest["wall_s"])
         ray.shutdown()
-    slowest = max(timings, key=timings.get)
-    return [Result("pipeline_vs_slowest_stage", manifest["wall_s"] / timings[slowest], "<= 1.15", detail={
-        "videos": videos, "end_to_end_s": manifest["wall_s"], "slowest_stage": slowest,
-        **{f"{k}_alone_s": round(v, 2) for k, v in timings.items()}})]
+    stages = {k: v for k, v in best.items() if k != "end_to_end"}
+    slowest = max(stages, key=stages.get)
+    return [Result("pipeline_vs_slowest_stage", best["end_to_end"] / stages[slowest], "<= 1.15", detail={
+        "videos": videos, "rounds": rounds, "end_to_end_s": round(best["end_to_end"], 2), "slowest_stage": slowest,
+        **{f"{k}_alone_s": round(v, 2) for k, v in stages.items()}})]
 
 
 def _peak_rss(fn) -> tuple[float, object]:

@@ -103,9 +103,12 @@ class OutputConfig(_Strict):
 class RuntimeConfig(_Strict):
     address: str | None = Field(default=None, description="Ray address; default: $RAY_ADDRESS or local")
     num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray cluster (default: all)")
-    decode_concurrency: int = Field(default=2, ge=1, description="parallel decode tasks")
+    decode_concurrency: int = Field(default=2, ge=1, description="most decode actors (the pool grows to it)")
     decode_cpus: float = Field(default=1.0, gt=0)
     decode_timeout_s: float = Field(default=120.0, gt=0)
+    decode_batch_size: int = Field(default=4, ge=1, description="videos per decode call (fewer Ray tasks)")
+    decode_nice: int = Field(default=10, ge=0, le=19, description="CPU niceness of decoding: it yields to the "
+                             "model actors on shared cores (0 = same priority)")
     batch_size: int = Field(default=4, ge=1, description="videos per model/embedder batch")
     model_pool_size: int = Field(default=1, ge=1, description="model actors")
     num_gpus_per_actor: float = Field(default=0.0, ge=0)

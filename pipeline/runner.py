@@ -90,11 +90,13 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
     rt = job.runtime
 
     def decode(ds):
-        return ds.map(
-            DecodeStage, compute=ActorPoolStrategy(min_size=1, max_size=rt.decode_concurrency),
+        return ds.map_batches(
+            DecodeStage, batch_format="pandas", batch_size=rt.decode_batch_size,
+            compute=ActorPoolStrategy(size=rt.decode_concurrency),
             num_cpus=rt.decode_cpus,
             fn_constructor_kwargs=dict(num_frames=facts["num_frames"], image_size=facts["image_size"],
-                                       timeout_s=rt.decode_timeout_s, s3_options=job.source.s3),
+                                       timeout_s=rt.decode_timeout_s, s3_options=job.source.s3,
+                                       nice=rt.decode_nice),
         )
 
     def model(ds):

@@ -8,6 +8,7 @@ and the job goes on.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import traceback
 from typing import Any
@@ -41,13 +42,22 @@ def _release_freed_memory() -> None:
 class DecodeStage:
     """CPU task: fetch the bytes, probe, sample the model's frames, resize/crop to the model's input size."""
 
-    def __init__(self, num_frames: int, image_size: int, timeout_s: float, s3_options: Any = None):
+    def __init__(self, num_frames: int, image_size: int, timeout_s: float, s3_options: Any = None, nice: int = 0):
+        if nice:
+            # Lower CPU priority for this actor and its decode subprocess (inherited): decoding fills the cycles
+            # the model actors leave, instead of slowing the slowest stage where they share cores.
+            os.nice(nice)
         self.num_frames = num_frames
         self.image_size = image_size
         self.timeout_s = timeout_s
         self.s3_options = s3_options
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        # A few rows per call: Ray Data's per-task overhead (scheduling, block building) costs more CPU than
+        # decoding a short clip, and on shared cores that CPU comes out of the model stage.
+        return pd.DataFrame([self.decode_row(row) for row in batch.to_dict("records")])
+
+    def decode_row(self, row: dict[str, Any]) -> dict[str, Any]:
         from pipeline.decode import decode_video
         from pipeline.sources import read_bytes
 

@@ -206,3 +206,29 @@ def test_a_crashing_decoder_is_reported_and_replaced(video_fixtures) -> None:
 def test_decode_errors_survive_pickling() -> None:  # Ray ships exceptions between processes
     e = pickle.loads(pickle.dumps(DecodeTimeout("decord.read", "took too long")))
     assert isinstance(e, DecodeTimeout) and e.stage == "decord.read" and e.message == "took too long"
+
+
+def test_decode_stage_batches_rows_and_yields_the_cpu(video_fixtures) -> None:
+    # In a child process (niceness only goes up): the stage lowers its own priority and its decode
+    # subprocess inherits it; a batch keeps every row, a corrupt one as an error record.
+    import subprocess
+    import sys
+
+    code = f"""
+import os, pandas as pd
+import pipeline.decode as D
+from pipeline.stages import DecodeStage
+stage = DecodeStage(num_frames=4, image_size=32, timeout_s=60, nice=7)
+rows = pd.DataFrame([{{"uri": {str(video_fixtures["h264"])!r}}}, {{"uri": {str(video_fixtures["random"])!r}}},
+                     {{"uri": {str(video_fixtures["vp9"])!r}}}])
+out = stage(rows)
+print(list(out["uri"].str[-8:]), list(out["error_stage"].fillna("-")), list(out["frames_shape"].map(len)))
+print(os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, D._shared.pid))
+"""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    uris = [str(video_fixtures[k])[-8:] for k in ("h264", "random", "vp9")]
+    assert lines[-2] == f"{uris} ['-', 'decode', '-'] [4, 0, 4]"
+    assert lines[-1] == f"{min(before + 7, 19)} {min(before + 7, 19)}"
