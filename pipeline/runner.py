@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from datetime import UTC, datetime
@@ -57,11 +58,15 @@ def _init_ray(address: str | None, job) -> None:
     # The project must be importable in every worker; a job file is small config, not code.
     # Two malloc arenas: glibc's default (8 per core) lets long-lived actors' RSS creep up with batch count.
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "MALLOC_ARENA_MAX": "2"}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
-    else:
-        ray.init(runtime_env=env, include_dashboard=False, log_to_driver=False,
-                 num_cpus=job.runtime.num_cpus)
+    with warnings.catch_warnings():
+        # Ray starts its processes with fork + exec; lancedb's fork warning (when a table was opened earlier in
+        # this process) is about forks that go on running Python, not this.
+        warnings.filterwarnings("ignore", message="lancedb fork support", category=RuntimeWarning)
+        if address:
+            ray.init(address=address, runtime_env=env, log_to_driver=False)
+        else:
+            ray.init(runtime_env=env, include_dashboard=False, log_to_driver=False,
+                     num_cpus=job.runtime.num_cpus)
     _fit_cpu_reservations(job, ray.cluster_resources().get("CPU", 1.0))
     ctx = ray.data.DataContext.get_current()
     limits = ctx.execution_options.resource_limits
