@@ -43,7 +43,7 @@ def _job(clips: Path, out: Path, extra: list[str] = ()):
                            f"output.manifest_dir={out}/runs", *COMMON, *extra])
 
 
-def bench_pipeline(videos: int = 96, rounds: int = 2) -> list[Result]:
+def bench_pipeline(videos: int = 192, rounds: int = 2) -> list[Result]:
     """Rounds interleave the end-to-end run and the stages alone (this VM's speed drifts); best of each."""
     import ray
 
