@@ -40,13 +40,13 @@ def _release_freed_memory() -> None:
 
 
 class DecodeStage:
-    """CPU task: fetch the bytes, probe, sample the model's frames, resize/crop to the model's input size."""
+    """Decode actor: fetch the bytes, probe, sample the model's frames, resize/crop to the model's input size."""
 
     def __init__(self, num_frames: int, image_size: int, timeout_s: float, s3_options: Any = None, nice: int = 0):
-        if nice:
+        if nice > os.getpriority(os.PRIO_PROCESS, 0):
             # Lower CPU priority for this actor and its decode subprocess (inherited): decoding fills the cycles
             # the model actors leave, instead of slowing the slowest stage where they share cores.
-            os.nice(nice)
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
         self.num_frames = num_frames
         self.image_size = image_size
         self.timeout_s = timeout_s
