@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.common import SHARED_VIDEOS, Result
 
 NUM_FRAMES = 64
-REPEATS = 5
+REPEATS = 9
 
 
 def _clips() -> list[tuple[str, bytes]]:

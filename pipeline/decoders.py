@@ -131,12 +131,12 @@ class _Collector:
             self.slots.setdefault(idx, []).append(pos)
         self.thumb_pos = self.count // 2
         self.thumbnail = b""
-        self._futures: list[Future[None]] = []
+        self._queued: list[tuple[Future[None], list[int], np.ndarray]] = []
 
     def add(self, index: int, frame: np.ndarray) -> None:
         slots = self.slots[index]
         if self.size is not None:
-            self._futures.append(_resize_pool().submit(self._one, slots, frame))
+            self._queued.append((_resize_pool().submit(self._one, slots, frame), slots, frame))
             return
         if self.out is None:
             self.out = np.empty((self.count, *frame.shape), dtype=np.uint8)
@@ -157,18 +157,24 @@ class _Collector:
             self.thumbnail = _thumbnail_jpeg(img)
 
     def result(self) -> tuple[np.ndarray, bytes]:
+        """Wait for the resizes; the decoding thread, now free, takes over those the pool has not started."""
         try:
-            for f in self._futures:
-                f.result()
+            for f, slots, frame in reversed(self._queued):  # the pool works from the front
+                if f.cancel():
+                    self._one(slots, frame)
+            for f, _, _ in self._queued:
+                if not f.cancelled():
+                    f.result()
         except Exception as e:  # noqa: BLE001
             raise DecodeError("transform", short_message(e)) from None
         assert self.out is not None
         return self.out, self.thumbnail
 
     def drain(self) -> None:
-        """Wait for queued work, ignoring its errors (the caller is already failing)."""
-        for f in self._futures:
-            f.exception()
+        """Cancel or wait for queued work, ignoring its errors (the caller is already failing)."""
+        for f, _, _ in self._queued:
+            if not f.cancel():
+                f.exception()
 
 
 # ---------------------------------------------------------------- decoders (run in the worker or inline)
