@@ -76,13 +76,18 @@ def _init_ray(address: str | None, job) -> None:
 
 
 def _fit_cpu_reservations(job, cluster_cpus: float) -> None:
-    """Actor reservations must leave room for decode tasks, or Ray never schedules them (a silent hang
-    on a 2-core machine). Scale the model/embed reservations down when they would not fit."""
+    """Fixed-size actor pools must fit the cluster, or Ray never schedules some of them (a silent hang on a
+    small machine). Fewer decode actors first (one at least), then smaller model actor reservations."""
     rt = job.runtime
-    actors = rt.model_pool_size * rt.model_cpus
-    room = cluster_cpus - rt.decode_cpus  # at least one decode actor must fit; the pool grows into what is left
-    if actors > room:
-        rt.model_cpus = round(rt.model_cpus * max(room, 0.1) / actors, 3) or 0.01
+    model = rt.model_pool_size * rt.model_cpus
+    fits = int((cluster_cpus - model) / rt.decode_cpus + 1e-9)
+    if fits < rt.decode_concurrency:
+        log.warning("%d decode actors x %.2f CPUs + model actors do not fit %.1f CPUs: %d decode actor(s)",
+                    rt.decode_concurrency, rt.decode_cpus, cluster_cpus, max(fits, 1))
+        rt.decode_concurrency = max(fits, 1)
+    room = cluster_cpus - rt.decode_concurrency * rt.decode_cpus
+    if model > room:
+        rt.model_cpus = round(rt.model_cpus * max(room, 0.1) / model, 3) or 0.01
         log.warning("scaled model actor CPU reservations to fit %.1f CPUs: %.2f each", cluster_cpus, rt.model_cpus)
 
 

@@ -122,3 +122,21 @@ def test_secrets_are_masked_in_dumps() -> None:
     job = load_job(None, ["output.s3={access_key_id: AKIA, secret_access_key: hunter2}"])
     assert job.output.s3.secret == "hunter2"
     assert "hunter2" not in job.model_dump_json()
+
+
+@pytest.mark.parametrize("overrides, cpus, want", [
+    # (decode actors, model CPUs each) after fitting
+    ([], 8.0, (2, 1.0)),  # defaults fit: untouched
+    ([], 2.0, (1, 1.0)),  # 2 x 1 decode + 1 model > 2: one decode actor
+    (["runtime.decode_concurrency=4", "runtime.decode_cpus=0.5"], 2.0, (2, 1.0)),
+    (["runtime.model_cpus=2"], 2.0, (1, 1.0)),  # even one decode actor does not fit: the model shrinks
+])
+def test_actor_pools_are_fitted_to_the_cluster(overrides: list[str], cpus: float, want: tuple[int, float]) -> None:
+    from pipeline.runner import _fit_cpu_reservations
+
+    job = load_job(None, ["runtime.decode_concurrency=2", "runtime.decode_cpus=1", "runtime.model_cpus=1",
+                          *overrides])
+    _fit_cpu_reservations(job, cpus)
+    assert (job.runtime.decode_concurrency, job.runtime.model_cpus) == want
+    rt = job.runtime
+    assert rt.decode_concurrency * rt.decode_cpus + rt.model_pool_size * rt.model_cpus <= cpus + 1e-9
