@@ -1,5 +1,5 @@
 """Where videos come from: a local folder or an `s3://bucket/prefix`, listed as small rows (uri, size, etag,
-mtime). Rows travel through Ray; the decode task fetches the bytes itself with `read_bytes`.
+mtime). Rows travel through Ray; the decode actor fetches the bytes itself with `read_bytes`.
 
 ETag choice for local files: `stat:` + sha256(size, mtime_ns)[:32] — free to compute (no read), changes
 whenever the file is rewritten; a plain copy that keeps mtime keeps it. Pass `local_etag="sha256"` for a

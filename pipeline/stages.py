@@ -1,6 +1,6 @@
 """The Ray Data stages, one small callable each. A row travels: listing → decode → model (+ embed) → sink.
 
-Rows carry keys, not bytes: the decode task fetches the object itself and emits only the sampled,
+Rows carry keys, not bytes: the decode actor fetches the object itself and emits only the sampled,
 224×224 uint8 frames (≈ T·150 KB). A failed row keeps flowing with `error_*` set, so the sink records it
 and the job goes on.
 """
