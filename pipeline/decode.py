@@ -36,7 +36,7 @@ from pipeline.decoders import (  # noqa: F401 — the public decode API lives he
     seq_frame_indices,
     short_message,
 )
-from stllm.transforms import resize_crop, resize_crop_image  # noqa: F401
+from stllm.transforms import resize_crop  # noqa: F401
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # glibc serves each video's big buffers (decoded chunks, the output array) with fresh mmaps by default, and

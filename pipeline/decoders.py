@@ -267,16 +267,14 @@ def _count_packets(data: bytes) -> int:
         return sum(1 for p in c.demux(s) if p.size)
 
 
-def _decode_pyav(data: bytes, num_frames: int, size: int | None, sampling: Sampling,
+def _decode_pyav(data: bytes, num_frames: int, size: int | None, sampling: Sampling, header_frames: int,
                  progress: Progress) -> tuple[np.ndarray, list[int], int, bytes]:
     import av
 
     progress("pyav.open")
     try:
-        with av.open(io.BytesIO(data)) as c:
-            n = c.streams.video[0].frames
-        # WebM/MKV headers carry no frame count: count packets (demux only, no decoding).
-        n = n or _count_packets(data)
+        # The probe's frame count; WebM/MKV headers carry none: count packets (demux only, no decoding).
+        n = header_frames or _count_packets(data)
     except Exception as e:  # noqa: BLE001
         raise DecodeError("pyav.open", short_message(e)) from None
     if n < 1:
@@ -343,7 +341,7 @@ def decode_inline(data: bytes, num_frames: int, size: int | None, decoder: Decod
             first_error = e
     if result is None:
         try:
-            result = _decode_pyav(data, num_frames, size, sampling, progress)
+            result = _decode_pyav(data, num_frames, size, sampling, probe["frames"], progress)
         except DecodeError as e:
             if first_error is not None:
                 raise DecodeError(e.stage, f"{e.message} (decord: {first_error})") from None

@@ -13,7 +13,6 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -132,7 +131,7 @@ def list_work(job, sink=None) -> tuple[list[dict[str, Any]], int]:
     rows = []
     for src in list_videos(job.source.uri, extensions=job.source.extensions, s3=job.source.s3,
                            limit=job.source.limit):
-        d = asdict(src) if is_dataclass(src) else dict(src)
+        d = src.to_row()
         d["video_id"] = video_id_of(d["etag"], d["size"])
         rows.append(d)
     skipped = 0
@@ -154,12 +153,12 @@ def run_job(job, address: str | None = None, progress: bool = True) -> dict[str,
     run_id = f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     facts = _model_facts(job)
     config_hash = job.config_hash()
-    _init_ray(address, job)  # before LanceDB opens anything: its fork handlers warn when Ray forks later
     sinks = open_sinks(job, run_id=run_id, config_hash=config_hash, model_id=facts["model_id"])
     rows, skipped = list_work(job, sinks)
     counts = {"listed": len(rows) + skipped, "skipped": skipped, "indexed": 0, "errors": 0}
     stage_s = {"decode_s": 0.0, "model_s": 0.0, "embed_s": 0.0}
-    if rows:
+    if rows:  # Ray only when there is work: a rerun that skips everything starts nothing
+        _init_ray(address, job)
         rt = job.runtime
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
         for op in stage_ops(job, facts).values():

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -33,9 +33,6 @@ from schemas import (
     rows_to_table,
     schema_version,
 )
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -304,12 +301,6 @@ class ErrorSink:
             if sink is not None:
                 sink.write(table)
         self.count += len(out)
-
-    def write(self, uri: str, stage: str, error: BaseException | str, run_id: str,
-              video_id: str | None = None) -> None:
-        error_type = type(error).__name__ if isinstance(error, BaseException) else "Error"
-        self.write_rows([{"uri": uri, "video_id": video_id, "stage": stage, "error_type": error_type,
-                          "message": str(error)}], run_id)
 
     def close(self) -> None:
         for sink in (self.parquet, self.lance):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -201,28 +202,6 @@ def _s3_error(e: ClientError, uri: str) -> Exception:
     return OSError(f"S3 request for {uri} failed: {code}: {e}")
 
 
-def iter_videos(
-    uri: str,
-    *,
-    extensions: Sequence[str] | None = None,
-    s3: S3Options | None = None,
-    limit: int | None = None,
-    local_etag: Literal["stat", "sha256"] = "stat",
-    page_size: int = 1000,
-) -> Iterator[VideoSource]:
-    """Yield the videos under `uri` (local folder or file, `s3://bucket/prefix` or one object), filtered by
-    extension (case-insensitive), in a stable order, at most `limit`."""
-    exts = _normalise_extensions(extensions)
-    if is_s3(uri):
-        it = _iter_s3(uri, exts, s3 or S3Options(), page_size)
-    else:
-        it = _iter_local(uri, exts, local_etag)
-    for n, src in enumerate(it):
-        if limit is not None and n >= limit:
-            return
-        yield src
-
-
 def list_videos(
     uri: str,
     *,
@@ -232,9 +211,15 @@ def list_videos(
     local_etag: Literal["stat", "sha256"] = "stat",
     page_size: int = 1000,
 ) -> list[VideoSource]:
-    """`iter_videos` as a list. Raises ValueError naming `uri` when the folder or bucket does not exist."""
-    return list(iter_videos(uri, extensions=extensions, s3=s3, limit=limit, local_etag=local_etag,
-                            page_size=page_size))
+    """The videos under `uri` (local folder or file, `s3://bucket/prefix` or one object), filtered by
+    extension (case-insensitive), in a stable order, at most `limit`. Raises ValueError naming `uri` when the
+    folder or bucket does not exist."""
+    exts = _normalise_extensions(extensions)
+    if is_s3(uri):
+        found = _iter_s3(uri, exts, s3 or S3Options(), page_size)
+    else:
+        found = _iter_local(uri, exts, local_etag)
+    return list(itertools.islice(found, limit))
 
 
 def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:

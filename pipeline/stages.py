@@ -7,10 +7,13 @@ and the job goes on.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import os
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,14 +32,19 @@ def _error(row: dict[str, Any], stage: str, exc: BaseException) -> dict[str, Any
     return row
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 def _release_freed_memory() -> None:
     """Give freed heap pages back to the OS after a batch (glibc keeps them otherwise; RSS would creep)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class DecodeStage:

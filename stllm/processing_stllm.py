@@ -7,6 +7,7 @@ Facts (DESIGN §2): shorter side → 224 (bicubic, on uint8 PIL images as the or
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from transformers import BertTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
 from stllm.configuration_stllm import STLLMConfig
 from stllm.sampling import segment_midpoints
-from stllm.transforms import as_frames, resize_crop, resize_crop_image
+from stllm.transforms import as_frames, resize_crop
 
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 
@@ -43,6 +44,9 @@ class STLLMProcessor:
         # The original truncates the Q-Former text on the left.
         self.qformer_tokenizer.truncation_side = "left"
         self.bos_token_id = config.text_config.bos_token_id
+        # The same few questions are asked of every video: tokenize each once (bounded).
+        self._prompt_ids = functools.lru_cache(maxsize=1024)(self._tokenize_prompt)
+        self._qformer_inputs = functools.lru_cache(maxsize=1024)(self._tokenize_qformer)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, config: STLLMConfig | None = None) -> STLLMProcessor:
@@ -79,11 +83,19 @@ class STLLMProcessor:
         return self.config.system_prompt + "###Human: " + question + " ###Assistant: "
 
     def prompt_ids(self, question: str) -> list[int]:
-        """BOS (the released tokenizer's bos is `</s>`, id 2) + the tokenized prompt."""
-        ids = self.tokenizer(self.prompt_text(question), add_special_tokens=False)["input_ids"]
-        return [self.bos_token_id, *ids]
+        """BOS (the released tokenizer's bos is `</s>`, id 2) + the tokenized prompt (memoised; a fresh list)."""
+        return list(self._prompt_ids(question))
 
     def qformer_inputs(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The question's Q-Former input ids and mask, (1, Lq) each (memoised; fresh tensors)."""
+        ids, mask = self._qformer_inputs(question)
+        return ids.clone(), mask.clone()
+
+    def _tokenize_prompt(self, question: str) -> tuple[int, ...]:
+        ids = self.tokenizer(self.prompt_text(question), add_special_tokens=False)["input_ids"]
+        return (self.bos_token_id, *ids)
+
+    def _tokenize_qformer(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.qformer_tokenizer(
             question, truncation=True, max_length=self.config.qformer_max_txt_len, return_tensors="pt"
         )
@@ -103,5 +115,5 @@ class STLLMProcessor:
 
 
 __all__ = [
-    "STLLMProcessor", "ProcessedQuestion", "resize_crop", "resize_crop_image", "as_frames", "QFORMER_TOKENIZER_DIR"
+    "STLLMProcessor", "ProcessedQuestion", "resize_crop", "as_frames", "QFORMER_TOKENIZER_DIR"
 ]

@@ -49,7 +49,6 @@ class VLLMEngine:
         self.config: STLLMConfig = processor.config
         self.max_model_len: int = llm.llm_engine.model_config.max_model_len
         self.last_timings: dict[str, float] = {}
-        self._question_ids: dict[str, list[int]] = {}
 
     @classmethod
     def from_pretrained(
@@ -150,19 +149,6 @@ class VLLMEngine:
             kwargs.update(temperature=0.0)
         return SamplingParams(**kwargs)
 
-    def _prompt_ids(self, question: str) -> list[int]:
-        """LLaMA prompt ids of a question (validated as `STLLMProcessor.process_question` does), memoised: the
-        same few questions are usually asked of every video. The Q-Former tokens are made by vLLM's processor."""
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("the question is empty")
-        ids = self._question_ids.get(question)
-        if ids is None:
-            ids = self.processor.prompt_ids(question)
-            if len(self._question_ids) >= 1024:
-                self._question_ids.clear()
-            self._question_ids[question] = ids
-        return ids
-
     def _prompts(self, req: VideoRequest, options: GenerationOptions) -> tuple[str, list[dict]]:
         """Validate one request and build its vLLM prompts; ValueError names what is wrong."""
         if not req.questions:
@@ -173,7 +159,7 @@ class VLLMEngine:
         n_visual = self.config.num_visual_tokens()
         prompts = []
         for q in req.questions:
-            ids = self._prompt_ids(q)
+            ids = self.processor.process_question(q).input_ids  # validated, memoised by the processor
             total = n_visual + len(ids) + options.max_new_tokens
             if total > self.max_model_len:
                 raise ValueError(

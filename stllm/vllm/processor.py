@@ -44,7 +44,6 @@ from stllm.configuration_stllm import STLLMConfig
 from stllm.processing_stllm import QFORMER_TOKENIZER_DIR, STLLMProcessor, as_frames, resize_crop
 
 QUESTION_KWARG = "question"
-_QUESTION_CACHE_SIZE = 1024
 # Scope keys vLLM may add to `mm_processor_kwargs` on its own (always empty for this model).
 _SCOPE_KWARGS = frozenset({"text_kwargs", "images_kwargs", "videos_kwargs", "audio_kwargs"})
 
@@ -146,18 +145,6 @@ class STLLMProcessingInfo(BaseProcessingInfo):
     def get_placeholder_token_id(self) -> int:
         return self.get_hf_config().text_config.pad_token_id
 
-    def qformer_input_ids(self, question: str) -> torch.Tensor:
-        """The question's Q-Former tokens (Lq,), memoised per question (the same few questions are usually
-        asked of every video). Shared: callers must not modify it (the processor hands out clones)."""
-        cache: dict[str, torch.Tensor] = self.__dict__.setdefault("_qformer_ids", {})
-        ids = cache.get(question)
-        if ids is None:
-            ids = self.stllm_processor.qformer_inputs(question)[0][0]  # its mask is all ones (unpadded)
-            if len(cache) >= _QUESTION_CACHE_SIZE:
-                cache.clear()
-            cache[question] = ids
-        return ids
-
     @cached_property
     def stllm_processor(self) -> STLLMProcessor:
         model_dir = self.ctx.model_config.model
@@ -199,7 +186,7 @@ class STLLMMultiModalProcessor(BaseMultiModalProcessor[STLLMProcessingInfo]):
             raise ValueError(f"mm_processor_kwargs[{QUESTION_KWARG!r}] must be a string")
         proc = self.info.stllm_processor
         prepared = [prepare_and_key(proc, v) for v in hf_data.get("videos", [])]
-        q_ids = self.info.qformer_input_ids(question)  # (Lq,)
+        q_ids = self.info.stllm_processor.qformer_inputs(question)[0][0]  # (Lq,), memoised; mask all ones
         return BatchFeature({
             "video_frames": [torch.from_numpy(f) for f, _ in prepared],
             "video_key": [key_to_tensor(k) for _, k in prepared],
