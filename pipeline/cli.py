@@ -27,12 +27,16 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
+def index_home() -> Path:
+    """stllm-index's own files (tiny model, demo): $STLLM_INDEX_HOME or ~/.cache/stllm-index."""
+    return Path(os.environ.get("STLLM_INDEX_HOME", Path.home() / ".cache" / "stllm-index"))
+
+
 def default_model_dir() -> Path:
     """Where the tiny random demo model is built on first use (no download, no network)."""
     from stllm.tiny import TINY_VERSION
 
-    root = Path(os.environ.get("STLLM_INDEX_HOME", Path.home() / ".cache" / "stllm-index"))
-    return root / f"tiny-model-v{TINY_VERSION}"
+    return index_home() / f"tiny-model-v{TINY_VERSION}"
 
 
 def ensure_tiny_model(path: Path | None = None) -> Path:

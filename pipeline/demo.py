@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.cli import ensure_tiny_model
+from pipeline.cli import index_home
 
 DEMO_CODECS = ("h264", "hevc", "vp9", "av1")
 DEMO_SCENES = 2  # clips per codec: different colours/motions so search has something to tell apart
@@ -39,11 +38,10 @@ def run_demo(workdir: Path | None = None) -> int:
     from pipeline.search import search
 
     console = Console()
-    root = Path(workdir or Path(os.environ.get("STLLM_INDEX_HOME", Path.home() / ".cache" / "stllm-index")) / "demo")
+    root = Path(workdir or index_home() / "demo")
     videos = make_demo_videos(root / "videos")
     console.print(f"[bold]stllm-index demo[/bold]: {len(videos)} sample clips in {root / 'videos'}")
     console.print("model: the tiny RANDOM ST-LLM (captions are noise); see README for real weights")
-    ensure_tiny_model()
     job = load_job(None, [
         f"source.uri={root / 'videos'}",
         f"output.parquet={root / 'index' / 'parquet'}",

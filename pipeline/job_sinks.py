@@ -32,28 +32,26 @@ class JobSinks:
     Layout: Parquet datasets `<output.parquet>/<table>/` and `<output.parquet>/<errors_table>/`; LanceDB
     tables `<table>` and `<errors_table>` in `<output.lancedb>`; the manifest at
     `<output.manifest_dir>/<run_id>.json` (default `<output.parquet or output.lancedb>/_manifests/`).
-    Embedding dims come from the first rows written (or the existing table), unless given. Rows are
-    committed every `commit_rows` (default: runtime.commit_every) to both stores.
+    Embedding dims come from the first rows written (or the existing table). Rows are committed every
+    runtime.commit_every to both stores.
     LanceDB rows are upserted on (video_id, config_hash): a rerun replaces, never duplicates; the Parquet
     dataset is append-only (readers keep the latest `indexed_at` per key).
     """
 
-    def __init__(self, job: JobConfig, *, run_id: str, config_hash: str, model_id: str,
-                 text_dim: int | None = None, visual_dim: int | None = None, commit_rows: int | None = None):
+    def __init__(self, job: JobConfig, *, run_id: str, config_hash: str, model_id: str):
         self.job, self.run_id, self.config_hash, self.model_id = job, run_id, config_hash, model_id
         self.questions_hash = job.questions_hash()
         out = job.output
         self.s3 = out.s3
         # Both stores commit at the same cadence (runtime.commit_every), so a crash cannot leave rows in
         # LanceDB (which skip_existing trusts) that never reached Parquet.
-        self.commit_rows = commit_rows or job.runtime.commit_every
-        self.dims = {"caption_embedding": text_dim, "visual_embedding": visual_dim}
+        self.commit_rows = job.runtime.commit_every
+        self.dims: dict[str, int | None] = {"caption_embedding": None, "visual_embedding": None}
         self._lance_db = connect_lance(out.lancedb, out.s3) if out.lancedb else None
         if self._lance_db is not None:
             existing = _open_table(self._lance_db, out.table)
             if existing is not None:
-                for col, dim in embedding_dims(existing.schema).items():
-                    self.dims[col] = self.dims.get(col) or dim
+                self.dims.update(embedding_dims(existing.schema))
         self.videos_parquet: ParquetSink | None = None
         self.videos_lance: LanceSink | None = None
         self._pending: list[dict[str, Any]] = []
@@ -138,7 +136,7 @@ class JobSinks:
     def close(self) -> None:
         if self._pending:
             raise ValueError(f"{len(self._pending)} row(s) not written: all their embeddings are null, so "
-                             "the embedding sizes are unknown (pass text_dim/visual_dim)")
+                             "the embedding sizes are unknown")
         for sink in (self.videos_parquet, self.videos_lance):
             if sink is not None:
                 sink.close()
@@ -165,6 +163,3 @@ class JobSinks:
         data.setdefault("job_config", self.job.model_dump(mode="json"))
         return write_manifest(self.manifest_path(), data, s3=self.s3)
 
-
-def open_sinks(job: JobConfig, *, run_id: str, config_hash: str, model_id: str, **kwargs: Any) -> JobSinks:
-    return JobSinks(job, run_id=run_id, config_hash=config_hash, model_id=model_id, **kwargs)

@@ -146,12 +146,18 @@ class JobConfig(_Strict):
             raise ValueError("runtime.num_gpus_per_actor: must be > 0 when model.device is 'cuda'")
         return self
 
-    def _generation(self) -> dict[str, Any]:
+    def generation_options(self) -> dict[str, Any]:
+        """The engines' `GenerationOptions` fields, from `model`."""
         m = self.model
-        gen: dict[str, Any] = {"max_new_tokens": m.max_new_tokens, "num_beams": m.num_beams,
-                               "repetition_penalty": m.repetition_penalty, "do_sample": m.do_sample}
-        if m.do_sample:  # greedy ignores these: changing them must not re-index everything
-            gen.update(temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, seed=m.seed)
+        return dict(max_new_tokens=m.max_new_tokens, num_beams=m.num_beams, do_sample=m.do_sample,
+                    temperature=m.temperature, top_p=m.top_p, top_k=m.top_k,
+                    repetition_penalty=m.repetition_penalty, seed=m.seed)
+
+    def _generation(self) -> dict[str, Any]:
+        gen = self.generation_options()
+        if not gen["do_sample"]:  # greedy ignores these: changing them must not re-index everything
+            for key in ("temperature", "top_p", "top_k", "seed"):
+                del gen[key]
         return gen
 
     def config_hash(self) -> str:

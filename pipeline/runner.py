@@ -39,13 +39,6 @@ def _model_facts(job) -> dict[str, Any]:
     }
 
 
-def _generation_options(job) -> dict[str, Any]:
-    m = job.model
-    return dict(max_new_tokens=m.max_new_tokens, num_beams=m.num_beams, do_sample=m.do_sample,
-                temperature=m.temperature, top_p=m.top_p, top_k=m.top_k, repetition_penalty=m.repetition_penalty,
-                seed=m.seed)
-
-
 def _init_ray(address: str | None, job) -> None:
     import ray
 
@@ -116,7 +109,7 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
             fn_constructor_kwargs=dict(
                 engine=job.model.engine, model_path=facts["path"], dtype=job.model.dtype, device=job.model.device,
                 caption_prompt=job.caption_prompt, questions=list(job.questions),
-                options=_generation_options(job), engine_kwargs=job.model.engine_kwargs,
+                options=job.generation_options(), engine_kwargs=job.model.engine_kwargs,
                 embedder=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
             ),
         )
@@ -136,7 +129,7 @@ def list_work(job, sink=None) -> tuple[list[dict[str, Any]], int]:
         rows.append(d)
     skipped = 0
     if job.runtime.skip_existing and sink is not None:
-        done = sink.existing_ids(job.config_hash())
+        done = sink.existing_ids()
         skipped = sum(r["video_id"] in done for r in rows)
         rows = [r for r in rows if r["video_id"] not in done]
     return rows, skipped
@@ -145,7 +138,7 @@ def list_work(job, sink=None) -> tuple[list[dict[str, Any]], int]:
 def run_job(job, address: str | None = None, progress: bool = True) -> dict[str, Any]:
     import ray
 
-    from pipeline.job_sinks import open_sinks
+    from pipeline.job_sinks import JobSinks
     from pipeline.report import print_summary, progress_bar
 
     t_start = time.perf_counter()
@@ -153,7 +146,7 @@ def run_job(job, address: str | None = None, progress: bool = True) -> dict[str,
     run_id = f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     facts = _model_facts(job)
     config_hash = job.config_hash()
-    sinks = open_sinks(job, run_id=run_id, config_hash=config_hash, model_id=facts["model_id"])
+    sinks = JobSinks(job, run_id=run_id, config_hash=config_hash, model_id=facts["model_id"])
     rows, skipped = list_work(job, sinks)
     counts = {"listed": len(rows) + skipped, "skipped": skipped, "indexed": 0, "errors": 0}
     stage_s = {"decode_s": 0.0, "model_s": 0.0, "embed_s": 0.0}

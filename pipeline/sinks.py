@@ -64,6 +64,8 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float) and math.isnan(v):
         return None
     if isinstance(v, (list, tuple)):
+        if all(type(x) is float for x in v):  # an embedding: thousands of floats, no per-element call
+            return [None if x != x else x for x in v]
         return [_plain(x) for x in v]
     if isinstance(v, dict):
         return {k: _plain(x) for k, x in v.items()}

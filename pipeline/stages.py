@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from schemas import flatten_answers
+
 ERROR_FIELDS = ("error_stage", "error_type", "error_message")
 
 
@@ -170,10 +172,7 @@ class EmbedStage:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         t0 = time.perf_counter()
         captions = [c if isinstance(c, str) else "" for c in batch["caption"]]
-        answers_text = [
-            " ".join(f"{a['question']} {a['answer']}" for a in (ans if ans is not None else []))
-            for ans in batch["answers"]
-        ]
+        answers_text = [flatten_answers(list(ans) if ans is not None else []) for ans in batch["answers"]]
         emb = self.model.encode(captions, batch_size=self.batch_size, normalize_embeddings=True,
                                 convert_to_numpy=True, show_progress_bar=False)
         out = batch.copy()

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 import schemas
-from pipeline.job_sinks import open_sinks
+from pipeline.job_sinks import JobSinks
 from pipeline.jobs import load_job
 from pipeline.search import search
 from pipeline.sinks import (
@@ -185,7 +185,7 @@ def _job(tmp_or_uri: str, extra: list[str] = ()):
 
 def _run_job_sinks(job, run_id: str) -> tuple[object, dict]:
     h = job.config_hash()
-    sinks = open_sinks(job, run_id=run_id, config_hash=h, model_id="tiny:residual:8")
+    sinks = JobSinks(job, run_id=run_id, config_hash=h, model_id="tiny:residual:8")
     ok, bad = _stage_frames(_rows(4))
     sinks.write(ok.iloc[:2], bad)
     sinks.write(ok.iloc[2:], None)
@@ -230,7 +230,7 @@ def test_job_sinks_write_everything_and_rerun_adds_nothing(tmp_path: Path) -> No
     assert search(str(tmp_path / "lancedb"), "videos", text="monkey", k=1)[0]["run_id"] == "run-2"
 
     parquet_only = _job(str(tmp_path), ["output.lancedb=null"])
-    ids = open_sinks(parquet_only, run_id="r", config_hash=job.config_hash(), model_id="m").existing_ids()
+    ids = JobSinks(parquet_only, run_id="r", config_hash=job.config_hash(), model_id="m").existing_ids()
     assert ids == {"vid0", "vid1", "vid2", "vid3"}
 
 
