@@ -21,7 +21,7 @@ REPEATS = 9
 def _clips() -> list[tuple[str, bytes]]:
     if SHARED_VIDEOS.is_dir() and list(SHARED_VIDEOS.glob("*.mp4")):
         return [(p.name, p.read_bytes()) for p in sorted(SHARED_VIDEOS.glob("*.mp4"))]
-    from pipeline.fixtures import make_test_video
+    from pipeline.demo_clips import make_test_video
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = [make_test_video(Path(tmp) / f"gen{i}.mp4", "h264", n_frames=300, size=(320, 240), fps=25, seed=i)
@@ -33,13 +33,13 @@ def bench_decode(rounds: int = REPEATS) -> list[Result]:
     import decord
 
     from pipeline.decode import decode_video, decode_video_inline
-    from stllm.sampling import segment_midpoints
+    from stllm.frame_sampling import frame_indices
 
     clips = _clips()
     decode_video(clips[0][1], NUM_FRAMES)  # start the worker once, as a running pipeline has it
     jobs = {}
     for name, data in clips:
-        idx = segment_midpoints(len(decord.VideoReader(io.BytesIO(data))), NUM_FRAMES)
+        idx = frame_indices(len(decord.VideoReader(io.BytesIO(data))), NUM_FRAMES)
         jobs[name] = {
             "floor": lambda data=data, idx=idx: decord.VideoReader(io.BytesIO(data)).get_batch(idx).asnumpy(),
             "ours": lambda data=data: decode_video(data, NUM_FRAMES),

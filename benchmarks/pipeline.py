@@ -26,7 +26,7 @@ COMMON = [
 
 def _make_clips(folder: Path, n: int, distinct: int = 8) -> Path:
     """n short clips (copies of `distinct` generated ones: decoding cost is what matters)."""
-    from pipeline.fixtures import make_test_video
+    from pipeline.demo_clips import make_test_video
 
     folder.mkdir(parents=True, exist_ok=True)
     seeds = [make_test_video(folder / f"seed{i}.mp4", "h264", n_frames=48, size=(160, 120), seed=i)
@@ -47,7 +47,7 @@ def bench_pipeline(videos: int = 192, rounds: int = 2) -> list[Result]:
     """Rounds interleave the end-to-end run and the stages alone (this VM's speed drifts); best of each."""
     import ray
 
-    from pipeline.runner import _init_ray, _model_facts, list_work, run_job, stage_ops
+    from pipeline.runner import init_ray, list_work, model_facts, run_job, stage_ops
 
     best: dict[str, float] = {}
 
@@ -57,8 +57,8 @@ def bench_pipeline(videos: int = 192, rounds: int = 2) -> list[Result]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         job = _job(_make_clips(tmp / "clips", videos), tmp / "out")
-        _init_ray(None, job)
-        facts = _model_facts(job)
+        init_ray(None, job)
+        facts = model_facts(job)
         rows, _ = list_work(job)
         ops = stage_ops(job, facts)
         run_job(_job(tmp / "clips", tmp / "warm", ["source.limit=2"]), progress=False)  # warm caches/imports

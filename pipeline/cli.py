@@ -27,31 +27,16 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
-def index_home() -> Path:
-    """stllm-index's own files (tiny model, demo): $STLLM_INDEX_HOME or ~/.cache/stllm-index."""
-    return Path(os.environ.get("STLLM_INDEX_HOME", Path.home() / ".cache" / "stllm-index"))
-
-
-def default_model_dir() -> Path:
-    """Where the tiny random demo model is built on first use (no download, no network)."""
-    from stllm.tiny import TINY_VERSION
-
-    return index_home() / f"tiny-model-v{TINY_VERSION}"
-
-
-def ensure_tiny_model(path: Path | None = None) -> Path:
-    path = path or default_model_dir()
-    if not (path / "config.json").exists():
-        from stllm.tiny import build_tiny
-
-        build_tiny(path)
-    return path
-
-
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--num-beams", type=int, default=1)
+    g.add_argument("--decoding", choices=["greedy", "original"], default="greedy",
+                   help="original = the original's 5 beams and 300 new tokens (flags given here win)")
+    g.add_argument("--prompt", choices=["conversation", "qa", "mvbench"], default="conversation",
+                   help="prompt preset: conversation (system text), qa (none, as MSVD/MSRVTT-QA), mvbench")
+    g.add_argument("--system", default=None, help="free system text instead of the preset's ('' = none)")
+    g.add_argument("--answer-prefix", default=None, help="text the answer starts with, e.g. 'Best option:('")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (300 with --decoding original)")
+    g.add_argument("--num-beams", type=int, default=None, help="default 1 (5 with --decoding original)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -61,12 +46,14 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _generation_options(args: argparse.Namespace):
-    from stllm.engine import GenerationOptions
+    from stllm.engine import decoding_preset
+    from stllm.prompts import prompt_format
 
-    return GenerationOptions(
-        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    given = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams)) if v is not None}
+    return decoding_preset(
+        args.decoding, **given, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        prompt=prompt_format(args.prompt, system=args.system, answer_prefix=args.answer_prefix),
     )
 
 
@@ -76,7 +63,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     dst = convert_checkpoint(
         args.src, args.dst, video_input=args.video_input, residual_size=args.residual_size,
-        num_frames=args.frames, dtype=args.dtype,
+        num_frames=args.frames, dtype=args.dtype, vision_heads=args.vision_heads, qformer_heads=args.qformer_heads,
+        qformer_tokenizer=args.qformer_tokenizer,
     )
     cfg = json.loads((dst / "config.json").read_text())
     print(f"converted {args.src} → {dst} in {time.perf_counter() - t0:.1f}s "
@@ -86,9 +74,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from pipeline.decode import decode_video
-    from stllm.engine import VideoRequest, load_engine
+    from pipeline.paths import ensure_tiny_model
+    from stllm.configuration_stllm import STLLMConfig
+    from stllm.engine import VideoRequest
+    from stllm.engines import load_engine
 
     t0 = time.perf_counter()
+    options = _generation_options(args)  # bad flags fail before the model loads
     model_dir = Path(args.model) if args.model else ensure_tiny_model()
     if not args.model:
         print(f"(no --model given: using the tiny RANDOM demo model at {model_dir}; answers are noise)",
@@ -97,10 +89,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
     engine = load_engine(args.engine, str(model_dir), **engine_kwargs)
     t1 = time.perf_counter()
     num_frames = args.frames or engine.num_frames
-    data = Path(args.video).read_bytes()
-    video = decode_video(data, num_frames=num_frames, timeout_s=args.decode_timeout)
+    sampling = args.frame_sampling or STLLMConfig.from_pretrained(model_dir).frame_sampling
+    try:
+        data = Path(args.video).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {args.video}: {e.strerror or e}") from None
+    video = decode_video(data, num_frames=num_frames, timeout_s=args.decode_timeout, sampling=sampling)
     t2 = time.perf_counter()
-    [result] = engine.generate([VideoRequest(args.video, video.frames, [args.question])], _generation_options(args))
+    request = VideoRequest(args.video, video.frames, [args.question], sampled=True)
+    [result] = engine.generate([request], options)
     t3 = time.perf_counter()
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
@@ -110,6 +107,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(json.dumps({
             "video": args.video, "question": args.question, "answer": answer.text,
             "token_ids": answer.token_ids, "frame_indices": list(video.frame_indices),
+            "frame_sampling": sampling, "prompt": options.prompt.name, "num_beams": options.num_beams,
             "decoder": video.decoder, "engine": args.engine, "model": str(model_dir),
             "timings_s": {"load": round(t1 - t0, 3), "decode": round(t2 - t1, 3), "generate": round(t3 - t2, 3)},
         }, indent=2))
@@ -185,7 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--residual-size", type=int, default=16)
     c.add_argument("--frames", type=int, default=None, help="frames sampled per video (default 64 residual, 16 all)")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="cast the weights (default: keep the checkpoint's)")
+                   help="cast the weights (default: keep the checkpoint's; float16 is refused where a value "
+                        "would overflow)")
+    c.add_argument("--vision-heads", type=int, default=16, help="ViT attention heads (EVA-g: 16 heads of 88)")
+    c.add_argument("--qformer-heads", type=int, default=12, help="Q-Former attention heads (BERT-base: 12 of 64)")
+    c.add_argument("--qformer-tokenizer", default=None,
+                   help="BERT uncased tokenizer folder (default: the hub's bert-base-uncased when converting "
+                        "from the hub, else the local HF cache, else the vocabulary shipped with the package)")
     c.set_defaults(func=cmd_convert)
 
     a = sub.add_parser("ask", help="answer one question about one video")
@@ -194,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", help="converted checkpoint folder (default: the tiny random demo model)")
     a.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     a.add_argument("--frames", type=int, default=None, help="frames to sample (default: the model's)")
+    a.add_argument("--frame-sampling", choices=["original", "midpoint"], default=None,
+                   help="default: the checkpoint's (original: min(n, T) frames, as the original's chat path)")
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     a.add_argument("--device", default="auto")
     a.add_argument("--decode-timeout", type=float, default=120.0)

@@ -25,18 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.decoders import (  # noqa: F401 — the public decode API lives here
+from pipeline.decoders import (
     DecodedVideo,
     DecodeError,
     Decoder,
     DecodeTimeout,
-    Sampling,
     decode_inline,
-    sample_frame_indices,
-    seq_frame_indices,
     short_message,
 )
-from stllm.transforms import resize_crop  # noqa: F401
+from stllm.frame_sampling import FrameSampling
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # glibc serves each video's big buffers (decoded chunks, the output array) with fresh mmaps by default, and
@@ -47,7 +44,7 @@ _WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOL
 
 
 def decode_video_inline(data: bytes, num_frames: int, size: int | None = 224, *, decoder: Decoder = "auto",
-                        sampling: Sampling = "segment") -> DecodedVideo:
+                        sampling: FrameSampling = "original") -> DecodedVideo:
     """`decode_video` in the calling process: no timeout, no process overhead (benchmarks, debugging)."""
     return decode_inline(data, num_frames, size, decoder, sampling)
 
@@ -99,7 +96,7 @@ def _report_stage(chan: _Channel, hook: Callable[[str], object] | None, stage: s
         hook(stage)
 
 
-def _worker_main(fd: int) -> None:
+def worker_main(fd: int) -> None:
     """Child loop: a request, then the video bytes → stage messages, then ("ok", info) + the frames."""
     chan = _Channel(socket.socket(fileno=fd))
     chan.send(("ready", os.getpid()))
@@ -162,8 +159,8 @@ class DecodeWorker:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from pipeline.decode import _worker_main; "
-                 "_worker_main(int(sys.argv[1]))", str(theirs.fileno())],
+                [sys.executable, "-c", "import sys; from pipeline.decode import worker_main; "
+                 "worker_main(int(sys.argv[1]))", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
             )
         finally:
@@ -208,11 +205,11 @@ class DecodeWorker:
         self.close()
 
     def decode(self, data: bytes, num_frames: int, size: int | None = 224, timeout_s: float = 60.0, *,
-               decoder: Decoder = "auto", sampling: Sampling = "segment",
+               decoder: Decoder = "auto", sampling: FrameSampling = "original",
                stage_hook: Callable[[str], object] | None = None) -> DecodedVideo:
         """Decode in the worker; raise DecodeTimeout (after killing it) if it takes over `timeout_s`.
 
-        `stage_hook(stage)` (picklable, e.g. `pipeline.fixtures.StallAt("decord.read", 60)`) is called in the
+        `stage_hook(stage)` (picklable, e.g. `tests.faults.StallAt("decord.read", 60)`) is called in the
         worker as each stage starts: tests use it to simulate a stuck or crashing decoder.
         """
         if num_frames < 1:
@@ -270,7 +267,7 @@ atexit.register(_shutdown_shared)
 
 
 def decode_video(data: bytes, num_frames: int, size: int | None = 224, timeout_s: float = 60.0, *,
-                 decoder: Decoder = "auto", sampling: Sampling = "segment",
+                 decoder: Decoder = "auto", sampling: FrameSampling = "original",
                  stage_hook: Callable[[str], object] | None = None) -> DecodedVideo:
     """Sample `num_frames` frames of a video given as bytes, resized and centre-cropped to size×size
     (size=None: native frames, no resize — to measure the sampling alone).
@@ -292,3 +289,7 @@ def decode_video(data: bytes, num_frames: int, size: int | None = 224, timeout_s
                 raise
             kwargs["decoder"] = "pyav"
             return _shared.decode(data, num_frames, size, timeout_s, **kwargs)
+
+
+__all__ = ["DecodedVideo", "DecodeError", "DecodeTimeout", "DecodeWorker", "Decoder", "decode_video",
+           "decode_video_inline"]

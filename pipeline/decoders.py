@@ -1,7 +1,7 @@
 """The decoding work itself, in whichever process runs it: sample T indices, decode them, resize + centre crop.
 
-- Sampling: ST-LLM's segment midpoints (`sample_frame_indices`), or the original chat demo's rule
-  (`seq_frame_indices`, `sampling="seq"`).
+- Sampling: the model's own rules (`stllm.frame_sampling`): the original's by default (min(n, T) frames), or
+  segment midpoints (`sampling="midpoint"`, always T frames) when a job asks for it.
 - Decoders: decord first (the original's), PyAV when decord cannot open or read the file (AV1, for one).
   Probe facts (codec, size, fps, duration) always come from PyAV, which only reads the headers for that.
 - Fast path: decord's frames reach numpy through DLPack (no copy); resizing runs on a small thread pool
@@ -25,11 +25,10 @@ import numpy as np
 from PIL import Image
 
 # The model's own sampling and transforms: the decode stage and the engines cannot drift apart.
-from stllm.sampling import segment_midpoints as sample_frame_indices  # noqa: F401 (re-exported)
+from stllm.frame_sampling import FrameSampling, frame_indices
 from stllm.transforms import resize_crop_image
 
 Decoder = Literal["auto", "decord", "pyav"]
-Sampling = Literal["segment", "seq"]
 
 THUMBNAIL_MAX_WIDTH = 320
 _CHUNK = 8  # frames per decord get_batch call: small enough to overlap decoding with resizing
@@ -76,23 +75,7 @@ class DecodedVideo:
         return d
 
 
-# ---------------------------------------------------------------- sampling and transforms
-
-
-def seq_frame_indices(n_frames: int, num_samples: int) -> list[int]:
-    """The original chat demo's rule (`get_seq_frames`): min(n, T) frames, midpoints of rounded segments of
-    (n-1)/T. Returns fewer than `num_samples` indices for short videos."""
-    if n_frames < 1:
-        raise ValueError(f"cannot sample from a video with {n_frames} frames")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    total = min(n_frames, num_samples)
-    seg = (n_frames - 1) / total
-    return [(int(np.round(seg * i)) + int(np.round(seg * (i + 1)))) // 2 for i in range(total)]
-
-
-def _indices(n_frames: int, num_samples: int, sampling: Sampling) -> list[int]:
-    return (seq_frame_indices if sampling == "seq" else sample_frame_indices)(n_frames, num_samples)
+# ---------------------------------------------------------------- transforms
 
 
 def _thumbnail_jpeg(img: Image.Image, max_width: int = THUMBNAIL_MAX_WIDTH) -> bytes:
@@ -229,7 +212,7 @@ def _as_numpy(nd: Any) -> np.ndarray:
         return nd.asnumpy()
 
 
-def _decode_decord(data: bytes, num_frames: int, size: int | None, sampling: Sampling,
+def _decode_decord(data: bytes, num_frames: int, size: int | None, sampling: FrameSampling,
                    progress: Progress) -> tuple[np.ndarray, list[int], int, bytes]:
     import decord
 
@@ -241,7 +224,7 @@ def _decode_decord(data: bytes, num_frames: int, size: int | None, sampling: Sam
         raise DecodeError("decord.open", short_message(e)) from None
     if n < 1:
         raise DecodeError("decord.open", "decord reports zero frames")
-    indices = _indices(n, num_frames, sampling)
+    indices = frame_indices(n, num_frames, sampling)
     collector = _Collector(indices, size)
     unique = sorted(set(indices))  # already clipped to n-1: never ask past the reported end (#373)
     progress("decord.read")
@@ -267,7 +250,7 @@ def _count_packets(data: bytes) -> int:
         return sum(1 for p in c.demux(s) if p.size)
 
 
-def _decode_pyav(data: bytes, num_frames: int, size: int | None, sampling: Sampling, header_frames: int,
+def _decode_pyav(data: bytes, num_frames: int, size: int | None, sampling: FrameSampling, header_frames: int,
                  progress: Progress) -> tuple[np.ndarray, list[int], int, bytes]:
     import av
 
@@ -279,7 +262,7 @@ def _decode_pyav(data: bytes, num_frames: int, size: int | None, sampling: Sampl
         raise DecodeError("pyav.open", short_message(e)) from None
     if n < 1:
         raise DecodeError("pyav.open", "the video stream has no frames")
-    indices = _indices(n, num_frames, sampling)
+    indices = frame_indices(n, num_frames, sampling)
     collector = _Collector(indices, size)
     wanted, last = set(indices), max(indices)
     progress("pyav.read")
@@ -323,7 +306,7 @@ def short_message(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def decode_inline(data: bytes, num_frames: int, size: int | None, decoder: Decoder, sampling: Sampling,
+def decode_inline(data: bytes, num_frames: int, size: int | None, decoder: Decoder, sampling: FrameSampling,
             progress: Progress = _no_progress) -> DecodedVideo:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.cli import index_home
+from pipeline.paths import index_home
 
 DEMO_CODECS = ("h264", "hevc", "vp9", "av1")
 DEMO_SCENES = 2  # clips per codec: different colours/motions so search has something to tell apart
@@ -14,7 +14,7 @@ DEMO_SCENES = 2  # clips per codec: different colours/motions so search has some
 
 def make_demo_videos(folder: Path) -> list[Path]:
     """Sample clips in four codecs (AV1 needs the PyAV fallback) plus one corrupt file."""
-    from pipeline.fixtures import make_corrupt_video, make_test_video
+    from pipeline.demo_clips import make_corrupt_video, make_test_video
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -49,8 +49,12 @@ def run_demo(workdir: Path | None = None) -> int:
         f"output.manifest_dir={root / 'index' / 'runs'}",
     ])
     manifest = run_job(job, progress=True)
+    counts = manifest["counts"]
+    if counts["indexed"] == 0 and counts["skipped"] > 0:
+        console.print(f"nothing new: all {counts['skipped']} clips were already indexed with this model and "
+                      f"these questions (index: {root / 'index'})")
     console.print("\n[bold]search[/bold] (full text: 'video')")
     hits = search(job.output.lancedb, job.output.table, text="video", k=1)
     for hit in hits:
         console.print({k: hit[k] for k in ("uri", "caption", "answers", "decoder", "codec") if k in hit})
-    return 0 if manifest["counts"]["indexed"] > 0 else 1
+    return 0 if counts["indexed"] + counts["skipped"] > 0 else 1

@@ -13,12 +13,12 @@ from pipeline.sinks import (
     ErrorSink,
     LanceSink,
     ParquetSink,
-    _join,
-    _now,
-    _open_table,
-    _records,
     connect_lance,
+    join_path,
+    open_table,
     read_parquet,
+    to_records,
+    utc_now,
     write_manifest,
 )
 from schemas import embedding_dims, flatten_answers, video_schema
@@ -49,13 +49,13 @@ class JobSinks:
         self.dims: dict[str, int | None] = {"caption_embedding": None, "visual_embedding": None}
         self._lance_db = connect_lance(out.lancedb, out.s3) if out.lancedb else None
         if self._lance_db is not None:
-            existing = _open_table(self._lance_db, out.table)
+            existing = open_table(self._lance_db, out.table)
             if existing is not None:
                 self.dims.update(embedding_dims(existing.schema))
         self.videos_parquet: ParquetSink | None = None
         self.videos_lance: LanceSink | None = None
         self._pending: list[dict[str, Any]] = []
-        self.errors = ErrorSink(_join(out.parquet, out.errors_table) if out.parquet else None, out.lancedb,
+        self.errors = ErrorSink(join_path(out.parquet, out.errors_table) if out.parquet else None, out.lancedb,
                                 out.errors_table, s3=out.s3, batch_rows=self.commit_rows)
         self.rows_written = 0
 
@@ -65,7 +65,7 @@ class JobSinks:
         out = self.job.output
         schema = video_schema(self.dims["caption_embedding"], self.dims["visual_embedding"])
         if out.parquet:
-            self.videos_parquet = ParquetSink(_join(out.parquet, out.table), schema, s3=out.s3,
+            self.videos_parquet = ParquetSink(join_path(out.parquet, out.table), schema, s3=out.s3,
                                               rows_per_file=self.commit_rows)
         if out.lancedb:
             self.videos_lance = LanceSink(
@@ -96,11 +96,11 @@ class JobSinks:
         """Successful rows (the stages' columns; extra columns are ignored) and failed rows
         (uri + error_stage/error_type/error_message)."""
         if bad is not None and len(bad):
-            self.errors.write_rows(_records(bad), self.run_id)
+            self.errors.write_rows(to_records(bad), self.run_id)
         if ok is None or not len(ok):
             return
-        now = _now()
-        self._pending.extend(self._video_row(r, now) for r in _records(ok))
+        now = utc_now()
+        self._pending.extend(self._video_row(r, now) for r in to_records(ok))
         for col in self.dims:
             if self.dims[col] is None:
                 self.dims[col] = next((len(r[col]) for r in self._pending if r.get(col) is not None), None)
@@ -120,7 +120,7 @@ class JobSinks:
         h = (config_hash or self.config_hash).replace("'", "''")
         out = self.job.output
         if self._lance_db is not None:
-            tbl = _open_table(self._lance_db, out.table)
+            tbl = open_table(self._lance_db, out.table)
             if tbl is None:
                 return set()
             rows = tbl.search().where(f"config_hash = '{h}'").select(["video_id"]).limit(None).to_arrow()
@@ -128,7 +128,7 @@ class JobSinks:
         if out.parquet:
             import pyarrow.dataset as ds
 
-            table = read_parquet(_join(out.parquet, out.table), s3=self.s3, columns=["video_id"],
+            table = read_parquet(join_path(out.parquet, out.table), s3=self.s3, columns=["video_id"],
                                  filter=ds.field("config_hash") == (config_hash or self.config_hash))
             return set(table.column("video_id").to_pylist()) if table is not None else set()
         return set()
@@ -146,8 +146,8 @@ class JobSinks:
         out = self.job.output
         loc: dict[str, Any] = {"table": out.table, "errors_table": out.errors_table}
         if out.parquet:
-            loc["parquet"] = _join(out.parquet, out.table)
-            loc["errors_parquet"] = _join(out.parquet, out.errors_table)
+            loc["parquet"] = join_path(out.parquet, out.table)
+            loc["errors_parquet"] = join_path(out.parquet, out.errors_table)
         if out.lancedb:
             loc["lancedb"] = out.lancedb
         loc["manifest"] = self.manifest_path()
@@ -155,8 +155,8 @@ class JobSinks:
 
     def manifest_path(self) -> str:
         out = self.job.output
-        base = out.manifest_dir or _join(out.parquet or out.lancedb or ".", "_manifests")
-        return _join(base, f"{self.run_id}.json")
+        base = out.manifest_dir or join_path(out.parquet or out.lancedb or ".", "_manifests")
+        return join_path(base, f"{self.run_id}.json")
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> str:
         data = dict(manifest)

@@ -63,6 +63,10 @@ class ModelConfig(_Strict):
     engine: Literal["hf", "vllm"] = "hf"
     path: NonEmpty = Field(description="converted checkpoint folder, or 'tiny' (the tiny random demo model)")
     num_frames: int | None = Field(default=None, ge=1, le=512, description="default: the checkpoint's")
+    frame_sampling: Literal["original", "midpoint"] | None = Field(
+        default=None, description="default: the checkpoint's (original: min(n, T) frames as get_seq_frames)")
+    decoding: Literal["greedy", "original"] = Field(
+        default="greedy", description="original = the original's 5 beams, 300 new tokens (fields set here win)")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(default=None,
                                                                    description="default: the checkpoint's")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -75,6 +79,19 @@ class ModelConfig(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0, description="default: the checkpoint's")
     seed: int | None = None
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the engine as is")
+
+
+class PromptConfig(_Strict):
+    """The prompt format (`stllm.prompts`): a named preset, optionally with free-text system text / prefix."""
+
+    preset: Literal["conversation", "qa", "mvbench"] = "conversation"
+    system: str | None = Field(default=None, description="replaces the preset's system text ('' = none)")
+    answer_prefix: str | None = Field(default=None, description="text the answer starts with, e.g. 'Best option:('")
+
+    def format(self) -> Any:
+        from stllm.prompts import prompt_format
+
+        return prompt_format(self.preset, system=self.system, answer_prefix=self.answer_prefix)
 
 
 class EmbedderConfig(_Strict):
@@ -125,6 +142,7 @@ class JobConfig(_Strict):
     model: ModelConfig
     caption_prompt: NonEmpty = "Describe the video in detail."
     questions: list[NonEmpty] = Field(default_factory=list)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     output: OutputConfig
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -146,25 +164,44 @@ class JobConfig(_Strict):
             raise ValueError("runtime.num_gpus_per_actor: must be > 0 when model.device is 'cuda'")
         return self
 
-    def generation_options(self) -> dict[str, Any]:
-        """The engines' `GenerationOptions` fields, from `model`."""
+    def _decoding_fields(self) -> dict[str, Any]:
         m = self.model
-        return dict(max_new_tokens=m.max_new_tokens, num_beams=m.num_beams, do_sample=m.do_sample,
-                    temperature=m.temperature, top_p=m.top_p, top_k=m.top_k,
-                    repetition_penalty=m.repetition_penalty, seed=m.seed)
+        fields = dict(max_new_tokens=m.max_new_tokens, num_beams=m.num_beams, do_sample=m.do_sample,
+                      temperature=m.temperature, top_p=m.top_p, top_k=m.top_k,
+                      repetition_penalty=m.repetition_penalty, seed=m.seed)
+        if m.decoding == "original":  # the preset's values, except the fields this job sets itself
+            from stllm.engine import GenerationOptions
+
+            base = GenerationOptions.original()
+            for key in ("max_new_tokens", "num_beams"):
+                if key not in m.model_fields_set:
+                    fields[key] = getattr(base, key)
+        return fields
+
+    def generation_options(self) -> Any:
+        """The engines' `GenerationOptions` (decoding + prompt format), from `model` and `prompt`."""
+        from stllm.engine import GenerationOptions
+
+        return GenerationOptions(**self._decoding_fields(), prompt=self.prompt.format())
 
     def _generation(self) -> dict[str, Any]:
-        gen = self.generation_options()
+        gen = self._decoding_fields()
         if not gen["do_sample"]:  # greedy ignores these: changing them must not re-index everything
             for key in ("temperature", "top_p", "top_k", "seed"):
                 del gen[key]
         return gen
 
-    def config_hash(self) -> str:
-        """What decides a row's content: model (path, frames, dtype, decoding), prompt, questions, embedder.
-        Not engine/device/runtime: the same config on hf or vllm, CPU or GPU, is the same index row."""
-        payload = {"model": {"path": self.model.path, "num_frames": self.model.num_frames,
-                             "dtype": self.model.dtype, **self._generation()},
+    def config_hash(self, checkpoint_id: str | None = None) -> str:
+        """What decides a row's content: the checkpoint (its content identity `checkpoint_id`, see
+        `pipeline.paths.checkpoint_id`; the path when none is given), frames and their sampling, dtype,
+        decoding, the prompt format, the questions and the embedder. Not engine/device/runtime: the same config
+        on hf or vllm, CPU or GPU, is the same index row."""
+        from dataclasses import asdict
+
+        payload = {"model": {"checkpoint": checkpoint_id or self.model.path, "num_frames": self.model.num_frames,
+                             "frame_sampling": self.model.frame_sampling, "dtype": self.model.dtype,
+                             **self._generation()},
+                   "prompt": asdict(self.prompt.format()),
                    "caption_prompt": self.caption_prompt, "questions": self.questions,
                    "embedder": self.embedder.model}
         return _digest(payload)

@@ -19,13 +19,14 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.stages import ERROR_FIELDS, DecodeStage, ModelStage, resolve_model_path, video_id_of
+from pipeline.paths import checkpoint_id, resolve_model_path
+from pipeline.stages import ERROR_FIELDS, DecodeStage, ModelStage, video_id_of
 
 log = logging.getLogger(__name__)
 
 
-def _model_facts(job) -> dict[str, Any]:
-    """num_frames / image_size of the checkpoint the job uses (read from its config.json)."""
+def model_facts(job) -> dict[str, Any]:
+    """num_frames / frame sampling / image size / content identity of the checkpoint the job uses."""
     path = Path(resolve_model_path(job.model.path))
     if not (path / "config.json").is_file():
         raise ValueError(f"model.path: {path} is not a converted checkpoint folder (no config.json); "
@@ -34,12 +35,14 @@ def _model_facts(job) -> dict[str, Any]:
     return {
         "path": str(path),
         "num_frames": job.model.num_frames or cfg["num_frames"],
+        "frame_sampling": job.model.frame_sampling or cfg.get("frame_sampling", "original"),
         "image_size": cfg.get("image_size", 224),
         "model_id": f"{path.name}:{cfg.get('video_input')}:{cfg['num_frames']}",
+        "checkpoint_id": checkpoint_id(path),
     }
 
 
-def _init_ray(address: str | None, job) -> None:
+def init_ray(address: str | None, job) -> None:
     import ray
 
     if ray.is_initialized():
@@ -59,7 +62,7 @@ def _init_ray(address: str | None, job) -> None:
         else:
             ray.init(runtime_env=env, include_dashboard=False, log_to_driver=False,
                      num_cpus=job.runtime.num_cpus)
-    _fit_cpu_reservations(job, ray.cluster_resources().get("CPU", 1.0))
+    fit_cpu_reservations(job, ray.cluster_resources().get("CPU", 1.0))
     ctx = ray.data.DataContext.get_current()
     limits = ctx.execution_options.resource_limits
     ctx.execution_options.resource_limits = limits.copy(object_store_memory=job.runtime.buffer_mb * 2**20)
@@ -67,7 +70,7 @@ def _init_ray(address: str | None, job) -> None:
     ctx.print_on_execution_start = False
 
 
-def _fit_cpu_reservations(job, cluster_cpus: float) -> None:
+def fit_cpu_reservations(job, cluster_cpus: float) -> None:
     """Fixed-size actor pools must fit the cluster, or Ray never schedules some of them (a silent hang on a
     small machine). Fewer decode actors first (one at least), then smaller model actor reservations."""
     rt = job.runtime
@@ -98,7 +101,7 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
             num_cpus=rt.decode_cpus,
             fn_constructor_kwargs=dict(num_frames=facts["num_frames"], image_size=facts["image_size"],
                                        timeout_s=rt.decode_timeout_s, s3_options=job.source.s3,
-                                       nice=rt.decode_nice),
+                                       nice=rt.decode_nice, frame_sampling=facts["frame_sampling"]),
         )
 
     def model(ds):
@@ -144,14 +147,14 @@ def run_job(job, address: str | None = None, progress: bool = True) -> dict[str,
     t_start = time.perf_counter()
     started_at = datetime.now(UTC)
     run_id = f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    facts = _model_facts(job)
-    config_hash = job.config_hash()
+    facts = model_facts(job)
+    config_hash = job.config_hash(facts["checkpoint_id"])
     sinks = JobSinks(job, run_id=run_id, config_hash=config_hash, model_id=facts["model_id"])
     rows, skipped = list_work(job, sinks)
     counts = {"listed": len(rows) + skipped, "skipped": skipped, "indexed": 0, "errors": 0}
     stage_s = {"decode_s": 0.0, "model_s": 0.0, "embed_s": 0.0}
     if rows:  # Ray only when there is work: a rerun that skips everything starts nothing
-        _init_ray(address, job)
+        init_ray(address, job)
         rt = job.runtime
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
         for op in stage_ops(job, facts).values():

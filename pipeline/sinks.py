@@ -51,7 +51,7 @@ def _filesystem(path: str, s3: S3Options | None) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
-def _join(base: str, *parts: str) -> str:
+def join_path(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts) if is_s3(base) else os.path.join(base, *parts)
 
 
@@ -72,7 +72,7 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _records(data: Any) -> list[dict[str, Any]]:
+def to_records(data: Any) -> list[dict[str, Any]]:
     """Rows from a pandas DataFrame, a pyarrow Table or a list of mappings."""
     if isinstance(data, pa.Table):
         return data.to_pylist()
@@ -85,7 +85,7 @@ def _as_table(data: Data, schema: pa.Schema) -> pa.Table:
     """Rows or a table → a table of exactly `schema` (column order, safe casts), else ValueError naming
     the column."""
     if not isinstance(data, pa.Table):
-        return rows_to_table(_records(data), schema)
+        return rows_to_table(to_records(data), schema)
     if set(data.column_names) == set(schema.names):
         try:
             data = data.select(schema.names).cast(schema)
@@ -95,7 +95,7 @@ def _as_table(data: Data, schema: pa.Schema) -> pa.Table:
     return data
 
 
-def _now() -> datetime:
+def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
@@ -120,7 +120,7 @@ class ParquetSink:
 
     def write(self, data: Data) -> None:
         table = _as_table(data, self.schema) if self.schema is not None else (
-            data if isinstance(data, pa.Table) else pa.Table.from_pylist(_records(data)))
+            data if isinstance(data, pa.Table) else pa.Table.from_pylist(to_records(data)))
         if table.num_rows:
             self._buffer.append(table)
             self._buffered += table.num_rows
@@ -135,7 +135,7 @@ class ParquetSink:
         self.fs.create_dir(self._root, recursive=True)
         name = f"part-{self._writer_id}-{len(self.files):05d}.parquet"
         pq.write_table(table, f"{self._root}/{name}", filesystem=self.fs)  # Arrow metadata travels along
-        self.files.append(_join(self.path, name))
+        self.files.append(join_path(self.path, name))
         self.rows_written += table.num_rows
         return self.files[-1]
 
@@ -171,7 +171,7 @@ def connect_lance(uri: str, s3: S3Options | None = None) -> Any:
     return lancedb.connect(uri, storage_options=options)
 
 
-def _open_table(db: Any, name: str) -> Any | None:
+def open_table(db: Any, name: str) -> Any | None:
     try:
         return db.open_table(name)
     except (ValueError, FileNotFoundError):
@@ -196,7 +196,7 @@ class LanceSink:
         self.vector_columns, self.vector_index_min_rows = list(vector_columns), vector_index_min_rows
         self.vector_metric = vector_metric
         self.db = connect_lance(uri, s3)
-        self.table = _open_table(self.db, table_name)
+        self.table = open_table(self.db, table_name)
         if self.table is not None:
             _check_existing(self.table.schema, schema, f"{uri} table '{table_name}'")
         self._buffer: list[pa.Table] = []
@@ -294,7 +294,7 @@ class ErrorSink:
                 "stage": r.get("stage") or r.get("error_stage") or "unknown",
                 "error_type": r.get("error_type") or "Error",
                 "message": r.get("message") or r.get("error_message") or "",
-                "run_id": r.get("run_id") or run_id, "at": r.get("at") or _now(),
+                "run_id": r.get("run_id") or run_id, "at": r.get("at") or utc_now(),
             })
         if not out:
             return

@@ -52,12 +52,14 @@ def _release_freed_memory() -> None:
 class DecodeStage:
     """Decode actor: fetch the bytes, probe, sample the model's frames, resize/crop to the model's input size."""
 
-    def __init__(self, num_frames: int, image_size: int, timeout_s: float, s3_options: Any = None, nice: int = 0):
+    def __init__(self, num_frames: int, image_size: int, timeout_s: float, s3_options: Any = None, nice: int = 0,
+                 frame_sampling: str = "original"):
         if nice > os.getpriority(os.PRIO_PROCESS, 0):
             # Lower CPU priority for this actor and its decode subprocess (inherited): decoding fills the cycles
             # the model actors leave, instead of slowing the slowest stage where they share cores.
             os.setpriority(os.PRIO_PROCESS, 0, nice)
         self.num_frames = num_frames
+        self.frame_sampling = frame_sampling
         self.image_size = image_size
         self.timeout_s = timeout_s
         self.s3_options = s3_options
@@ -81,7 +83,8 @@ class DecodeStage:
         except Exception as e:  # noqa: BLE001 — any fetch failure becomes an error record
             return _error(row, "fetch", e)
         try:
-            v = decode_video(data, num_frames=self.num_frames, size=self.image_size, timeout_s=self.timeout_s)
+            v = decode_video(data, num_frames=self.num_frames, size=self.image_size, timeout_s=self.timeout_s,
+                             sampling=self.frame_sampling)
         except Exception as e:  # noqa: BLE001
             return _error(row, "decode", e)
         row.update(frames=v.frames.tobytes(), frames_shape=list(v.frames.shape),
@@ -91,29 +94,21 @@ class DecodeStage:
         return row
 
 
-def resolve_model_path(path: str) -> str:
-    """`tiny` means the deterministic tiny random demo model, built on first use on each node."""
-    if path == "tiny":
-        from pipeline.cli import ensure_tiny_model
-
-        return str(ensure_tiny_model())
-    return path
-
-
 class ModelStage:
     """Actor holding one engine (hf or vllm): a caption and an answer per job question for each video, then
     the text embeddings (`EmbedStage`) in the same process. The embedder is small next to the video model:
     a separate actor would cost another process start-up (torch import) and another hop for every row."""
 
     def __init__(self, engine: str, model_path: str, dtype: str | None, device: str, caption_prompt: str,
-                 questions: list[str], options: dict[str, Any], engine_kwargs: dict[str, Any] | None = None,
+                 questions: list[str], options: Any, engine_kwargs: dict[str, Any] | None = None,
                  embedder: dict[str, Any] | None = None):
-        from stllm.engine import GenerationOptions, load_engine
+        from pipeline.paths import resolve_model_path
+        from stllm.engines import load_engine
 
         self.engine = load_engine(engine, resolve_model_path(model_path), dtype=dtype, device=device,
                                   **(engine_kwargs or {}))
         self.prompts = [caption_prompt, *questions]
-        self.options = GenerationOptions(**options)
+        self.options = options  # stllm.engine.GenerationOptions
         self.embed = EmbedStage(**embedder) if embedder is not None else None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -126,7 +121,8 @@ class ModelStage:
         for i in todo:
             shape = tuple(int(s) for s in batch["frames_shape"].iloc[i])
             frames = np.frombuffer(batch["frames"].iloc[i], dtype=np.uint8).reshape(shape)
-            requests.append(VideoRequest(batch["video_id"].iloc[i], frames, self.prompts))
+            # The decode stage sampled these frames out of the whole file: the engine uses them as they are.
+            requests.append(VideoRequest(batch["video_id"].iloc[i], frames, self.prompts, sampled=True))
         captions: list[str | None] = [None] * len(batch)
         answers: list[list[dict[str, str]]] = [[] for _ in range(len(batch))]
         visual: list[list[float] | None] = [None] * len(batch)

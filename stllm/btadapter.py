@@ -4,9 +4,14 @@ The main ViT runs per frame. Over its last `depth` blocks a side branch carries 
 patches laid out patch-major (`(p t)`): a temporal attention over the T frames of each patch, then an EVA
 block whose attention runs per frame. The branch's output is averaged with the main ViT's at the end.
 The blocks are `transformers`' InstructBLIP vision layers; only the wiring is ours.
+
+LayerNorm eps as the original: the temporal blocks use 1e-6 (`partial(nn.LayerNorm, eps=1e-6)`, the EVA
+blocks' value), the spatial ones `nn.LayerNorm`'s default 1e-5 (`Block(norm_layer=nn.LayerNorm)`).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -16,13 +21,16 @@ from transformers.models.instructblip.modeling_instructblip import (
     InstructBlipEncoderLayer,
 )
 
+TEMPORAL_LAYER_NORM_EPS = 1e-6
+SPATIAL_LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which the original's spatial blocks keep
+
 
 class BTAdapterTemporal(nn.Module):
     """Attention over time for every patch; `temporal_fc` starts at zero so the branch starts as identity."""
 
     def __init__(self, config: InstructBlipVisionConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=TEMPORAL_LAYER_NORM_EPS)
         self.self_attn = InstructBlipAttention(config)
         self.temporal_fc = nn.Linear(config.hidden_size, config.hidden_size)
 
@@ -38,6 +46,11 @@ class BTAdapterTemporal(nn.Module):
 
 class BTAdapterSpatial(InstructBlipEncoderLayer):
     """An EVA block whose attention runs per frame over the branch's (p t) layout; CLS is shared."""
+
+    def __init__(self, config: InstructBlipVisionConfig):
+        spatial = copy.deepcopy(config)
+        spatial.layer_norm_eps = SPATIAL_LAYER_NORM_EPS
+        super().__init__(spatial)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:  # type: ignore[override]
         b, pt, c = x[:, 1:].shape

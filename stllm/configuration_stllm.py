@@ -12,15 +12,11 @@ from transformers import (
     PreTrainedConfig,
 )
 
+from stllm.frame_sampling import FRAME_SAMPLINGS, num_sampled
+from stllm.prompts import DEFAULT_SYSTEM_PROMPT
+
 VideoInput = Literal["all", "mean", "residual"]
 VIDEO_INPUT_MODES: tuple[str, ...] = ("all", "mean", "residual")
-
-# Prompt facts of the released conversation / QA weights (DESIGN §2).
-DEFAULT_SYSTEM_PROMPT = (
-    "Carefully watch the video and pay attention to the cause and sequence of events, the detail and "
-    "movement of objects, and the action and pose of persons. Based on your observations, give your answer "
-    "that best addresses the question.\n"
-)
 
 
 @strict
@@ -35,13 +31,14 @@ class STLLMConfig(PreTrainedConfig):
         `all` → T·Q tokens in time order, `mean` → Q tokens, `residual` (global-local) → residual_size·Q.
     residual_size: local frames of the global-local input.
     residual_hidden_size: width of the global MLP (down 4096→1024 → ReLU → up 1024→4096).
-    num_frames: frames sampled per video (64 conversation, 16 QA).
+    num_frames: frames sampled per video (64 conversation, 16 QA); a shorter video gives fewer.
+    frame_sampling: `original` (the original's `get_seq_frames`) or `midpoint` (see `stllm.frame_sampling`).
     btadapter_depth: BT-Adapter temporal branch depth (0 = plain EVA; 3 for the QA weights).
     btadapter_max_frames: size of the BT-Adapter temporal position table.
     use_mvm_decoder: the masked-video-modeling decoder (Linear + LayerNorm) used in training.
     qformer_max_txt_len: Q-Former text truncation (left side), as the original tokenizer.
     image_size, image_mean, image_std: the preprocessing.
-    system_prompt, stop_string, default_repetition_penalty: the released prompt format.
+    system_prompt, stop_string, default_repetition_penalty: the released prompt format (`stllm.prompts`).
     """
 
     model_type = "stllm"
@@ -60,6 +57,7 @@ class STLLMConfig(PreTrainedConfig):
     residual_size: int = 16
     residual_hidden_size: int = 1024
     num_frames: int = 64
+    frame_sampling: str = "original"
     btadapter_depth: int = 0
     btadapter_max_frames: int = 64
     use_mvm_decoder: bool = True
@@ -97,6 +95,11 @@ class STLLMConfig(PreTrainedConfig):
             raise ValueError(f"video_input must be one of {VIDEO_INPUT_MODES}, got {self.video_input!r}")
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.frame_sampling not in FRAME_SAMPLINGS:
+            raise ValueError(f"frame_sampling must be one of {FRAME_SAMPLINGS}, got {self.frame_sampling!r}")
+        if self.image_size != self.vision_config.image_size:
+            raise ValueError(f"image_size={self.image_size} but vision_config.image_size="
+                             f"{self.vision_config.image_size}: the processor and the ViT must agree")
         if self.video_input == "residual" and not 1 <= self.residual_size <= self.num_frames:
             raise ValueError(
                 f"residual_size must be in [1, num_frames={self.num_frames}], got {self.residual_size}"
@@ -113,7 +116,7 @@ class STLLMConfig(PreTrainedConfig):
         return self.text_config.hidden_size
 
     def num_visual_tokens(self, num_frames: int | None = None) -> int:
-        """LLM visual tokens for a video of `num_frames` sampled frames (default: `self.num_frames`)."""
+        """LLM visual tokens for `num_frames` SAMPLED frames (default: `self.num_frames`, the most)."""
         t = self.num_frames if num_frames is None else num_frames
         q = self.num_query_tokens
         if self.video_input == "all":
@@ -122,5 +125,9 @@ class STLLMConfig(PreTrainedConfig):
             return q
         return self.residual_size * q
 
+    def frames_sampled(self, n_frames: int) -> int:
+        """How many frames the sampling rule takes out of a video of `n_frames` frames."""
+        return num_sampled(n_frames, self.num_frames, self.frame_sampling)
 
-__all__ = ["STLLMConfig", "VIDEO_INPUT_MODES", "DEFAULT_SYSTEM_PROMPT"]
+
+__all__ = ["STLLMConfig", "VIDEO_INPUT_MODES"]

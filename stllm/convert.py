@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -126,85 +125,17 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> tuple[dict[str, tor
     return out, unknown
 
 
-# ---- project → original (for tests and the tiny original-layout builder) -------------------------------
-
-
-def to_original_state_dict(model: STLLMForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """The inverse mapping, with the aliases and buffers the released shards carry."""
-    sd = model.state_dict()
-    inverse: dict[str, str] = {}
-    probe = {}
-    # Build the inverse by mapping every plausible original name once (keeps one mapping table).
-    for name in _original_names(model):
-        new = map_original_key(name)
-        if new is not None:
-            probe[new] = name
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key.endswith("self_attn.qkv.bias"):
-            orig_w = probe[key[: -len("bias")] + "weight"]
-            base = orig_w[: -len(".qkv.weight")]
-            q, _, v = value.chunk(3)
-            out[base + ".q_bias"], out[base + ".v_bias"] = q.clone(), v.clone()
-            continue
-        if key not in probe:
-            raise KeyError(f"no original name for {key}")
-        inverse[key] = probe[key]
-        out[probe[key]] = value
-    out[P + "embed_tokens.weight"] = out["model.embed_tokens.weight"]  # the alias the shards keep
-    out[P + "Qformer.bert.embeddings.position_ids"] = torch.arange(
-        model.config.qformer_config.max_position_embeddings
-    )[None]
-    if model.config.video_input == "residual":
-        from stllm.sampling import segment_midpoints
-
-        out[P + "residual_index"] = torch.tensor(segment_midpoints(model.config.num_frames, model.config.residual_size))
-    return out
-
-
-def _original_names(model: STLLMForConditionalGeneration) -> Iterable[str]:
-    c = model.config
-    yield from ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
-    for i in range(c.text_config.num_hidden_layers):
-        for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
-            yield f"model.layers.{i}.{n}.weight"
-    v = P + "visual_encoder."
-    yield from (v + "cls_token", v + "pos_embed", v + "patch_embed.proj.weight", v + "patch_embed.proj.bias")
-    yield from (v + "BTAdapter_cls", v + "BTAdapter_position.weight")
-    blocks = [("blocks", c.vision_config.num_hidden_layers), ("BTAdapter_S", c.btadapter_depth),
-              ("BTAdapter_T", c.btadapter_depth)]
-    for group, n in blocks:
-        for i in range(n):
-            for s in ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2", "temporal_fc"):
-                yield from (f"{v}{group}.{i}.{s}.weight", f"{v}{group}.{i}.{s}.bias")
-            yield f"{v}{group}.{i}.attn.qkv.weight"
-    for s in ("ln_vision", "llama_proj", "down_proj", "up_proj", "mvm_decoder.head", "mvm_decoder.norm"):
-        yield from (f"{P}{s}.weight", f"{P}{s}.bias")
-    yield P + "query_tokens"
-    q = P + "Qformer.bert."
-    for s in ("word_embeddings", "position_embeddings"):
-        yield f"{q}embeddings.{s}.weight"
-    yield from (f"{q}embeddings.LayerNorm.weight", f"{q}embeddings.LayerNorm.bias")
-    for i in range(c.qformer_config.num_hidden_layers):
-        subs = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-                "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm",
-                "intermediate_query.dense", "output_query.dense", "output_query.LayerNorm"]
-        subs += [s.replace("attention.", "crossattention.", 1) for s in subs[:5]]
-        for s in subs:
-            yield from (f"{q}encoder.layer.{i}.{s}.weight", f"{q}encoder.layer.{i}.{s}.bias")
-
-
 # ---- reading the released folder ---------------------------------------------------------------------
 
 
-def resolve_source(src: str) -> Path:
-    """A local folder, or a hub repo id (optionally `owner/repo/subfolder`) downloaded when a network exists."""
+def resolve_source(src: str) -> tuple[Path, bool]:
+    """(folder, downloaded): a local folder, or a hub repo id (optionally `owner/repo/subfolder`) downloaded
+    when a network exists."""
     path = Path(src)
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{src} is not a folder")
-        return path
+        return path, False
     parts = src.split("/")
     if len(parts) < 2:
         raise ValueError(f"{src} is neither a local folder nor a hub repo id (owner/name[/subfolder])")
@@ -216,7 +147,7 @@ def resolve_source(src: str) -> Path:
         root = Path(snapshot_download(repo, allow_patterns=pattern))
     except Exception as e:  # offline, unknown repo, no access
         raise ValueError(f"could not download {src} from the hub: {e}") from e
-    return root / sub if sub else root
+    return (root / sub if sub else root), True
 
 
 def read_original_tensors(src: Path) -> dict[str, torch.Tensor]:
@@ -243,12 +174,13 @@ def infer_config(
     video_input: str | None = None,
     residual_size: int = 16,
     num_frames: int | None = None,
-    vision_head_dim: int = 88,
-    qformer_head_dim: int = 64,
+    vision_heads: int = 16,
+    qformer_heads: int = 12,
     pad_token_id: int | None = None,
     bos_token_id: int = 2,
 ) -> STLLMConfig:
-    """Every size from shapes and counts; heads from the architecture's head width (EVA-g 88, BERT 64)."""
+    """Every size from shapes and counts; the head counts, which no shape shows, from the arguments (EVA-g's
+    16 heads of 88, BERT-base's 12 of 64)."""
     def shape(k: str) -> tuple[int, ...]:
         if k not in tensors:
             raise ValueError(f"the checkpoint lacks {k}")
@@ -263,14 +195,18 @@ def infer_config(
     patch = shape(v + "patch_embed.proj.weight")[-1]
     n_pos = shape(v + "pos_embed")[1]
     grid = int(round((n_pos - 1) ** 0.5))
-    if width % vision_head_dim:
-        raise ValueError(f"vision width {width} is not a multiple of the head width {vision_head_dim}")
+    if vision_heads < 1 or width % vision_heads:
+        raise ValueError(f"vision width {width} is not divisible by {vision_heads} heads: pass the checkpoint's "
+                         "head count with --vision-heads")
     vision = dict(hidden_size=width, intermediate_size=shape(v + "blocks.0.mlp.fc1.weight")[0],
                   num_hidden_layers=count(re.escape(v) + r"blocks\.(\d+)\."),
-                  num_attention_heads=width // vision_head_dim, image_size=grid * patch, patch_size=patch,
+                  num_attention_heads=vision_heads, image_size=grid * patch, patch_size=patch,
                   layer_norm_eps=1e-6)
     q = P + "Qformer.bert."
     qh = shape(q + "embeddings.word_embeddings.weight")[1]
+    if qformer_heads < 1 or qh % qformer_heads:
+        raise ValueError(f"Q-Former width {qh} is not divisible by {qformer_heads} heads: pass the checkpoint's "
+                         "head count with --qformer-heads")
     n_q = count(re.escape(q) + r"encoder\.layer\.(\d+)\.")
     cross = sorted(int(m.group(1)) for k in tensors
                    if (m := re.match(re.escape(q) + r"encoder\.layer\.(\d+)\.crossattention\.self\.query\.weight", k)))
@@ -278,7 +214,7 @@ def infer_config(
     if freq is None:
         raise ValueError(f"cross-attention on Q-Former layers {cross} matches no fixed frequency")
     qformer = dict(vocab_size=shape(q + "embeddings.word_embeddings.weight")[0], hidden_size=qh,
-                   num_hidden_layers=n_q, num_attention_heads=qh // qformer_head_dim,
+                   num_hidden_layers=n_q, num_attention_heads=qformer_heads,
                    intermediate_size=shape(q + "encoder.layer.0.intermediate.dense.weight")[0],
                    max_position_embeddings=shape(q + "embeddings.position_embeddings.weight")[0],
                    cross_attention_frequency=freq,
@@ -304,7 +240,7 @@ def infer_config(
         raise ValueError("video_input 'residual' needs down_proj/up_proj, which this checkpoint lacks")
     frames = num_frames or (64 if mode == "residual" else 16)
     return STLLMConfig(
-        vision_config=vision, qformer_config=qformer, text_config=text,
+        vision_config=vision, qformer_config=qformer, text_config=text, image_size=grid * patch,
         num_query_tokens=shape(P + "query_tokens")[1],
         video_input=mode, residual_size=residual_size,
         residual_hidden_size=shape(P + "down_proj.weight")[0] if has_residual else 1024,
@@ -328,6 +264,20 @@ def check_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], unkn
         raise ValueError("checkpoint does not match the model: " + "; ".join(lines))
 
 
+FLOAT16_MAX = 65504.0
+
+
+def float16_overflows(state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{name: max |value|} of the floating tensors that float16 cannot hold (they would become inf)."""
+    out = {}
+    for k, v in state_dict.items():
+        if v.is_floating_point() and v.numel():
+            peak = float(v.detach().abs().max().float())
+            if not peak <= FLOAT16_MAX:  # NaN counts too
+                out[k] = peak
+    return out
+
+
 def convert_checkpoint(
     src: str,
     dst: str | os.PathLike,
@@ -336,13 +286,17 @@ def convert_checkpoint(
     residual_size: int = 16,
     num_frames: int | None = None,
     dtype: str | None = None,
+    vision_heads: int = 16,
+    qformer_heads: int = 12,
+    qformer_tokenizer: str | os.PathLike | None = None,
     max_shard_size: str = "5GB",
 ) -> Path:
-    """SRC (released layout) → DST (project safetensors folder + config + both tokenizers)."""
+    """SRC (released layout) → DST (project safetensors folder + config + both tokenizers + weights hash)."""
+    from stllm.loading import write_weights_hash
     from stllm.processing_stllm import STLLMProcessor
-    from stllm.tiny import build_qformer_tokenizer, load_llama_tokenizer
+    from stllm.tokenizers import build_qformer_tokenizer, load_llama_tokenizer
 
-    src_path = resolve_source(src)
+    src_path, from_hub = resolve_source(src)
     cfg_file = src_path / "config.json"
     if not cfg_file.exists():
         raise ValueError(f"{src_path} has no config.json (the released LLaMA config)")
@@ -350,8 +304,8 @@ def convert_checkpoint(
     tokenizer = load_llama_tokenizer(src_path)
     tensors = read_original_tensors(src_path)
     config = infer_config(tensors, llama_config, video_input=video_input, residual_size=residual_size,
-                          num_frames=num_frames, pad_token_id=tokenizer.pad_token_id,
-                          bos_token_id=tokenizer.bos_token_id)
+                          num_frames=num_frames, vision_heads=vision_heads, qformer_heads=qformer_heads,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
     if len(tokenizer) != config.text_config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but embed_tokens has {config.text_config.vocab_size}")
     state_dict, unknown = convert_state_dict(tensors)
@@ -361,12 +315,21 @@ def convert_checkpoint(
     for k, t in model.state_dict().items():
         if tuple(state_dict[k].shape) != tuple(t.shape):
             raise ValueError(f"{k}: checkpoint shape {tuple(state_dict[k].shape)} != model {tuple(t.shape)}")
+    if dtype == "float16" and (over := float16_overflows(state_dict)):
+        worst = ", ".join(f"{k} (max |x| {v:.4g})" for k, v in sorted(over.items(), key=lambda kv: -kv[1])[:10])
+        raise ValueError(f"{len(over)} tensor(s) exceed float16's range (±{FLOAT16_MAX:g}) and would become "
+                         f"inf: {worst}; keep bfloat16")
     if dtype:
         target = getattr(torch, dtype)
         state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     dst = Path(dst)
     model.save_pretrained(dst, max_shard_size=max_shard_size)
-    STLLMProcessor(config, tokenizer, build_qformer_tokenizer()).save_pretrained(dst)
+    qtok = build_qformer_tokenizer(qformer_tokenizer, online=from_hub)
+    if len(qtok) != config.qformer_config.vocab_size:
+        raise ValueError(f"Q-Former tokenizer has {len(qtok)} tokens but the Q-Former's word embeddings have "
+                         f"{config.qformer_config.vocab_size}")
+    STLLMProcessor(config, tokenizer, qtok).save_pretrained(dst)
+    write_weights_hash(dst)
     log.info("converted %s → %s (%d tensors)", src_path, dst, len(state_dict))
     return dst

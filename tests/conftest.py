@@ -151,7 +151,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture(scope="session")
 def video_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Synthetic 24-frame 96x64 12 fps clips in H.264, HEVC, VP9, AV1, plus two corrupt files."""
-    from pipeline.fixtures import make_corrupt_video, make_test_video
+    from pipeline.demo_clips import make_corrupt_video, make_test_video
 
     root = tmp_path_factory.mktemp("videos")
     clips = {codec: make_test_video(root / name, codec) for codec, name in CODEC_FILES.items()}

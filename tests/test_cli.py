@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline.fixtures import make_test_video
+from pipeline.demo_clips import make_test_video
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:

@@ -12,13 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stllm.configuration_stllm import STLLMConfig
-from stllm.convert import convert_checkpoint, infer_config, to_original_state_dict
-from stllm.loading import load_model
+from stllm.convert import convert_checkpoint, infer_config
+from stllm.loading import WEIGHTS_HASH_FILE, compute_weights_hash, load_model, weights_hash
 from stllm.modeling_stllm import STLLMForConditionalGeneration
-from stllm.tiny import build_tiny_original
+from tests.original_layout import build_tiny_original, to_original_state_dict
 from tests.tiny_fixtures import synthetic_frames
 
 DATA = Path(__file__).parent / "data"
+HEADS = dict(vision_heads=2, qformer_heads=2)  # the tiny model's (the defaults are EVA-g's 16 and BERT's 12)
 
 
 def _manifest(name: str) -> dict[str, tuple[int, ...]]:
@@ -79,7 +80,7 @@ def _logits(model, processor, seed=0, question="What is happening in the video?"
 def test_original_layout_round_trip_identical_logits(tmp_path, kwargs, flags):
     src, model = build_tiny_original(tmp_path / "orig", dtype=torch.float32, **kwargs)
     assert len(list(src.glob("pytorch_model-*-of-*.bin"))) == 2
-    convert_checkpoint(str(src), tmp_path / "conv", **flags)
+    convert_checkpoint(str(src), tmp_path / "conv", **flags, **HEADS)
     loaded, processor = load_model(tmp_path / "conv", dtype="float32", device="cpu")
     assert loaded.config.video_input == model.config.video_input
     assert loaded.config.btadapter_depth == model.config.btadapter_depth
@@ -88,7 +89,7 @@ def test_original_layout_round_trip_identical_logits(tmp_path, kwargs, flags):
 
 def test_bf16_shards_convert_and_keep_values(tmp_path):
     src, model = build_tiny_original(tmp_path / "orig", dtype=torch.bfloat16)
-    convert_checkpoint(str(src), tmp_path / "conv", residual_size=4, num_frames=8)
+    convert_checkpoint(str(src), tmp_path / "conv", residual_size=4, num_frames=8, **HEADS)
     loaded, _ = load_model(tmp_path / "conv", dtype="bfloat16", device="cpu")
     ref = model.state_dict()
     for k, v in loaded.state_dict().items():
@@ -97,7 +98,7 @@ def test_bf16_shards_convert_and_keep_values(tmp_path):
 
 def test_released_tokenizer_facts(tmp_path):
     src, _ = build_tiny_original(tmp_path / "orig", dtype=torch.float32)
-    convert_checkpoint(str(src), tmp_path / "conv", residual_size=4, num_frames=8)
+    convert_checkpoint(str(src), tmp_path / "conv", residual_size=4, num_frames=8, **HEADS)
     _, processor = load_model(tmp_path / "conv", dtype="float32", device="cpu")
     tok = processor.tokenizer
     assert tok.bos_token == tok.eos_token == tok.unk_token == "</s>" and tok.bos_token_id == 2
@@ -117,7 +118,7 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
         sd["model.stllm_model.surprise.weight"] = torch.zeros(3)
         torch.save(sd, shard)
     with pytest.raises(ValueError) as err:
-        convert_checkpoint(str(src), tmp_path / "conv", residual_size=4, num_frames=8)
+        convert_checkpoint(str(src), tmp_path / "conv", residual_size=4, num_frames=8, **HEADS)
     msg = str(err.value)
     assert "missing keys" in msg and "unexpected keys" in msg
     assert "model.stllm_model.surprise.weight" in msg
@@ -151,10 +152,74 @@ def test_convert_cli(tmp_path):
     src, _ = build_tiny_original(tmp_path / "orig", dtype=torch.bfloat16)
     out = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "convert", str(src), str(tmp_path / "conv"),
-         "--residual-size", "4", "--frames", "8", "--dtype", "float32"],
+         "--residual-size", "4", "--frames", "8", "--dtype", "float32", "--vision-heads", "2",
+         "--qformer-heads", "2"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
     cfg = json.loads((tmp_path / "conv" / "config.json").read_text())
     assert cfg["video_input"] == "residual" and cfg["residual_size"] == 4 and cfg["num_frames"] == 8
     assert (tmp_path / "conv" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "conv" / WEIGHTS_HASH_FILE).read_text())["sha256"] == compute_weights_hash(
+        tmp_path / "conv")
+
+
+def test_head_counts_come_from_flags(tmp_path):
+    """A vision width that is no multiple of EVA-g's 88 converts once its head count is given."""
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=224,
+                  patch_size=14, layer_norm_eps=1e-6)
+    src, model = build_tiny_original(tmp_path / "orig", dtype=torch.float32, vision_config=vision)
+    with pytest.raises(ValueError, match="vision width 64 is not divisible by 3 heads.*--vision-heads"):
+        convert_checkpoint(str(src), tmp_path / "bad", residual_size=4, num_frames=8, vision_heads=3)
+    with pytest.raises(ValueError, match="--qformer-heads"):
+        convert_checkpoint(str(src), tmp_path / "bad", residual_size=4, num_frames=8, vision_heads=4,
+                           qformer_heads=12)
+    convert_checkpoint(str(src), tmp_path / "conv", residual_size=4, num_frames=8, vision_heads=4, qformer_heads=2)
+    loaded, processor = load_model(tmp_path / "conv", dtype="float32", device="cpu")
+    assert loaded.config.vision_config.num_attention_heads == 4
+    assert torch.equal(_logits(model, processor), _logits(loaded, processor))
+
+
+def test_weights_hash_follows_the_weights(tmp_path):
+    a, _ = build_tiny_original(tmp_path / "a", dtype=torch.float32, seed=0)
+    b, _ = build_tiny_original(tmp_path / "b", dtype=torch.float32, seed=1)
+    out = tmp_path / "conv"
+    convert_checkpoint(str(a), out, residual_size=4, num_frames=8, **HEADS)
+    first = weights_hash(out)
+    convert_checkpoint(str(a), tmp_path / "copy", residual_size=4, num_frames=8, **HEADS)
+    assert weights_hash(tmp_path / "copy") == first  # same weights, other folder: same identity
+    convert_checkpoint(str(b), out, residual_size=4, num_frames=8, **HEADS)  # re-converted into the same folder
+    assert weights_hash(out) != first
+    (out / WEIGHTS_HASH_FILE).unlink()  # a folder without the record: computed on the fly
+    assert weights_hash(out) == compute_weights_hash(out) != first
+
+
+def test_float16_is_refused_where_a_value_would_overflow(tmp_path):
+    src, _ = build_tiny_original(tmp_path / "orig", dtype=torch.bfloat16)
+    key = "model.stllm_model.llama_proj.weight"
+    for shard in sorted(src.glob("pytorch_model-*.bin")):
+        sd = torch.load(shard, weights_only=True)
+        if key in sd:
+            sd[key][0, 0] = 1e6  # representable in bfloat16, inf in float16
+            torch.save(sd, shard)
+    with pytest.raises(ValueError, match=r"language_projection.weight \(max \|x\| 9.9"):
+        convert_checkpoint(str(src), tmp_path / "fp16", residual_size=4, num_frames=8, dtype="float16", **HEADS)
+    convert_checkpoint(str(src), tmp_path / "bf16", residual_size=4, num_frames=8, **HEADS)  # kept as bf16: fine
+    with pytest.raises(ValueError, match="do not fit float16.*language_projection.weight"):
+        load_model(tmp_path / "bf16", dtype="float16", device="cpu")
+
+
+def test_qformer_tokenizer_is_real_bert_uncased(tmp_path):
+    src, _ = build_tiny_original(tmp_path / "orig", dtype=torch.float32)
+    convert_checkpoint(str(src), tmp_path / "conv", residual_size=4, num_frames=8, **HEADS)
+    _, processor = load_model(tmp_path / "conv", dtype="float32", device="cpu")
+    qtok = processor.qformer_tokenizer
+    # bert-base-uncased ids: [CLS] what moves ? [SEP]; [DEC] appended as bos
+    assert qtok("What moves?").input_ids == [101, 2054, 5829, 1029, 102]
+    assert qtok.bos_token == "[DEC]" and qtok.bos_token_id == 30522
+    # An explicit source is used as given, and checked: a vocabulary that is not BERT uncased is refused.
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello"]) + "\n")
+    with pytest.raises(ValueError, match="not the BERT uncased vocabulary"):
+        convert_checkpoint(str(src), tmp_path / "bad", residual_size=4, num_frames=8, qformer_tokenizer=vocab,
+                           **HEADS)

@@ -17,41 +17,13 @@ from pipeline.decode import (
     DecodeWorker,
     decode_video,
     decode_video_inline,
-    resize_crop,
-    sample_frame_indices,
-    seq_frame_indices,
 )
-from pipeline.fixtures import SQUARE, StallAt, square_x
+from pipeline.demo_clips import SQUARE, square_x
+from stllm.frame_sampling import midpoint_indices, original_indices
+from stllm.transforms import resize_crop
+from tests.faults import StallAt
 
 CODECS = ["h264", "hevc", "vp9", "av1"]
-
-
-def test_sample_frame_indices_by_hand() -> None:
-    assert sample_frame_indices(24, 8) == [1, 4, 7, 10, 13, 16, 19, 22]  # seg 3: 1.5 + 3i
-    # seg 2.5: int(1.25 + round(2.5 i)); round(2.5)=2 and round(7.5)=8 (half to even, as np.round)
-    assert sample_frame_indices(10, 4) == [1, 3, 6, 9]
-    # seg 0.5: round(0.5)=0, round(1.5)=2, round(2.5)=2, round(3.5)=4 → 4.25 clipped to 3
-    assert sample_frame_indices(4, 8) == [0, 0, 1, 2, 2, 2, 3, 3]
-    assert sample_frame_indices(3, 5) == [0, 1, 1, 2, 2]
-    assert sample_frame_indices(1, 3) == [0, 0, 0]
-    assert sample_frame_indices(7, 7) == list(range(7))
-    for bad in [(0, 4), (5, 0)]:
-        with pytest.raises(ValueError):
-            sample_frame_indices(*bad)
-
-
-def test_sampling_matches_the_model_processor() -> None:
-    from stllm.sampling import segment_midpoints  # numpy only
-
-    for n in (1, 2, 7, 24, 100, 331, 1231):
-        for t in (1, 4, 8, 16, 64):
-            assert sample_frame_indices(n, t) == segment_midpoints(n, t)
-
-
-def test_seq_frame_indices_by_hand() -> None:
-    # the chat demo's get_seq_frames: seg (n-1)/T, midpoint of rounded segment ends
-    assert seq_frame_indices(10, 4) == [1, 3, 5, 8]
-    assert seq_frame_indices(3, 8) == [0, 1, 1]  # min(n, T) frames
 
 
 def _hand_resize_crop(frame: np.ndarray, size: int) -> np.ndarray:
@@ -79,7 +51,7 @@ def test_resize_crop_is_pil_bicubic_then_centre_crop(shape: tuple[int, ...]) -> 
 def test_two_pass_resize_is_pixel_exact() -> None:
     # The fast path (our own two passes with a crop between) must equal one PIL resize + crop on this Pillow,
     # for both pass orders Pillow picks (landscape, portrait, tall, upscale, near-square) and real video sizes.
-    from stllm.transforms import _resize_crop_two_pass, resize_crop_image, resize_crop_reference, two_pass_is_exact
+    from stllm.transforms import resize_crop_image, resize_crop_reference, resize_crop_two_pass, two_pass_is_exact
 
     assert two_pass_is_exact()
     rng = np.random.default_rng(3)
@@ -89,14 +61,8 @@ def test_two_pass_resize_is_pixel_exact() -> None:
     for w, h in sizes:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         ref = resize_crop_reference(img, 224)
-        np.testing.assert_array_equal(_resize_crop_two_pass(img, 224), ref, err_msg=f"{w}x{h}")
+        np.testing.assert_array_equal(resize_crop_two_pass(img, 224), ref, err_msg=f"{w}x{h}")
         np.testing.assert_array_equal(resize_crop_image(img, 224), ref, err_msg=f"{w}x{h}")
-
-
-def test_resize_crop_matches_the_model_processor() -> None:
-    processing = pytest.importorskip("stllm.processing_stllm")
-    frames = np.random.default_rng(1).integers(0, 256, (3, 45, 80, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(resize_crop(frames, 24), processing.resize_crop(frames, 24))
 
 
 def _square_left(frame: np.ndarray) -> int:
@@ -113,7 +79,7 @@ def test_every_codec_decodes_the_right_frames(video_fixtures, codec: str) -> Non
     assert v.decoder == ("pyav" if codec == "av1" else "decord")  # decord cannot open AV1
     assert v.codec == codec and v.n_frames == 24 and v.fps == pytest.approx(12.0)
     assert (v.width, v.height) == (96, 64) and v.duration_s == pytest.approx(2.0, abs=0.1)
-    assert v.frame_indices == sample_frame_indices(24, 8)
+    assert v.frame_indices == [1, 4, 7, 10, 13, 15, 18, 21]  # the original's rule, by hand in test_faithful
     assert v.frames.shape == (8, 32, 32, 3) and v.frames.dtype == np.uint8
     thumb = Image.open(io.BytesIO(v.thumbnail_jpeg))
     assert thumb.format == "JPEG" and thumb.size == (96, 64)
@@ -138,9 +104,12 @@ def test_forced_decoders(video_fixtures) -> None:
     np.testing.assert_array_equal(decode_video(h264, 8, 32).frames, b.frames)  # worker == inline
 
 
-def test_long_sampling_repeats_frames_of_short_clips(video_fixtures) -> None:
-    v = decode_video(video_fixtures["vp9"].read_bytes(), num_frames=40, size=16)
-    assert v.frames.shape[0] == 40 and v.frame_indices == sample_frame_indices(24, 40)
+def test_short_clips_give_fewer_frames_or_repeat_them(video_fixtures) -> None:
+    data = video_fixtures["vp9"].read_bytes()
+    v = decode_video(data, num_frames=40, size=16)  # the original: min(n, T) frames
+    assert v.frames.shape[0] == 24 and v.frame_indices == original_indices(24, 40)
+    v = decode_video(data, num_frames=40, size=16, sampling="midpoint")  # always T, repeating frames
+    assert v.frames.shape[0] == 40 and v.frame_indices == midpoint_indices(24, 40)
     dupes = [i for i in range(39) if v.frame_indices[i] == v.frame_indices[i + 1]]
     assert dupes
     for i in dupes:
@@ -188,7 +157,7 @@ def test_a_hung_decord_is_retried_with_pyav(video_fixtures) -> None:
     # decord hangs forever on some files (decord #373): killed at the timeout, then PyAV decodes them
     data = video_fixtures["hevc"].read_bytes()
     v = decode_video(data, 4, 16, timeout_s=1.5, stage_hook=StallAt("decord.read"))
-    assert v.decoder == "pyav" and v.frame_indices == sample_frame_indices(24, 4)
+    assert v.decoder == "pyav" and v.frame_indices == original_indices(24, 4)
     with pytest.raises(DecodeTimeout) as e:  # forcing decord: no second chance
         decode_video(data, 4, 16, timeout_s=1.0, decoder="decord", stage_hook=StallAt("decord.read"))
     assert e.value.stage == "decord.read"

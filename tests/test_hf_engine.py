@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stllm.engine import GenerationOptions, VideoRequest, load_engine
-from stllm.processing_stllm import resize_crop
+from stllm.engine import GenerationOptions, VideoRequest
+from stllm.engines import load_engine
+from stllm.transforms import resize_crop
 from tests.tiny_fixtures import synthetic_frames
 
 QUESTIONS = ["Describe the video in detail.", "What colour is it?", "How many objects move from left to right?"]
@@ -78,6 +79,7 @@ def test_generation_config_carries_the_options(hf_engine):
     cfg = hf_engine.generation_config(GenerationOptions())
     assert cfg.repetition_penalty == 1.5  # the original's default on this path
     assert cfg.stop_strings == ["###"] and cfg.eos_token_id == 2 and not cfg.do_sample
+    assert cfg.min_new_tokens == 1  # the original's min_length=1: EOS cannot come first
     cfg = hf_engine.generation_config(GenerationOptions(repetition_penalty=1.0, do_sample=True, top_p=0.5, top_k=4))
     assert cfg.repetition_penalty == 1.0 and cfg.do_sample and cfg.top_p == 0.5 and cfg.top_k == 4
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -60,7 +60,7 @@ def test_unknown_and_missing_fields(tmp_path: Path) -> None:
         load_job(tmp_path / "typo.yaml")
     lines = str(e.value).splitlines()
     assert "field 'model': required field is missing" in lines
-    allowed = "name, source, model, caption_prompt, questions, embedder, output, runtime"
+    allowed = "name, source, model, caption_prompt, questions, prompt, embedder, output, runtime"
     assert f"field 'modle': unknown field (allowed: {allowed})" in lines
     with pytest.raises(JobError, match=r"field 'runtime.decode_timout_s': unknown field \(allowed: address,"):
         load_job(None, ["runtime.decode_timout_s=3"])
@@ -132,11 +132,11 @@ def test_secrets_are_masked_in_dumps() -> None:
     (["runtime.model_cpus=2"], 2.0, (1, 1.0)),  # even one decode actor does not fit: the model shrinks
 ])
 def test_actor_pools_are_fitted_to_the_cluster(overrides: list[str], cpus: float, want: tuple[int, float]) -> None:
-    from pipeline.runner import _fit_cpu_reservations
+    from pipeline.runner import fit_cpu_reservations
 
     job = load_job(None, ["runtime.decode_concurrency=2", "runtime.decode_cpus=1", "runtime.model_cpus=1",
                           *overrides])
-    _fit_cpu_reservations(job, cpus)
+    fit_cpu_reservations(job, cpus)
     assert (job.runtime.decode_concurrency, job.runtime.model_cpus) == want
     rt = job.runtime
     assert rt.decode_concurrency * rt.decode_cpus + rt.model_pool_size * rt.model_cpus <= cpus + 1e-9

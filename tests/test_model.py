@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from stllm.configuration_stllm import STLLMConfig
-from stllm.sampling import segment_midpoints
 from stllm.tiny import build_tiny_model
 from tests.tiny_fixtures import synthetic_frames
 
@@ -74,15 +73,6 @@ def test_global_local_equals_hand_computation(models):
     assert model.global_up_proj.weight.abs().sum() > 0  # the global branch really contributes here
 
 
-def test_segment_midpoints_by_hand():
-    assert segment_midpoints(10, 4) == [1, 3, 6, 9]  # seg 2.5: 1.25+0, 1.25+round(2.5)=2, 1.25+5, 1.25+round(7.5)=8
-    assert segment_midpoints(64, 16) == list(range(2, 64, 4))  # the released residual_index
-    assert segment_midpoints(5, 5) == [0, 1, 2, 3, 4]  # idempotent when already sampled
-    assert segment_midpoints(3, 8) == [0, 0, 1, 1, 2, 2, 2, 2]  # short clips repeat frames (last one clipped)
-    with pytest.raises(ValueError, match="0 frames"):
-        segment_midpoints(0, 4)
-
-
 def test_btadapter_mixes_time_and_plain_vit_does_not():
     plain, proc = build_tiny_model(seed=7, video_input="all")[:2]
     bt, _ = build_tiny_model(seed=7, video_input="all", btadapter_depth=1)[:2]
@@ -143,6 +133,10 @@ def test_config_rejects_bad_options():
         STLLMConfig(video_input="residual", residual_size=65, num_frames=64)
     with pytest.raises(ValueError, match="BT-Adapter"):
         STLLMConfig(video_input="all", btadapter_depth=3, num_frames=96)
+    with pytest.raises(ValueError, match="frame_sampling"):
+        STLLMConfig(frame_sampling="uniform")
+    with pytest.raises(ValueError, match="image_size=64 but vision_config.image_size=224"):
+        STLLMConfig(image_size=64)
 
 
 def test_save_and_load_round_trip(tmp_path, models):

@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import vllm  # noqa: F401 — a missing vLLM fails the suite instead of skipping these tests
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -21,14 +22,15 @@ from stllm.engine import GenerationOptions, VideoRequest
 from stllm.tiny import build_tiny
 from tests.tiny_fixtures import synthetic_frames
 
-pytest.importorskip("vllm")
-
 QUESTIONS = ["Describe the video in detail.", "What is happening in the video?", "How many people are there?"]
 STOP_ID, EOS_ID = 269, 2  # "###" and "</s>" in the tiny tokenizer
 
 
-def _requests(seeds: range) -> list[VideoRequest]:
-    return [VideoRequest(f"v{s}", synthetic_frames(s, t=10 + s), QUESTIONS) for s in seeds]
+def _requests(seeds: range, short: bool = False) -> list[VideoRequest]:
+    """Raw clips of 10+ frames (the engines sample 8); `short` adds a 5-frame clip, which the original rule
+    keeps at 5 frames (fewer visual tokens in `all` mode)."""
+    out = [VideoRequest(f"v{s}", synthetic_frames(s, t=10 + s), QUESTIONS) for s in seeds]
+    return out + [VideoRequest("short", synthetic_frames(99, t=5), QUESTIONS)] if short else out
 
 
 def _tokens(results) -> list[list[list[int]]]:
@@ -36,10 +38,16 @@ def _tokens(results) -> list[list[list[int]]]:
 
 
 def _start(model_dir) -> object:
+    """An engine sized by `cpu_kv_cache_bytes` (no VLLM_CPU_KVCACHE_SPACE), started while another process holds
+    memory: vLLM's default would reserve 92% of the node and refuse."""
     from stllm.vllm.engine import VLLMEngine
+    from tests.memory_hog import gib_to_hold, hold_memory, node_memory
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    return VLLMEngine.from_pretrained(str(model_dir), dtype="float32", device="cpu")
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    with hold_memory(min(gib_to_hold(0.8), 6.0)):
+        total, available = node_memory()
+        assert available < 0.92 * total  # the condition vLLM's own sizing refuses to start under
+        return VLLMEngine.from_pretrained(str(model_dir), dtype="float32", device="cpu")
 
 
 def _assert_parity(hf_results, vllm_results) -> None:
@@ -98,10 +106,18 @@ class TestResidual:
     @pytest.mark.parametrize("penalty", [1.0, 1.5])
     def test_greedy_parity(self, engine, hf_engine, penalty):
         opts = GenerationOptions(max_new_tokens=20, repetition_penalty=penalty)
-        requests = _requests(range(3))
+        requests = _requests(range(3), short=True)
         hf_results, vllm_results = hf_engine.generate(requests, opts), engine.generate(requests, opts)
         _assert_parity(hf_results, vllm_results)
         assert all(len(r.answers) == 3 for r in vllm_results)
+
+    @pytest.mark.parametrize("preset", ["qa", "mvbench"])
+    def test_prompt_presets_parity(self, engine, hf_engine, preset):
+        from stllm.prompts import PRESETS
+
+        opts = GenerationOptions(max_new_tokens=12, prompt=PRESETS[preset])
+        requests = _requests(range(2))
+        _assert_parity(hf_engine.generate(requests, opts), engine.generate(requests, opts))
 
     def test_one_vit_forward_per_video(self, engine):
         before = engine.vit_forwards
@@ -189,7 +205,7 @@ class TestAllModeBTAdapter:
     def test_greedy_parity(self, engines, penalty):
         hf, engine = engines
         opts = GenerationOptions(max_new_tokens=24, repetition_penalty=penalty)
-        requests = _requests(range(3))
+        requests = _requests(range(3), short=True)
         hf_results, vllm_results = hf.generate(requests, opts), engine.generate(requests, opts)
         _assert_parity(hf_results, vllm_results)
         assert len(vllm_results[0].answers[0].token_ids) > 0
@@ -214,9 +230,8 @@ def _hf_penalized(logits, outputs, penalties):
 
 def _penalty_case():
     import torch
+    from stllm.vllm.repetition_penalty import PENALTY_ARG
     from vllm import SamplingParams
-
-    from stllm.vllm.sampling import PENALTY_ARG
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g)
@@ -228,9 +243,8 @@ def _penalty_case():
 
 
 def test_output_penalty_v1_interface_matches_hf():
+    from stllm.vllm.repetition_penalty import OutputRepetitionPenalty
     from vllm.v1.sample.logits_processor import BatchUpdate
-
-    from stllm.vllm.sampling import OutputRepetitionPenalty
 
     logits, prompts, outputs, penalties, params = _penalty_case()
     proc = OutputRepetitionPenalty(None, "cpu", False)
@@ -245,9 +259,8 @@ def test_output_penalty_v2_interface_matches_hf():
     from types import SimpleNamespace
 
     import torch
+    from stllm.vllm.repetition_penalty import OutputRepetitionPenalty
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
-
-    from stllm.vllm.sampling import OutputRepetitionPenalty
 
     logits, prompts, outputs, penalties, params = _penalty_case()
     slots = [5, 0, 2]  # persistent slots differ from batch rows

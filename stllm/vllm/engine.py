@@ -6,9 +6,10 @@ One vLLM request per (video, question): token prompt `[pad] + BOS(2) + system + 
 content key as its multimodal UUID (vLLM then hashes the key + question instead of 9.6 MB of pixels).
 The ViT runs once per video inside the worker (feature LRU keyed by that content key, see `model.py`).
 
-Decoding parity with `hf`: greedy / sampling map to SamplingParams; stop at "###" and EOS (id 2);
-the repetition penalty covers generated tokens only, like HF `generate(inputs_embeds=...)`, through the
-`OutputRepetitionPenalty` logits processor (vLLM's own penalty would also hit every prompt token).
+Decoding parity with `hf`: greedy / sampling map to SamplingParams; stop at "###" and EOS (id 2), EOS never
+first (`min_tokens=1`, the original's `min_length=1`); the repetition penalty covers generated tokens only,
+like HF `generate(inputs_embeds=...)`, through the `OutputRepetitionPenalty` logits processor (vLLM's own
+penalty would also hit every prompt token).
 Beam search is refused: vLLM's `LLM.beam_search` has no repetition penalty or stop strings and re-runs the
 multimodal preprocessing at every step, so it would not be ST-LLM's decoding.
 """
@@ -22,11 +23,35 @@ from dataclasses import dataclass
 import numpy as np
 
 from stllm.configuration_stllm import STLLMConfig
-from stllm.engine import Answer, GenerationOptions, VideoRequest, VideoResult
+from stllm.engine import (
+    MIN_NEW_TOKENS,
+    Answer,
+    GenerationOptions,
+    VideoRequest,
+    VideoResult,
+    check_prompt_budget,
+)
 from stllm.processing_stllm import STLLMProcessor
+from stllm.transforms import as_frames
 from stllm.vllm.processor import QUESTION_KWARG, prepare_and_key
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_GIB = 1 << 30
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def cpu_kv_cache_bytes(config: STLLMConfig, dtype: str, max_model_len: int, max_num_seqs: int) -> int:
+    """A KV cache that holds `max_num_seqs` sequences of `max_model_len` tokens, in [256 MiB, 4 GiB].
+
+    Why: vLLM's CPU worker otherwise reserves `gpu_memory_utilization` (0.92) of the whole NUMA node and refuses
+    to start when other processes use more than ~8% of it. An explicit KV cache size skips that check, so the
+    engine starts on a busy laptop and takes what it needs, not the node. `VLLM_CPU_KVCACHE_SPACE` (GiB), when
+    set, wins (vLLM reads it itself)."""
+    t = config.text_config
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * head_dim * _DTYPE_BYTES[dtype]
+    need = per_token * max_model_len * max_num_seqs
+    return int(min(max(need, _GIB // 4), 4 * _GIB))
 
 
 @dataclass
@@ -63,10 +88,12 @@ class VLLMEngine:
     ) -> VLLMEngine:
         """Start vLLM over a converted checkpoint folder (the same folder the `hf` engine loads).
 
-        dtype: None = bfloat16 on GPU, float32 on CPU. device: "auto" | "cpu" | "cuda"; the installed vLLM
-        build decides the device, a mismatching request is an error. max_batch_size → vLLM `max_num_seqs`.
-        Other kwargs go to `vllm.LLM` (e.g. `load_format="dummy"`, `enforce_eager=True`). On CPU the KV
-        cache size is `VLLM_CPU_KVCACHE_SPACE` (GiB).
+        dtype: None = bfloat16 on GPU (the released shards' own dtype: nothing is rounded), float32 on CPU;
+        "float16" is the original's runtime dtype. device: "auto" | "cpu" | "cuda"; the installed vLLM build
+        decides the device, a mismatching request is an error. max_batch_size → vLLM `max_num_seqs`. Other
+        kwargs go to `vllm.LLM` (e.g. `load_format="dummy"`, `enforce_eager=True`). On CPU the KV cache is sized
+        from what the engine needs (`cpu_kv_cache_bytes`) unless `VLLM_CPU_KVCACHE_SPACE` (GiB) or
+        `kv_cache_memory_bytes` says otherwise.
 
         CPU threads: vLLM binds its model worker to all cores but one (kept for its scheduler process, which
         busy-polls, and for this process's input processing). On a 2-core machine that is one worker thread;
@@ -82,7 +109,7 @@ class VLLMEngine:
 
         from stllm.vllm.model import WORKER_EXTENSION
         from stllm.vllm.plugin import register
-        from stllm.vllm.sampling import LOGITS_PROCESSOR
+        from stllm.vllm.repetition_penalty import LOGITS_PROCESSOR
 
         register()  # the entry point does this too; explicit so a non-installed checkout also works here
         platform = "cpu" if current_platform.is_cpu() else current_platform.device_type
@@ -108,6 +135,10 @@ class VLLMEngine:
         if max_batch_size is not None:
             llm_kwargs["max_num_seqs"] = max_batch_size
         llm_kwargs.update(kwargs)
+        if platform == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in kwargs:
+            llm_kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(
+                config, dtype, max_model_len or config.text_config.max_position_embeddings,
+                int(llm_kwargs.get("max_num_seqs") or 16))
         llm = LLM(**llm_kwargs)
         llm.collective_rpc("stllm_clear_vit_cache")  # drop the start-up profiling dummy's ViT features
         return cls(llm, STLLMProcessor.from_pretrained(model_dir, config=config))
@@ -128,16 +159,17 @@ class VLLMEngine:
     def sampling_params(self, options: GenerationOptions):
         from vllm import SamplingParams
 
-        from stllm.vllm.sampling import PENALTY_ARG
+        from stllm.vllm.repetition_penalty import PENALTY_ARG
 
         if options.num_beams > 1:
             raise ValueError(
                 "num_beams > 1 is not supported by the vllm engine (vLLM's beam search has no repetition "
                 "penalty or stop strings); use the hf engine for beam search"
             )
-        rp = options.repetition_penalty or self.config.default_repetition_penalty
+        rp = options.repetition_penalty_for(self.config.default_repetition_penalty)
         kwargs: dict[str, object] = dict(
             max_tokens=options.max_new_tokens,
+            min_tokens=MIN_NEW_TOKENS,
             stop=[self.config.stop_string],
             repetition_penalty=1.0,  # vLLM's would penalise prompt tokens too; ours covers new tokens only
             extra_args={PENALTY_ARG: float(rp)} if rp != 1.0 else None,
@@ -153,19 +185,18 @@ class VLLMEngine:
         """Validate one request and build its vLLM prompts; ValueError names what is wrong."""
         if not req.questions:
             raise ValueError("the request has no questions")
-        frames, key_bytes = prepare_and_key(self.processor, req.frames)  # vLLM's processor then reuses both
+        frames = as_frames(req.frames) if req.sampled else self.processor.sample(req.frames)
+        if frames.shape[0] > self.config.num_frames:
+            raise ValueError(f"{frames.shape[0]} frames, but this engine serves at most the checkpoint's "
+                             f"num_frames={self.config.num_frames} per video")
+        frames, key_bytes = prepare_and_key(self.processor, frames)  # vLLM's processor then reuses both
         key = key_bytes.hex()
         placeholder = self.config.text_config.pad_token_id
-        n_visual = self.config.num_visual_tokens()
+        n_visual = self.config.num_visual_tokens(frames.shape[0])
         prompts = []
         for q in req.questions:
-            ids = self.processor.process_question(q).input_ids  # validated, memoised by the processor
-            total = n_visual + len(ids) + options.max_new_tokens
-            if total > self.max_model_len:
-                raise ValueError(
-                    f"prompt of {n_visual + len(ids)} tokens + {options.max_new_tokens} new tokens exceeds "
-                    f"the engine's {self.max_model_len} positions"
-                )
+            ids = self.processor.process_question(q, options.prompt).input_ids  # validated, memoised
+            check_prompt_budget(n_visual, len(ids), options.max_new_tokens, self.max_model_len)
             prompts.append({
                 "prompt_token_ids": [placeholder, *ids],
                 "multi_modal_data": {"video": frames},
@@ -207,7 +238,8 @@ class VLLMEngine:
             out = (outputs.get(p.request_id) or outputs[p.external_id]).outputs[0]
             token_ids = list(out.token_ids)
             results[p.request].answers.append(
-                Answer(question=p.question, text=self.processor.decode_answer(token_ids), token_ids=token_ids)
+                Answer(question=p.question, text=self.processor.decode_answer(token_ids, options.prompt),
+                       token_ids=token_ids)
             )
         if keys:
             order = sorted(keys)

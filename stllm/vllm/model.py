@@ -1,12 +1,12 @@
 """ST-LLM as a vLLM model: vLLM's BLIP vision tower (+ BT-Adapter) → InstructBLIP Q-Former → projection →
 video-input mode (all / mean / residual) → vLLM's LLaMA.
 
-Layers: the EVA ViT-g is vLLM's `BlipVisionModel` (fused `qkv` + concat(q_bias, 0, v_bias) bias, exactly the
-converted checkpoint's layout, so no renaming is needed); its `post_layernorm` (`ln_vision`) gets eps 1e-5
-while the blocks keep 1e-6. vLLM's Q-Former (`blip2.py`) takes no text input, so the InstructBLIP Q-Former is
-`transformers`' `InstructBlipQFormerModel` run inside the vLLM model. The BT-Adapter (QA weights) is
-`stllm.btadapter` (plain torch around transformers layers), stepped between the vLLM ViT's own blocks, so
-the BT variant also runs on vLLM's vision layers. The LLM is vLLM's `LlamaForCausalLM`.
+The maths is `stllm.modeling_stllm.STLLMVisualEncoder`, the same code the `hf` engine runs; this class only
+supplies vLLM's layers behind its attribute names. The EVA ViT-g is vLLM's `BlipVisionModel` (fused `qkv` +
+concat(q_bias, 0, v_bias) bias, exactly the converted checkpoint's layout, so no renaming is needed); its
+`post_layernorm` (`ln_vision`) gets eps 1e-5 while the blocks keep 1e-6. vLLM's Q-Former (`blip2.py`) takes no
+text input, so the InstructBLIP Q-Former, the BT-Adapter and the global-local MLP are the modules
+`build_visual_modules` makes for the `transformers` model too. The LLM is vLLM's `LlamaForCausalLM`.
 
 ViT once per video: the Q-Former reads the question, so every (video, question) pair is its own vLLM
 multimodal item: vLLM's encoder cache is keyed by the data hash AND `mm_processor_kwargs`, and calls
@@ -30,7 +30,6 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
-from transformers import InstructBlipQFormerModel
 from vllm.config import VllmConfig
 from vllm.model_executor.models.blip import BlipVisionModel
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
@@ -43,9 +42,9 @@ from vllm.model_executor.models.utils import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from stllm.btadapter import BTAdapter
 from stllm.configuration_stllm import STLLMConfig
-from stllm.sampling import segment_midpoints
+from stllm.modeling_stllm import STLLMVisualEncoder, build_visual_modules, visual_embedding
+from stllm.processing_stllm import normalize_frames
 from stllm.vllm.processor import (
     STLLMDummyInputsBuilder,
     STLLMMultiModalProcessor,
@@ -120,7 +119,7 @@ def _items(x: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
 @MULTIMODAL_REGISTRY.register_processor(
     STLLMMultiModalProcessor, info=STLLMProcessingInfo, dummy_inputs=STLLMDummyInputsBuilder
 )
-class STLLMVLLMModel(nn.Module, SupportsMultiModal):
+class STLLMVLLMModel(STLLMVisualEncoder, nn.Module, SupportsMultiModal):
     # Checkpoint (project format, see stllm/convert.py) → this module. Every other name is identical:
     #   vision_model.*   → vLLM BlipVisionModel (same names; qkv already fused on disk)
     #   btadapter.*, query_tokens, qformer.*, language_projection.*, global_{down,up}_proj.* → same
@@ -139,25 +138,15 @@ class STLLMVLLMModel(nn.Module, SupportsMultiModal):
         config: STLLMConfig = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
         self.config = config
-        vcfg, qcfg, tcfg = config.vision_config, config.qformer_config, config.text_config
+        vcfg, tcfg = config.vision_config, config.text_config
 
         with self._mark_tower_model(vllm_config, "video"):
             self.vision_model = BlipVisionModel(vcfg, quant_config, prefix=maybe_prefix(prefix, "vision_model"))
             # `ln_vision` eps is 1e-5; BlipVisionModel gives post_layernorm the blocks' 1e-6.
             self.vision_model.post_layernorm.eps = config.vision_post_layernorm_eps
-            self.btadapter = (
-                BTAdapter(vcfg, config.btadapter_depth, config.btadapter_max_frames)
-                if config.btadapter_depth else None
-            )
-            self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
-            self.qformer = InstructBlipQFormerModel(qcfg)
+            for name, module in build_visual_modules(config).items():
+                setattr(self, name, module)
             _memoize_cross_attention_kv(self.qformer)
-            self.language_projection = nn.Linear(qcfg.hidden_size, tcfg.hidden_size)
-            if config.video_input == "residual":
-                self.global_down_proj = nn.Linear(tcfg.hidden_size, config.residual_hidden_size)
-                self.global_up_proj = nn.Linear(config.residual_hidden_size, tcfg.hidden_size)
-            else:
-                self.global_down_proj = self.global_up_proj = None
 
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
@@ -168,7 +157,7 @@ class STLLMVLLMModel(nn.Module, SupportsMultiModal):
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
-        # Same scaling as STLLMProcessor.pixel_values, done on the device (fp32, then the ViT's dtype).
+        # normalize_frames' constants, on the device (the frames travel as uint8).
         self.register_buffer("pixel_mean", torch.tensor(config.image_mean, dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.image_std, dtype=torch.float32).view(1, 3, 1, 1),
@@ -177,66 +166,17 @@ class STLLMVLLMModel(nn.Module, SupportsMultiModal):
         self._vit_cache = _LRU(int(os.environ.get(VIT_CACHE_SIZE_ENV, "8")))
         self._visual_embeddings = _LRU(_EMBEDDING_STORE_SIZE)
 
-    # ---- visual encoding -------------------------------------------------------------------------------
-
-    def pixel_values(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 (T, S, S, 3) → normalised float32 (T, 3, S, S), as STLLMProcessor.pixel_values."""
-        x = frames.permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self.pixel_mean) / self.pixel_std
-
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(T, 3, S, S) → ViT features after `ln_vision` (T, 1 + P, C)."""
-        vm = self.vision_model
-        if self.btadapter is None:
-            return vm(pixel_values)
-        t = pixel_values.shape[0]
-        x = vm.embeddings(pixel_values)
-        first = len(vm.encoder.layers) - self.btadapter.depth
-        branch = None
-        for i, layer in enumerate(vm.encoder.layers):
-            x = layer(x)
-            if i >= first:
-                branch = self.btadapter.step(x, branch, i - first, t, vm.embeddings.position_embedding)
-        return vm.post_layernorm(self.btadapter.merge(x, branch, t))
+    # ---- visual encoding (the maths is STLLMVisualEncoder's) ----------------------------------------
 
     def _vision_features(self, key: str, frames: torch.Tensor) -> torch.Tensor:
         features = self._vit_cache.get_fresh(key)
         if features is None:
-            features = self.get_vision_features(self.pixel_values(frames))
+            features = self.get_vision_features(normalize_frames(frames, self.pixel_mean, self.pixel_std))
             self.vit_forwards += 1
             self._vit_cache.put(key, features)
         if self._visual_embeddings.get_fresh(key) is None:
-            v = features.float().mean(dim=(0, 1))
-            self._visual_embeddings.put(key, (v / v.norm().clamp_min(1e-12)).cpu())
+            self._visual_embeddings.put(key, visual_embedding(features).cpu())
         return features
-
-    def get_frame_tokens(self, features: torch.Tensor, qformer_input_ids: torch.Tensor) -> torch.Tensor:
-        """ViT features (T, 1 + P, C) + question tokens (Lq,) → per-frame LLM tokens (T, Q, D)."""
-        t, p = features.shape[:2]
-        ids = qformer_input_ids.to(features.device, torch.long).view(1, -1).expand(t, -1)
-        queries = self.query_tokens.expand(t, -1, -1)
-        mask = torch.ones(t, queries.shape[1] + ids.shape[1], dtype=torch.long, device=ids.device)
-        out = self.qformer(
-            input_ids=ids,
-            attention_mask=mask,
-            query_embeds=queries,
-            encoder_hidden_states=features.to(self.query_tokens.dtype),
-            encoder_attention_mask=torch.ones(t, p, dtype=torch.long, device=ids.device),
-        ).last_hidden_state
-        return self.language_projection(out[:, : queries.shape[1]])
-
-    def get_video_tokens(self, frame_tokens: torch.Tensor) -> torch.Tensor:
-        """(T, Q, D) → (L, D): all = T·Q in time order, mean = Q, residual = R·Q (local + global MLP)."""
-        t, _, d = frame_tokens.shape
-        mode = self.config.video_input
-        if mode == "all":
-            return frame_tokens.reshape(-1, d)
-        if mode == "mean":
-            return frame_tokens.mean(0)
-        global_tokens = frame_tokens.mean(0, keepdim=True)
-        global_tokens = self.global_up_proj(torch.relu(self.global_down_proj(global_tokens)))
-        local = frame_tokens[segment_midpoints(t, self.config.residual_size)]
-        return (local + global_tokens).reshape(-1, d)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         frames = kwargs.get("video_frames")

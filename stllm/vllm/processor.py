@@ -1,8 +1,11 @@
 """vLLM multimodal processing for ST-LLM: `multi_modal_data={"video": uint8 (T, H, W, 3)}` → model inputs.
 
-Same facts as the `hf` engine (`STLLMProcessor`): segment-midpoint sampling of `num_frames` frames,
-shorter side → 224 bicubic + centre crop. The frames travel to the worker as uint8 224×224 (4× smaller
-than float pixels); the model scales/normalises them with the same formula as `STLLMProcessor.pixel_values`.
+Same facts as the `hf` engine (`STLLMProcessor`): the frames given are the model's frames (the engine samples
+them with the checkpoint's rule; a clip of more than `num_frames` frames sent straight to vLLM is sampled here
+with the same rule), shorter side → 224 bicubic + centre crop. The frames travel to the worker as uint8 224×224
+(4× smaller than float pixels); the model normalises them with `normalize_frames`, as the `hf` processor.
+The visual token count follows the item's frame count (`all` mode: T·32; a video shorter than `num_frames` has
+fewer tokens, as in the original).
 
 Fields per video (all `batched("video")`, i.e. one entry per video item):
 - `video_frames`      uint8 (T, S, S, 3)
@@ -11,9 +14,9 @@ Fields per video (all `batched("video")`, i.e. one entry per video item):
 - `qformer_input_ids` int64 (Lq,): the question, BERT-tokenized (left-truncated) for the Q-Former
 
 The question comes from the request's `mm_processor_kwargs={"question": ...}`. Prompt: ONE placeholder
-token (the pad id, `[PAD]`) that is expanded to `config.num_visual_tokens()` copies, followed by the text
-token ids; the engine sends `[pad] + STLLMProcessor.prompt_ids(question)` so the visual tokens come first,
-then BOS (id 2) + system + "###Human: ...", exactly as the `hf` engine.
+token (the pad id, `[PAD]`) that is expanded to `config.num_visual_tokens(T)` copies, followed by the text
+token ids; the engine sends `[pad] + STLLMProcessor.prompt_ids(question, prompt)` so the visual tokens come
+first, then BOS (id 2) + the prompt format's text, exactly as the `hf` engine.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from vllm.multimodal.processing import (
 )
 
 from stllm.configuration_stllm import STLLMConfig
-from stllm.processing_stllm import QFORMER_TOKENIZER_DIR, STLLMProcessor, as_frames, resize_crop
+from stllm.processing_stllm import QFORMER_TOKENIZER_DIR, STLLMProcessor
+from stllm.transforms import as_frames, resize_crop
 
 QUESTION_KWARG = "question"
 # Scope keys vLLM may add to `mm_processor_kwargs` on its own (always empty for this model).
@@ -49,10 +53,13 @@ _SCOPE_KWARGS = frozenset({"text_kwargs", "images_kwargs", "videos_kwargs", "aud
 
 
 def prepare_frames(processor: STLLMProcessor, video: object) -> np.ndarray:
-    """Decoded clip → the model's sampled, resized uint8 frames (T, S, S, 3). Idempotent."""
+    """The model's frames → resized uint8 (T, S, S, 3); a clip longer than `num_frames` is sampled first (the
+    checkpoint's rule). Idempotent on prepared frames."""
     if isinstance(video, torch.Tensor):
         video = video.cpu().numpy()
-    frames = processor.sample(as_frames(video))
+    frames = as_frames(video)
+    if frames.shape[0] > processor.config.num_frames:
+        frames = processor.sample(frames)
     return np.ascontiguousarray(resize_crop(frames, processor.config.image_size))
 
 
@@ -138,9 +145,9 @@ class STLLMProcessingInfo(BaseProcessingInfo):
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
         return {"video": self.get_num_video_tokens()}
 
-    def get_num_video_tokens(self) -> int:
-        # Sampling always yields config.num_frames frames, so the count is fixed per checkpoint.
-        return self.get_hf_config().num_visual_tokens()
+    def get_num_video_tokens(self, num_frames: int | None = None) -> int:
+        """Visual tokens of a video of `num_frames` prepared frames (default: the most, `config.num_frames`)."""
+        return self.get_hf_config().num_visual_tokens(num_frames)
 
     def get_placeholder_token_id(self) -> int:
         return self.get_hf_config().text_config.pad_token_id
@@ -209,7 +216,12 @@ class STLLMMultiModalProcessor(BaseMultiModalProcessor[STLLMProcessingInfo]):
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
         ph = self.info.get_placeholder_token_id()
-        return [PromptReplacement(modality="video", target=[ph], replacement=[ph] * self.info.get_num_video_tokens())]
+
+        def replacement(item_idx: int) -> list[int]:
+            frames = out_mm_kwargs["video"][item_idx]["video_frames"].data
+            return [ph] * self.info.get_num_video_tokens(int(frames.shape[0]))
+
+        return [PromptReplacement(modality="video", target=[ph], replacement=replacement)]
 
 
 __all__ = [

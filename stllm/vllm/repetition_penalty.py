@@ -32,7 +32,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProc
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 PENALTY_ARG = "stllm_output_repetition_penalty"
-LOGITS_PROCESSOR = "stllm.vllm.sampling:OutputRepetitionPenalty"
+LOGITS_PROCESSOR = "stllm.vllm.repetition_penalty:OutputRepetitionPenalty"
 
 
 def _penalty(params: SamplingParams) -> float | None:

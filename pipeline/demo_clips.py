@@ -1,4 +1,4 @@
-"""Synthetic video clips for tests and the demo, encoded with PyAV (no files shipped, no network).
+"""The demo's sample clips (also the tests' fixtures), encoded with PyAV (no files shipped, no network).
 
 A clip shows a coloured background and a white square moving left to right by a known amount per frame,
 so a test can tell which frame it got (`square_x`). Encoders present in this PyAV build (checked with
@@ -8,8 +8,6 @@ so a test can tell which frame it got (`square_x`). Encoders present in this PyA
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -88,22 +86,6 @@ def make_test_video(path: str | os.PathLike, codec: Codec, n_frames: int = 24,
         for packet in stream.encode():
             container.mux(packet)
     return path
-
-
-@dataclass(frozen=True)
-class StallAt:
-    """A `stage_hook` for `decode_video` (picklable): when the decode worker reaches `stage`, sleep
-    `seconds` (a stuck decoder) or, with `exit_code`, kill the worker process (a crashing one)."""
-
-    stage: str
-    seconds: float = 3600.0
-    exit_code: int | None = None
-
-    def __call__(self, stage: str) -> None:
-        if stage == self.stage:
-            if self.exit_code is not None:
-                os._exit(self.exit_code)
-            time.sleep(self.seconds)
 
 
 def make_corrupt_video(path: str | os.PathLike, kind: Literal["random", "truncated"] = "random") -> Path:

@@ -1,0 +1,47 @@
+"""Where stllm-index keeps its own files, and how a job's `model.path` becomes a checkpoint folder and a
+content identity (shared by the CLI, the stages and the demo; imports nothing of theirs)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def index_home() -> Path:
+    """stllm-index's own files (tiny model, demo): $STLLM_INDEX_HOME or ~/.cache/stllm-index."""
+    return Path(os.environ.get("STLLM_INDEX_HOME", Path.home() / ".cache" / "stllm-index"))
+
+
+def default_model_dir() -> Path:
+    """Where the tiny random demo model is built on first use (no download, no network)."""
+    from stllm.tiny import TINY_VERSION
+
+    return index_home() / f"tiny-model-v{TINY_VERSION}"
+
+
+def ensure_tiny_model(path: Path | None = None) -> Path:
+    path = path or default_model_dir()
+    if not (path / "config.json").exists():
+        from stllm.tiny import build_tiny
+
+        build_tiny(path)
+    return path
+
+
+def resolve_model_path(path: str) -> str:
+    """`tiny` means the deterministic tiny random demo model, built on first use on each node."""
+    return str(ensure_tiny_model()) if path == "tiny" else path
+
+
+def checkpoint_id(path: str | os.PathLike) -> str:
+    """The content identity of a converted folder: its weights' hash and its config. Weights re-converted into
+    the same folder get a new identity; the same weights copied elsewhere keep theirs."""
+    from stllm.loading import weights_hash
+
+    folder = Path(path)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("transformers_version", None)  # written by whoever saved it, not part of the model
+    payload = json.dumps({"weights": weights_hash(folder), "config": config}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
