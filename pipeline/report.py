@@ -1,15 +1,65 @@
-"""What the user sees while a job runs: a progress bar, then a summary table."""
+"""What the user sees: a progress bar, then a summary table — and nothing of the libraries' chatter.
+
+`quiet_output(log)` sends everything written to file descriptors 1 and 2 (Ray's and vLLM's start-up notices,
+C++ log lines of their worker processes, warnings) to a log file for the duration of a command; what the
+command means to show goes to the terminal through `console()` / `err_console()`. `-v` turns it off.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+_terminal: dict[str, TextIO] = {}  # "out"/"err": the real terminal while quiet_output is active
+
+
+def terminal(name: str = "out") -> TextIO:
+    """The user's stdout ("out") or stderr ("err"), also while library output goes to the log."""
+    return _terminal.get(name) or (sys.stdout if name == "out" else sys.stderr)
+
+
+def console() -> Console:
+    """A console on the user's stdout (the terminal even while library output goes to the log)."""
+    return Console(file=terminal("out"))
+
+
+def err_console() -> Console:
+    return Console(file=terminal("err"), stderr=True)
+
+
+@contextmanager
+def quiet_output(log_path: Path | None) -> Iterator[Path | None]:
+    """Redirect fds 1 and 2 (this process and every child it starts) to `log_path` (appended); yields the
+    path. With `None`, nothing is redirected."""
+    if log_path is None or _terminal:
+        yield None
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {"out": os.dup(1), "err": os.dup(2)}
+    with log_path.open("ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    _terminal.update({k: os.fdopen(os.dup(fd), "w", buffering=1) for k, fd in saved.items()})
+    try:
+        yield log_path
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for name, fd in (("out", 1), ("err", 2)):
+            _terminal.pop(name).close()
+            os.dup2(saved[name], fd)
+            os.close(saved[name])
 
 
 class _Bar:
@@ -31,15 +81,15 @@ def progress_bar(total: int, enabled: bool = True) -> Iterator[_Bar]:
         return
     progress = Progress(
         TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TextColumn("errors: {task.fields[errors]}"), TimeElapsedColumn(), console=Console(stderr=True),
+        TextColumn("errors: {task.fields[errors]}"), TimeElapsedColumn(), console=err_console(),
     )
     with progress:
         task = progress.add_task("videos", total=total, rate="", errors=0)
         yield _Bar(progress, task, total)
 
 
-def print_summary(manifest: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+def print_summary(manifest: dict[str, Any], out: Console | None = None) -> None:
+    out = out or console()
     c = manifest["counts"]
     table = Table(title=f"run {manifest['run_id']} ({manifest['job']})", show_header=True)
     table.add_column("what")
@@ -55,4 +105,4 @@ def print_summary(manifest: dict[str, Any], console: Console | None = None) -> N
     table.add_row("config hash", manifest["config_hash"][:16])
     for name, loc in manifest["outputs"].items():
         table.add_row(name, str(loc))
-    console.print(table)
+    out.print(table)

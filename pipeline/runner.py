@@ -53,15 +53,17 @@ def init_ray(address: str | None, job) -> None:
     # The project must be importable in every worker; a job file is small config, not code.
     # Two malloc arenas: glibc's default (8 per core) lets long-lived actors' RSS creep up with batch count.
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "MALLOC_ARENA_MAX": "2"}}
+    verbose = log.isEnabledFor(logging.INFO)  # `stllm-index -v`; the CLI sends the rest to its log file
     with warnings.catch_warnings():
         # Ray starts its processes with fork + exec; lancedb's fork warning (when a table was opened earlier in
         # this process) is about forks that go on running Python, not this.
         warnings.filterwarnings("ignore", message="lancedb fork support", category=RuntimeWarning)
+        level = logging.INFO if verbose else logging.ERROR
         if address:
-            ray.init(address=address, runtime_env=env, log_to_driver=False)
+            ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level=level)
         else:
             ray.init(runtime_env=env, include_dashboard=False, log_to_driver=False,
-                     num_cpus=job.runtime.num_cpus)
+                     num_cpus=job.runtime.num_cpus, logging_level=level)
     fit_cpu_reservations(job, ray.cluster_resources().get("CPU", 1.0))
     ctx = ray.data.DataContext.get_current()
     limits = ctx.execution_options.resource_limits

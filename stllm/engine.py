@@ -124,3 +124,7 @@ class Engine(Protocol):
     def generate(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> list[VideoResult]:
         """One result per request, in order. A bad request yields a result with `error` set."""
         ...
+
+    def close(self) -> None:
+        """Stop what the engine started (vLLM's engine-core processes); the engine is unusable afterwards."""
+        ...

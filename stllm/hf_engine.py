@@ -54,6 +54,9 @@ class HFEngine:
     def num_frames(self) -> int:
         return self.model.config.num_frames
 
+    def close(self) -> None:
+        """Nothing to stop: the model lives in this process."""
+
     @property
     def device(self) -> torch.device:
         return self.model.device

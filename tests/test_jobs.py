@@ -111,11 +111,32 @@ def test_config_hash_tracks_what_changes_the_rows() -> None:
         assert load_job(None, ov).config_hash() == base.config_hash(), ov
     different = [["model.path=/models/x"], ["model.num_frames=4"], ["model.dtype=bfloat16"], ["questions=[]"],
                  ["caption_prompt=Summarise."], ["model.max_new_tokens=9"], ["embedder.model=other-model"],
-                 ["model.do_sample=true"]]
+                 ["model.do_sample=true"], ["prompt.preset=qa"], ["prompt.answer_prefix=Answer:"],
+                 ["model.frame_sampling=midpoint"], ["model.decoding=original"]]
     hashes = {load_job(None, ov).config_hash() for ov in different}
     assert len(hashes) == len(different) and base.config_hash() not in hashes
+    # The checkpoint counts by its content identity, not its path (see pipeline.paths.checkpoint_id).
+    assert base.config_hash("weights-a") != base.config_hash("weights-b") != base.config_hash()
+    assert load_job(None, ["model.path=/elsewhere"]).config_hash("weights-a") == base.config_hash("weights-a")
     assert load_job(None, ["model.path=/x"]).questions_hash() == base.questions_hash()
     assert load_job(None, ['questions=["Why?"]']).questions_hash() != base.questions_hash()
+
+
+def test_decoding_preset_and_prompt_in_jobs() -> None:
+    from pipeline.jobs import parse_job
+
+    minimal = {"name": "x", "source": {"uri": "v"}, "model": {"path": "tiny", "decoding": "original"},
+               "output": {"parquet": "p"}}
+    opts = parse_job(minimal).generation_options()
+    assert (opts.num_beams, opts.max_new_tokens) == (5, 300)
+    opts = load_job(None, ["model.decoding=original"]).generation_options()
+    assert (opts.num_beams, opts.max_new_tokens) == (5, 24)  # the demo job sets max_new_tokens: it wins
+    opts = load_job(None, ["prompt.preset=mvbench"]).generation_options()
+    assert opts.prompt.answer_prefix == "Best option:(" and opts.repetition_penalty_for(1.5) == 1.0
+    opts = load_job(None, ["prompt.preset=qa", 'prompt.system="Look.\\n"']).generation_options()  # YAML quotes
+    assert opts.prompt.render("q", "unused") == "Look.\n###Human: q ###Assistant: "
+    with pytest.raises(JobError, match="prompt.preset"):
+        load_job(None, ["prompt.preset=vqa"])
 
 
 def test_secrets_are_masked_in_dumps() -> None:

@@ -133,7 +133,10 @@ def test_manifest_and_rerun_adds_nothing(indexed, s3_server, archive, tmp_path):
 
     job, manifest = indexed
     saved = json.loads(Path(manifest["outputs"]["manifest"]).read_text())
-    assert saved["run_id"] == manifest["run_id"] and saved["config_hash"] == job.config_hash()
+    from pipeline.paths import checkpoint_id, resolve_model_path
+
+    assert saved["run_id"] == manifest["run_id"]
+    assert saved["config_hash"] == job.config_hash(checkpoint_id(resolve_model_path(job.model.path)))
     again = run_job(load_job(None, _overrides(s3_server, archive, tmp_path)), progress=False)
     ray.shutdown()
     # Same content + same config: the 4 good videos are skipped; the bad ones are tried (and fail) again.

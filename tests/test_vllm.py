@@ -230,8 +230,9 @@ def _hf_penalized(logits, outputs, penalties):
 
 def _penalty_case():
     import torch
-    from stllm.vllm.repetition_penalty import PENALTY_ARG
     from vllm import SamplingParams
+
+    from stllm.vllm.repetition_penalty import PENALTY_ARG
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g)
@@ -243,8 +244,9 @@ def _penalty_case():
 
 
 def test_output_penalty_v1_interface_matches_hf():
-    from stllm.vllm.repetition_penalty import OutputRepetitionPenalty
     from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from stllm.vllm.repetition_penalty import OutputRepetitionPenalty
 
     logits, prompts, outputs, penalties, params = _penalty_case()
     proc = OutputRepetitionPenalty(None, "cpu", False)
@@ -259,8 +261,9 @@ def test_output_penalty_v2_interface_matches_hf():
     from types import SimpleNamespace
 
     import torch
-    from stllm.vllm.repetition_penalty import OutputRepetitionPenalty
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
+
+    from stllm.vllm.repetition_penalty import OutputRepetitionPenalty
 
     logits, prompts, outputs, penalties, params = _penalty_case()
     slots = [5, 0, 2]  # persistent slots differ from batch rows
