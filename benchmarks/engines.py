@@ -27,7 +27,8 @@ def _requests(n: int, first: int = 0):
     from stllm.engine import VideoRequest
     from tests.tiny_fixtures import synthetic_frames
 
-    return [VideoRequest(f"v{i}", synthetic_frames(i, t=8, h=224, w=224), QUESTIONS) for i in range(first, first + n)]
+    return [VideoRequest(f"v{i}", synthetic_frames(i, t=8, h=224, w=224), QUESTIONS, sampled=True)
+            for i in range(first, first + n)]
 
 
 def _tokens(results) -> list[list[list[int]]]:

@@ -36,13 +36,8 @@ def write_config_folder(dst: Path, smoke: bool) -> Path:
 
     from stllm.configuration_stllm import STLLMConfig
     from stllm.processing_stllm import QFORMER_TOKENIZER_DIR
-    from stllm.tiny import (
-        build_qformer_tokenizer,
-        load_llama_tokenizer,
-        tiny_config,
-        train_tiny_sentencepiece,
-        write_sentencepiece_tokenizer,
-    )
+    from stllm.tiny import tiny_config, train_tiny_sentencepiece
+    from stllm.tokenizers import build_qformer_tokenizer, load_llama_tokenizer, write_sentencepiece_tokenizer
 
     dst.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +103,7 @@ def main() -> int:
     options = GenerationOptions(max_new_tokens=args.max_new_tokens)
 
     def requests(videos: list[np.ndarray], tag: str) -> list[VideoRequest]:
-        return [VideoRequest(f"{tag}{i}", v, [CAPTION, *QUESTIONS]) for i, v in enumerate(videos)]
+        return [VideoRequest(f"{tag}{i}", v, [CAPTION, *QUESTIONS], sampled=True) for i, v in enumerate(videos)]
 
     engine.generate(requests(synthetic_videos(2, cfg.num_frames, cfg.image_size, seed=1), "warm"), options)
     videos = synthetic_videos(args.videos, cfg.num_frames, cfg.image_size, seed=2)

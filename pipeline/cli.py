@@ -149,10 +149,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Full-text / vector / hybrid search over an index; --similar-to finds visually similar videos."""
+    from pipeline.catalog.search import search
     from pipeline.embedder import load_text_embedder
-    from pipeline.search import search
-    from pipeline.sinks import connect_lance
-    from pipeline.sources import S3Options
+    from pipeline.io.sinks import connect_lance
+    from pipeline.io.sources import S3Options
 
     s3 = S3Options() if args.index.startswith("s3://") else None
     text, vector, column = args.query, None, "caption_embedding"

@@ -31,10 +31,10 @@ def make_demo_videos(folder: Path) -> list[Path]:
 
 
 def run_demo(workdir: Path | None = None) -> int:
+    from pipeline.catalog.search import search
     from pipeline.jobs import load_job
     from pipeline.report import console as user_console
     from pipeline.runner import run_job
-    from pipeline.search import search
 
     console = user_console()
     root = Path(workdir or index_home() / "demo")

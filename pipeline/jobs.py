@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.sources import DEFAULT_EXTENSIONS, S3Options
+from pipeline.io.sources import DEFAULT_EXTENSIONS, S3Options
 
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 TableName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]

@@ -124,7 +124,7 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
 
 def list_work(job, sink=None) -> tuple[list[dict[str, Any]], int]:
     """The source's videos minus those already indexed with the same content and config."""
-    from pipeline.sources import list_videos
+    from pipeline.io.sources import list_videos
 
     rows = []
     for src in list_videos(job.source.uri, extensions=job.source.extensions, s3=job.source.s3,
@@ -143,7 +143,7 @@ def list_work(job, sink=None) -> tuple[list[dict[str, Any]], int]:
 def run_job(job, address: str | None = None, progress: bool = True) -> dict[str, Any]:
     import ray
 
-    from pipeline.job_sinks import JobSinks
+    from pipeline.io.run_sinks import JobSinks
     from pipeline.report import print_summary, progress_bar
 
     t_start = time.perf_counter()

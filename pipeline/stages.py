@@ -71,7 +71,7 @@ class DecodeStage:
 
     def decode_row(self, row: dict[str, Any]) -> dict[str, Any]:
         from pipeline.decode import decode_video
-        from pipeline.sources import read_bytes
+        from pipeline.io.sources import read_bytes
 
         row = dict(row)
         row.update(frames=b"", frames_shape=[], frame_indices=[], duration_s=None, fps=None, width=None,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.sources import S3Options
+from pipeline.io.sources import S3Options
 
 CODEC_FILES = {"h264": "h264.mp4", "hevc": "hevc.mp4", "vp9": "vp9.webm", "av1": "av1.mp4"}
 

@@ -185,14 +185,14 @@ def test_decode_stage_batches_rows_and_yields_the_cpu(video_fixtures) -> None:
 
     code = f"""
 import os, pandas as pd
-import pipeline.decode as D
+from pipeline.decode.worker import shared_worker_pid
 from pipeline.stages import DecodeStage
 stage = DecodeStage(num_frames=4, image_size=32, timeout_s=60, nice=7)
 rows = pd.DataFrame([{{"uri": {str(video_fixtures["h264"])!r}}}, {{"uri": {str(video_fixtures["random"])!r}}},
                      {{"uri": {str(video_fixtures["vp9"])!r}}}])
 out = stage(rows)
 print(list(out["uri"].str[-8:]), list(out["error_stage"].fillna("-")), list(out["frames_shape"].map(len)))
-print(os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, D._shared.pid))
+print(os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, shared_worker_pid()))
 """
     before = os.getpriority(os.PRIO_PROCESS, 0)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -63,7 +63,7 @@ def indexed(s3_server, archive, tmp_path_factory):
 
 
 def _tables(job):
-    from pipeline.sinks import connect_lance, read_parquet
+    from pipeline.io.sinks import connect_lance, read_parquet
 
     out = job.output
     parquet = read_parquet(f"{out.parquet}/{out.table}", s3=out.s3)
@@ -110,7 +110,7 @@ def test_parquet_and_lancedb_match_the_schemas_and_each_other(indexed):
 
 
 def test_full_text_and_vector_search_find_the_right_video(indexed):
-    from pipeline.search import search
+    from pipeline.catalog.search import search
 
     job, _ = indexed
     parquet, _, _ = _tables(job)

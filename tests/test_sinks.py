@@ -12,10 +12,9 @@ import pyarrow as pa
 import pytest
 
 import schemas
-from pipeline.job_sinks import JobSinks
-from pipeline.jobs import load_job
-from pipeline.search import search
-from pipeline.sinks import (
+from pipeline.catalog.search import search
+from pipeline.io.run_sinks import JobSinks
+from pipeline.io.sinks import (
     ROW_KEY,
     LanceSink,
     ParquetSink,
@@ -24,6 +23,7 @@ from pipeline.sinks import (
     read_parquet,
     write_manifest,
 )
+from pipeline.jobs import load_job
 
 TEXT_DIM, VISUAL_DIM = 8, 6
 CAPTIONS = [

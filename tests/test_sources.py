@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sources import S3Options, VideoSource, list_videos, read_bytes
+from pipeline.io.sources import S3Options, VideoSource, list_videos, read_bytes
 
 
 def _tree(root: Path) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.sinks import connect_lance
-from pipeline.sources import S3Options
+from pipeline.io.sinks import connect_lance
+from pipeline.io.sources import S3Options
 
 
 def search(uri: str, table: str, text: str | None = None, vector: Sequence[float] | None = None, k: int = 5,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipeline.sinks import (
+from pipeline.io.sinks import (
     ROW_KEY,
     ErrorSink,
     LanceSink,

@@ -1,6 +1,6 @@
 """Decode a video's bytes into the frames ST-LLM sees — bounded in time, in a process that can be killed.
 
-`decode_video` runs `pipeline.decoders.decode_inline` (sampling, decord → PyAV fallback, resize + crop) in a
+`decode_video` runs `decoders.decode_inline` (sampling, decord → PyAV fallback, resize + crop) in a
 separate *process* that is killed on timeout: a stuck decoder (decord hangs forever on containers that
 over-report their frame count, decord #373) ignores threads and signals. The process is reused across calls
 (start-up ~0.3 s) and recycled every `max_tasks` videos (decord leaks on some files). A decord hang is retried
@@ -25,17 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.decoders import (
-    DecodedVideo,
-    DecodeError,
-    Decoder,
-    DecodeTimeout,
-    decode_inline,
-    short_message,
-)
+from pipeline.decode.decoders import DecodedVideo, DecodeError, Decoder, DecodeTimeout, decode_inline, short_message
 from stllm.frame_sampling import FrameSampling
 
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 # glibc serves each video's big buffers (decoded chunks, the output array) with fresh mmaps by default, and
 # first-touch page faults cost ~10% of a short clip's decode on a VM. Keep them on the worker's heap instead:
 # it is recycled every `max_tasks` videos, so what it holds is bounded. (Environment wins if set.)
@@ -159,7 +152,7 @@ class DecodeWorker:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from pipeline.decode import worker_main; "
+                [sys.executable, "-c", "import sys; from pipeline.decode.worker import worker_main; "
                  "worker_main(int(sys.argv[1]))", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
             )
@@ -258,6 +251,11 @@ _shared: DecodeWorker | None = None
 _shared_lock = threading.Lock()
 
 
+def shared_worker_pid() -> int | None:
+    """The pid of this process's shared decode worker (None before the first `decode_video`)."""
+    return _shared.pid if _shared is not None else None
+
+
 def _shutdown_shared() -> None:
     if _shared is not None:
         _shared.close()
@@ -291,5 +289,4 @@ def decode_video(data: bytes, num_frames: int, size: int | None = 224, timeout_s
             return _shared.decode(data, num_frames, size, timeout_s, **kwargs)
 
 
-__all__ = ["DecodedVideo", "DecodeError", "DecodeTimeout", "DecodeWorker", "Decoder", "decode_video",
-           "decode_video_inline"]
+__all__ = ["DecodeWorker", "decode_video", "decode_video_inline", "shared_worker_pid", "worker_main"]

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.sources import S3Options, is_s3, split_s3_uri
+from pipeline.io.sources import S3Options, is_s3, split_s3_uri
 from schemas import (
     SCHEMA_VERSION,
     RunManifest,

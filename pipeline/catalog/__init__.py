@@ -1,0 +1,1 @@
+"""What people do with an index: search it."""
