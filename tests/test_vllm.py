@@ -1,6 +1,6 @@
 """The `vllm` engine against the `hf` reference on the same tiny checkpoints (fp32, CPU).
 
-Two engine starts in all (≈30–60 s each on 2 cores): the shared residual-mode checkpoint, then an
+Three engine starts in all (≈30–60 s each on 2 cores): the shared residual-mode checkpoint, a mean-mode one, and an
 `all`-mode checkpoint with a BT-Adapter whose LM head is edited so that greedy decoding also ends on the
 stop string "###" and on EOS. The engines are class-scoped so only one is alive at a time.
 """
@@ -212,6 +212,23 @@ class TestAllModeBTAdapter:
         if penalty == 1.5:  # both ways of stopping are exercised
             last = {a.token_ids[-1] for r in vllm_results for a in r.answers}
             assert {STOP_ID, EOS_ID} <= last
+
+
+# ---- mean mode (the paper's baseline) -------------------------------------------------------------------
+
+
+def test_mean_mode_parity(tmp_path_factory):
+    from stllm.hf_engine import HFEngine
+
+    d = build_tiny(tmp_path_factory.mktemp("tiny_mean") / "model", video_input="mean")
+    hf = HFEngine.from_pretrained(str(d), dtype="float32", device="cpu")
+    engine = _start(d)
+    try:
+        opts = GenerationOptions(max_new_tokens=16)
+        requests = _requests(range(2), short=True)
+        _assert_parity(hf.generate(requests, opts), engine.generate(requests, opts))
+    finally:
+        engine.close()
 
 
 # ---- output-only repetition penalty, both vLLM runner interfaces, against HF's processor ---------------
