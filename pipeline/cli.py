@@ -2,7 +2,8 @@
 
   stllm-index convert SRC DST        released ST-LLM weights → the project's safetensors folder
   stllm-index ask VIDEO "question"   answer one question about one video (try a checkpoint)
-  stllm-index run JOB.yaml           index every video of a job (local folder or s3:// prefix)
+  stllm-index run JOB.yaml           index what is new in a job's source (local folder or s3:// prefix)
+  stllm-index status INDEX           last runs, counts and errors of an index
   stllm-index search ...             query an index (full text, vector, hybrid)
   stllm-index demo                   the offline demo: tiny random model, generated clips, CPU
 """
@@ -134,17 +135,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.jobs import JobError, load_job
-    from pipeline.runner import run_job
+    from pipeline.runner import exit_status, run_job
 
     try:
         job = load_job(args.job, args.set or [])
     except JobError as e:
         print(f"invalid job {args.job}:\n{e}", file=terminal("err"))
         return 2
-    manifest = run_job(job, address=args.address, progress=not args.no_progress)
-    c = manifest["counts"]
-    # Per-video failures are recorded in the errors table; exit 1 only when nothing at all could be indexed.
-    return 0 if c["listed"] == 0 or c["indexed"] + c["skipped"] > 0 else 1
+    manifest = run_job(job, address=args.address, progress=not args.no_progress, retry_errors=args.retry_errors)
+    # Per-video failures are in the error ledger; the run fails when it indexed none of its new videos or more
+    # than runtime.max_error_fraction of them failed (a run with nothing new succeeds).
+    return exit_status(manifest, job.runtime.max_error_fraction)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Last runs (from their manifests), the index's row counts, the error ledger by type."""
+    from pipeline.index_status import index_status, print_status
+
+    status = index_status(args.index, runs=args.runs, manifest_dir=args.manifest_dir)
+    if args.json:
+        print(json.dumps(status, indent=2, default=str), file=terminal())
+    else:
+        print_status(status)
+    return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -222,7 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field, e.g. model.engine=vllm")
     r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--retry-errors", action="store_true", help="try known-bad videos again (else they are "
+                   "skipped while unchanged)")
     r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="last runs, counts and errors of an index")
+    st.add_argument("index", help="the job's output.parquet root or output.lancedb folder (local or s3://)")
+    st.add_argument("--runs", type=int, default=5, help="how many of the last runs to show")
+    st.add_argument("--manifest-dir", default=None, help="where the run manifests are (default: <index>/_manifests)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
 
     s = sub.add_parser("search", help="search an index")
     s.add_argument("index", help="LanceDB uri (folder or s3://)")

@@ -49,11 +49,11 @@ def run_demo(workdir: Path | None = None) -> int:
     ])
     manifest = run_job(job, progress=True)
     counts = manifest["counts"]
-    if counts["indexed"] == 0 and counts["skipped"] > 0:
+    if counts["indexed"] + counts["copies"] + counts["errors"] == 0:
         console.print(f"nothing new: all {counts['skipped']} clips were already indexed with this model and "
-                      f"these questions (index: {root / 'index'})")
+                      f"these questions, {counts['known_bad']} known-bad file(s) skipped (index: {root / 'index'})")
     console.print("\n[bold]search[/bold] (full text: 'video')")
     hits = search(job.output.lancedb, job.output.table, text="video", k=1)
     for hit in hits:
         console.print({k: hit[k] for k in ("uri", "caption", "answers", "decoder", "codec") if k in hit})
-    return 0 if counts["indexed"] + counts["skipped"] > 0 else 1
+    return 0 if counts["indexed"] + counts["copies"] + counts["skipped"] > 0 else 1

@@ -48,7 +48,10 @@ class SourceConfig(_Strict):
     uri: NonEmpty = Field(description="local folder/file or s3://bucket/prefix")
     extensions: list[str] = Field(default=list(DEFAULT_EXTENSIONS), min_length=1)
     s3: S3Options | None = None
-    limit: int | None = Field(default=None, ge=1, description="index at most this many videos")
+    limit: int | None = Field(default=None, ge=1, description="index at most this many NEW videos per run")
+    max_bytes: int | None = Field(default=None, ge=1, description="objects larger than this are recorded as errors")
+    fetch_timeout_s: float = Field(default=1800.0, gt=0, description="deadline for fetching one object")
+    page_size: int = Field(default=1000, ge=1, le=10_000, description="objects listed (and checked) per page")
 
     @field_validator("extensions")
     @classmethod
@@ -134,6 +137,13 @@ class RuntimeConfig(_Strict):
     buffer_mb: int = Field(default=512, ge=16, description="object-store budget for rows in flight between "
                            "stages: decoding waits when it is full, so memory does not grow with the archive")
     skip_existing: bool = True
+    retry_errors: bool = Field(default=False, description="try known-bad objects again (also `run --retry-errors`)")
+    retry_errors_after_h: float | None = Field(default=None, gt=0, description="try a known-bad object again "
+                                               "once its last failure is this many hours old (default: never)")
+    max_error_fraction: float = Field(default=0.5, ge=0, le=1, description="the run exits non-zero when more "
+                                      "than this share of its new objects fail")
+    actor_restarts: int = Field(default=3, ge=0, description="restarts of a decode or model actor that died "
+                                "(its batch is retried on the new one)")
 
 
 class JobConfig(_Strict):
@@ -205,6 +215,25 @@ class JobConfig(_Strict):
                    "caption_prompt": self.caption_prompt, "questions": self.questions,
                    "embedder": self.embedder.model}
         return _digest(payload)
+
+    def redacted(self) -> dict[str, Any]:
+        """The job as JSON for manifests: secrets, access key ids, endpoint userinfo and engine kwargs masked."""
+        from pipeline.redact import MASK, redact_url
+
+        data = self.model_dump(mode="json")
+        for section in (data["source"], data["output"]):
+            s3 = section.get("s3")
+            if s3:
+                s3["endpoint_url"] = redact_url(s3.get("endpoint_url"))
+                for key in ("access_key_id", "secret_access_key"):
+                    if s3.get(key):
+                        s3[key] = MASK
+        for key in ("uri",):
+            data["source"][key] = redact_url(data["source"][key])
+        for key in ("parquet", "lancedb", "manifest_dir"):
+            data["output"][key] = redact_url(data["output"].get(key))
+        data["model"]["engine_kwargs"] = dict.fromkeys(data["model"]["engine_kwargs"], MASK)
+        return data
 
     def questions_hash(self) -> str:
         return _digest({"caption_prompt": self.caption_prompt, "questions": self.questions})

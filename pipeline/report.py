@@ -63,21 +63,23 @@ def quiet_output(log_path: Path | None) -> Iterator[Path | None]:
 
 
 class _Bar:
-    def __init__(self, progress: Progress | None, task: Any, total: int):
-        self.progress, self.task, self.total = progress, task, total
+    def __init__(self, progress: Progress | None, task: Any):
+        self.progress, self.task = progress, task
         self.done, self.t0 = 0, time.perf_counter()
 
-    def advance(self, n: int, errors: int = 0) -> None:
-        self.done += n
+    def update(self, done: int, total: int | None, errors: int = 0, advanced: int = 0) -> None:
+        """`done` of `total` new objects so far (the total grows as the listing goes on)."""
+        self.done = done
         if self.progress is not None:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            self.progress.update(self.task, advance=n, rate=f"{rate:.2f} videos/s", errors=errors)
+            rate = done / max(time.perf_counter() - self.t0, 1e-9)
+            self.progress.update(self.task, completed=done, total=max(total or 0, done) or None,
+                                 rate=f"{rate:.2f} videos/s", errors=errors)
 
 
 @contextmanager
-def progress_bar(total: int, enabled: bool = True) -> Iterator[_Bar]:
+def progress_bar(total: int | None, enabled: bool = True) -> Iterator[_Bar]:
     if not enabled:
-        yield _Bar(None, None, total)
+        yield _Bar(None, None)
         return
     progress = Progress(
         TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -85,7 +87,7 @@ def progress_bar(total: int, enabled: bool = True) -> Iterator[_Bar]:
     )
     with progress:
         task = progress.add_task("videos", total=total, rate="", errors=0)
-        yield _Bar(progress, task, total)
+        yield _Bar(progress, task)
 
 
 def print_summary(manifest: dict[str, Any], out: Console | None = None) -> None:
@@ -94,8 +96,13 @@ def print_summary(manifest: dict[str, Any], out: Console | None = None) -> None:
     table = Table(title=f"run {manifest['run_id']} ({manifest['job']})", show_header=True)
     table.add_column("what")
     table.add_column("value", justify="right")
-    for key in ("listed", "skipped", "indexed", "errors"):
-        table.add_row(key, str(c[key]))
+    for key, label in (("listed", "listed"), ("skipped", "skipped (already indexed)"),
+                       ("known_bad", "skipped (known bad)"), ("indexed", "indexed"),
+                       ("copies", "exact copies (result reused)"), ("errors", "errors"),
+                       ("model_calls", "model calls")):
+        if key in c:
+            table.add_row(label, str(c[key]))
+    table.add_row("status", manifest.get("status", "?"))
     table.add_row("wall time", f"{manifest['wall_s']:.1f} s")
     if manifest.get("videos_per_s"):
         table.add_row("throughput", f"{manifest['videos_per_s']:.2f} videos/s")

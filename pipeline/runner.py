@@ -17,10 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from pipeline.paths import checkpoint_id, resolve_model_path
-from pipeline.stages import ERROR_FIELDS, DecodeStage, ModelStage, video_id_of
+from pipeline.stages import DecodeStage, ModelStage
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +101,9 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
             num_cpus=rt.decode_cpus,
             fn_constructor_kwargs=dict(num_frames=facts["num_frames"], image_size=facts["image_size"],
                                        timeout_s=rt.decode_timeout_s, s3_options=job.source.s3,
-                                       nice=rt.decode_nice, frame_sampling=facts["frame_sampling"]),
+                                       nice=rt.decode_nice, frame_sampling=facts["frame_sampling"],
+                                       max_bytes=job.source.max_bytes, fetch_timeout_s=job.source.fetch_timeout_s),
+            max_restarts=rt.actor_restarts, max_task_retries=rt.actor_restarts,
         )
 
     def model(ds):
@@ -117,75 +117,92 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
                 options=job.generation_options(), engine_kwargs=job.model.engine_kwargs,
                 embedder=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
             ),
+            # A model actor that died (or exited because its engine broke) is restarted, its batch retried.
+            max_restarts=rt.actor_restarts, max_task_retries=rt.actor_restarts,
         )
 
     return {"decode": decode, "model": model}
 
 
-def list_work(job, sink=None) -> tuple[list[dict[str, Any]], int]:
-    """The source's videos minus those already indexed with the same content and config."""
-    from pipeline.io.sources import list_videos
+def work_plan(job, config_hash: str, retry_errors: bool = False):
+    from pipeline.io.listing import IndexLocation, WorkPlan
 
-    rows = []
-    for src in list_videos(job.source.uri, extensions=job.source.extensions, s3=job.source.s3,
-                           limit=job.source.limit):
-        d = src.to_row()
-        d["video_id"] = video_id_of(d["etag"], d["size"])
-        rows.append(d)
-    skipped = 0
-    if job.runtime.skip_existing and sink is not None:
-        done = sink.existing_ids()
-        skipped = sum(r["video_id"] in done for r in rows)
-        rows = [r for r in rows if r["video_id"] not in done]
-    return rows, skipped
+    out, src, rt = job.output, job.source, job.runtime
+    return WorkPlan(
+        source_uri=src.uri, extensions=tuple(src.extensions), source_s3=src.s3, config_hash=config_hash,
+        index=IndexLocation(parquet_root=out.parquet, lancedb=out.lancedb, videos_table=out.table,
+                            errors_table=out.errors_table, s3=out.s3),
+        skip_existing=rt.skip_existing, retry_errors=retry_errors or rt.retry_errors,
+        retry_after_s=rt.retry_errors_after_h * 3600 if rt.retry_errors_after_h else None,
+        limit=src.limit, page_size=src.page_size)
 
 
-def run_job(job, address: str | None = None, progress: bool = True) -> dict[str, Any]:
-    import ray
-
+def run_job(job, address: str | None = None, progress: bool = True, retry_errors: bool = False) -> dict[str, Any]:
+    """Index what is new in the job's source; returns the run manifest (also written, see JobSinks)."""
+    from pipeline.io.listing import has_new_work, new_work_dataset
     from pipeline.io.run_sinks import JobSinks
+    from pipeline.redact import register_secret
     from pipeline.report import print_summary, progress_bar
 
+    for s3 in (job.source.s3, job.output.s3):
+        if s3 is not None:
+            register_secret(s3.access_key_id, s3.secret)
     t_start = time.perf_counter()
     started_at = datetime.now(UTC)
     run_id = f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     facts = model_facts(job)
     config_hash = job.config_hash(facts["checkpoint_id"])
     sinks = JobSinks(job, run_id=run_id, config_hash=config_hash, model_id=facts["model_id"])
-    rows, skipped = list_work(job, sinks)
-    counts = {"listed": len(rows) + skipped, "skipped": skipped, "indexed": 0, "errors": 0}
+    sinks.start_manifest({"run_id": run_id, "job": job.name, "config_hash": config_hash,
+                          "model_id": facts["model_id"], "engine": job.model.engine,
+                          "started_at": started_at.isoformat()})
     stage_s = {"decode_s": 0.0, "model_s": 0.0, "embed_s": 0.0}
-    if rows:  # Ray only when there is work: a rerun that skips everything starts nothing
-        init_ray(address, job)
-        rt = job.runtime
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
-        for op in stage_ops(job, facts).values():
-            ds = op(ds)
-        with progress_bar(len(rows), enabled=progress) as bar:
-            for batch in ds.iter_batches(batch_format="pandas", batch_size=rt.commit_every, prefetch_batches=1):
-                ok, bad = _split(batch)
-                for col in stage_s:
-                    stage_s[col] += float(batch[col].fillna(0).sum()) if col in batch else 0.0
-                sinks.write(ok, bad)
-                counts["indexed"] += len(ok)
-                counts["errors"] += len(bad)
-                bar.advance(len(batch), errors=counts["errors"])
-    sinks.close()
+    plan = work_plan(job, config_hash, retry_errors)
+    try:
+        if has_new_work(plan):  # Ray only when there is work: a rerun that skips everything starts nothing
+            init_ray(address, job)
+            ds = new_work_dataset(plan)
+            for op in stage_ops(job, facts).values():
+                ds = op(ds)
+            with progress_bar(None, enabled=progress) as bar:
+                for batch in ds.iter_batches(batch_format="pandas", batch_size=job.runtime.commit_every,
+                                             prefetch_batches=1):
+                    for col in stage_s:
+                        stage_s[col] += float(batch[col].fillna(0).sum()) if col in batch else 0.0
+                    delta = sinks.write(batch)
+                    c = sinks.counts
+                    bar.update(done=c["indexed"] + c["copies"] + c["errors"],
+                               total=c["listed"] - c["skipped"] - c["known_bad"], errors=c["errors"],
+                               advanced=delta["indexed"] + delta["copies"] + delta["errors"])
+        else:  # nothing new: count what the listing holds without starting anything
+            from pipeline.io.listing import iter_work
+
+            for block in iter_work(plan):
+                sinks.write(block)
+        sinks.finish()
+    except BaseException as e:
+        wall = time.perf_counter() - t_start
+        sinks.end_manifest(status="failed", error=f"{type(e).__name__}: {e}",
+                           finished_at=datetime.now(UTC).isoformat(), wall_s=round(wall, 3),
+                           stage_seconds={k: round(v, 3) for k, v in stage_s.items()})
+        raise
     wall = time.perf_counter() - t_start
-    manifest = {
-        "run_id": run_id, "job": job.name, "config_hash": config_hash, "model_id": facts["model_id"],
-        "engine": job.model.engine, "started_at": started_at.isoformat(),
-        "finished_at": datetime.now(UTC).isoformat(), "wall_s": round(wall, 3), "counts": counts,
-        "stage_seconds": {k: round(v, 3) for k, v in stage_s.items()},
-        "videos_per_s": round(counts["indexed"] / wall, 4) if wall else None,
-        "outputs": sinks.locations(),
-    }
-    sinks.write_manifest(manifest)
+    manifest = sinks.end_manifest(
+        status="succeeded", finished_at=datetime.now(UTC).isoformat(), wall_s=round(wall, 3),
+        stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
+        videos_per_s=round(sinks.counts["indexed"] / wall, 4) if wall else None)
     if progress:
         print_summary(manifest)
     return manifest
 
 
-def _split(batch: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    failed = batch["error_stage"].notna()
-    return batch[~failed].reset_index(drop=True), batch[failed][["uri", *ERROR_FIELDS]].reset_index(drop=True)
+def exit_status(manifest: dict[str, Any], max_error_fraction: float) -> int:
+    """0 for a good run (nothing new is good); 1 when it indexed none of its new objects, or more than
+    `max_error_fraction` of them failed."""
+    c = manifest["counts"]
+    attempted = c.get("indexed", 0) + c.get("copies", 0) + c.get("errors", 0)
+    if attempted == 0:
+        return 0
+    if c.get("indexed", 0) + c.get("copies", 0) == 0 or c.get("errors", 0) / attempted > max_error_fraction:
+        return 1
+    return 0

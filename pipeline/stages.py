@@ -1,15 +1,18 @@
-"""The Ray Data stages, one small callable each. A row travels: listing → decode → model (+ embed) → sink.
+"""The Ray Data stages, one small callable each. A row travels: listing (`pipeline.io.listing`) → decode →
+model (+ embed) → sink.
 
-Rows carry keys, not bytes: the decode actor fetches the object itself and emits only the sampled,
-224×224 uint8 frames (≈ T·150 KB). A failed row keeps flowing with `error_*` set, so the sink records it
-and the job goes on.
+Rows carry keys, not bytes: the decode actor fetches the object itself (to a spool file: memory stays bounded
+whatever the file's size) and emits only the sampled, 224×224 uint8 frames (≈ T·150 KB). Only `work` rows are
+worked on; `copy` and `tally` rows pass through untouched. A failed row keeps flowing with `error_*` set, so
+the sink records it and the job goes on. A broken ENGINE is different: the model actor exits, Ray restarts it
+with a fresh engine and retries its batch, so one dead engine never turns every later video into an error.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
+import logging
 import os
 import time
 import traceback
@@ -19,19 +22,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.io.listing import WORK
+from pipeline.redact import redact
 from schemas import flatten_answers
 
-ERROR_FIELDS = ("error_stage", "error_type", "error_message")
+log = logging.getLogger(__name__)
+ERROR_FIELDS = ("error_stage", "error_type", "error_message", "error_retryable")
+ENGINE_EXIT_CODE = 75  # the model actor's exit status when its engine broke (Ray restarts it)
 
 
-def video_id_of(etag: str, size: int) -> str:
-    """A video's identity is its content: ETag (or local fingerprint) + size, hashed."""
-    return hashlib.sha256(f"{etag}:{size}".encode()).hexdigest()[:32]
-
-
-def _error(row: dict[str, Any], stage: str, exc: BaseException) -> dict[str, Any]:
-    row.update(error_stage=stage, error_type=type(exc).__name__, error_message=str(exc) or repr(exc))
+def _error(row: dict[str, Any], stage: str, exc: BaseException, retryable: bool = False) -> dict[str, Any]:
+    row.update(error_stage=stage, error_type=type(exc).__name__, error_message=redact(str(exc) or repr(exc)),
+               error_retryable=retryable)
     return row
+
+
+def is_work(row: Any) -> bool:
+    return row.get("kind", WORK) == WORK
 
 
 @functools.cache
@@ -53,7 +60,8 @@ class DecodeStage:
     """Decode actor: fetch the bytes, probe, sample the model's frames, resize/crop to the model's input size."""
 
     def __init__(self, num_frames: int, image_size: int, timeout_s: float, s3_options: Any = None, nice: int = 0,
-                 frame_sampling: str = "original"):
+                 frame_sampling: str = "original", max_bytes: int | None = None,
+                 fetch_timeout_s: float | None = None):
         if nice > os.getpriority(os.PRIO_PROCESS, 0):
             # Lower CPU priority for this actor and its decode subprocess (inherited): decoding fills the cycles
             # the model actors leave, instead of slowing the slowest stage where they share cores.
@@ -63,6 +71,7 @@ class DecodeStage:
         self.image_size = image_size
         self.timeout_s = timeout_s
         self.s3_options = s3_options
+        self.max_bytes, self.fetch_timeout_s = max_bytes, fetch_timeout_s
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         # A few rows per call: Ray Data's per-task overhead (scheduling, block building) costs more CPU than
@@ -71,22 +80,27 @@ class DecodeStage:
 
     def decode_row(self, row: dict[str, Any]) -> dict[str, Any]:
         from pipeline.decode import decode_video
-        from pipeline.io.sources import read_bytes
+        from pipeline.io.fetch import TransientFetchError, fetched
 
         row = dict(row)
         row.update(frames=b"", frames_shape=[], frame_indices=[], duration_s=None, fps=None, width=None,
                    height=None, codec=None, decoder=None, n_frames=None, thumbnail=b"", decode_s=0.0,
-                   error_stage=None, error_type=None, error_message=None)
+                   error_stage=None, error_type=None, error_message=None, error_retryable=False)
+        if not is_work(row):
+            return row
         t0 = time.perf_counter()
         try:
-            data = read_bytes(row["uri"], self.s3_options)
+            with fetched(row["uri"], self.s3_options, max_bytes=self.max_bytes,
+                         deadline_s=self.fetch_timeout_s) as path:
+                try:
+                    v = decode_video(path, num_frames=self.num_frames, size=self.image_size,
+                                     timeout_s=self.timeout_s, sampling=self.frame_sampling)
+                except Exception as e:  # noqa: BLE001 — any decode failure becomes an error record
+                    return _error(row, "decode", e)
+        except TransientFetchError as e:
+            return _error(row, "fetch", e, retryable=True)
         except Exception as e:  # noqa: BLE001 — any fetch failure becomes an error record
             return _error(row, "fetch", e)
-        try:
-            v = decode_video(data, num_frames=self.num_frames, size=self.image_size, timeout_s=self.timeout_s,
-                             sampling=self.frame_sampling)
-        except Exception as e:  # noqa: BLE001
-            return _error(row, "decode", e)
         row.update(frames=v.frames.tobytes(), frames_shape=list(v.frames.shape),
                    frame_indices=[int(i) for i in v.frame_indices], duration_s=v.duration_s, fps=v.fps,
                    width=v.width, height=v.height, codec=v.codec, decoder=v.decoder, n_frames=v.n_frames,
@@ -116,7 +130,8 @@ class ModelStage:
 
         t0 = time.perf_counter()
         # A batch holding an error row turns the others' None into NaN: test with isna, not `is None`.
-        todo = [i for i in range(len(batch)) if pd.isna(batch["error_stage"].iloc[i])]
+        kinds = batch["kind"] if "kind" in batch else pd.Series([WORK] * len(batch))
+        todo = [i for i in range(len(batch)) if kinds.iloc[i] == WORK and pd.isna(batch["error_stage"].iloc[i])]
         requests = []
         for i in todo:
             shape = tuple(int(s) for s in batch["frames_shape"].iloc[i])
@@ -130,11 +145,19 @@ class ModelStage:
         try:
             results = self.engine.generate(requests, self.options) if requests else []
         except Exception as e:  # noqa: BLE001 — a broken batch fails its rows, not the job
+            if not self.engine.healthy():
+                # The engine itself is gone (dead vLLM engine core, CUDA error): every later batch would fail
+                # the same way. Exit so Ray restarts this actor with a fresh engine and retries the batch.
+                log.error("the %s engine broke (%s: %s); exiting for a restart", self.engine.kind,
+                          type(e).__name__, e)
+                os._exit(ENGINE_EXIT_CODE)
             results = []
             for i in todo:
                 errors["error_stage"][i], errors["error_type"][i] = "model", type(e).__name__
-                errors["error_message"][i] = f"{e}\n{traceback.format_exc(limit=3)}"
+                errors["error_message"][i] = redact(f"{e}\n{traceback.format_exc(limit=3)}")
+        calls = [0] * len(batch)
         for i, res in zip(todo, results, strict=False):
+            calls[i] = 1
             if not res.ok:
                 errors["error_stage"][i], errors["error_type"][i] = "model", "ValueError"
                 errors["error_message"][i] = res.error
@@ -148,6 +171,7 @@ class ModelStage:
         out["visual_embedding"] = visual
         for f, values in errors.items():
             out[f] = values
+        out["model_calls"] = calls  # rows the engine ran for (copies reuse a result: the count stays per content)
         out["model_s"] = (time.perf_counter() - t0) / max(len(batch), 1)
         if self.embed is not None:
             out = self.embed(out)
@@ -167,13 +191,13 @@ class EmbedStage:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         t0 = time.perf_counter()
-        captions = [c if isinstance(c, str) else "" for c in batch["caption"]]
-        answers_text = [flatten_answers(list(ans) if ans is not None else []) for ans in batch["answers"]]
-        emb = self.model.encode(captions, batch_size=self.batch_size, normalize_embeddings=True,
-                                convert_to_numpy=True, show_progress_bar=False)
+        ok = [isinstance(c, str) for c in batch["caption"]]  # rows with a result (not errors, copies, tallies)
+        texts = [c for c, k in zip(batch["caption"], ok, strict=True) if k]
+        emb = iter(self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=False)) if texts else iter(())
         out = batch.copy()
-        ok = [isinstance(c, str) for c in batch["caption"]]
-        out["caption_embedding"] = [e.astype(np.float32).tolist() if k else None for e, k in zip(emb, ok, strict=True)]
-        out["answers_text"] = answers_text
+        out["caption_embedding"] = [next(emb).astype(np.float32).tolist() if k else None for k in ok]
+        out["answers_text"] = [flatten_answers(list(a)) if k and a is not None else None
+                               for a, k in zip(batch["answers"], ok, strict=True)]
         out["embed_s"] = (time.perf_counter() - t0) / max(len(batch), 1)
         return out

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from schemas.manifest import RunManifest, manifest_json_schema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one row per object (video_id = object id), content_id, copy_of, part; the error ledger
 VERSION_KEY = b"stllm_index.schema_version"
 TABLE_KEY = b"stllm_index.table"
 
@@ -35,19 +35,25 @@ def _metadata(table: str, **extra: Any) -> dict[bytes, bytes]:
 
 
 def video_schema(text_dim: int = 384, visual_dim: int = 4096) -> pa.Schema:
-    """The main results table: one row per (video, model/questions config).
+    """The main results table: one row per (object, model/questions config).
 
-    `video_id` is the content id the caller computed (hash of ETag/fingerprint + size); `config_hash` is
-    the job's `config_hash()`; together they are the row's identity. `answers_text` flattens the answers
-    so a full-text index can cover them. Embeddings are nullable fixed-size float32 vectors.
+    `video_id` names the OBJECT (a hash of its uri: every copy of a video has its own row, all findable);
+    `content_id` names its bytes (ETag + size on S3, sha256 + size locally), shared by exact copies;
+    `copy_of` is the video_id whose model result an exact copy reuses (null for the row that ran the model);
+    `config_hash` is the job's `config_hash()`. (video_id, config_hash) is the row's identity. `part` is the
+    Parquet part file that holds the row (the commit protocol's bookkeeping, see `pipeline.io.tables`).
+    `answers_text` flattens the answers so a full-text index can cover them. Embeddings are nullable
+    fixed-size float32 vectors.
     """
     if text_dim < 1 or visual_dim < 1:
         raise ValueError(f"embedding dims must be >= 1, got text_dim={text_dim}, visual_dim={visual_dim}")
     fields = [
         pa.field("video_id", pa.string(), nullable=False),
+        pa.field("content_id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
         pa.field("size", pa.int64(), nullable=False),
         pa.field("etag", pa.string(), nullable=False),
+        pa.field("copy_of", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("config_hash", pa.string(), nullable=False),
@@ -68,20 +74,31 @@ def video_schema(text_dim: int = 384, visual_dim: int = 4096) -> pa.Schema:
         pa.field("thumbnail", pa.binary()),
         pa.field("timings", TIMINGS_TYPE),
         pa.field("indexed_at", TIMESTAMP_TYPE, nullable=False),
+        pa.field("part", pa.string()),
     ]
     return pa.schema(fields, metadata=_metadata("videos", text_dim=text_dim, visual_dim=visual_dim))
 
 
 def error_schema() -> pa.Schema:
-    """One row per failed video and stage (fetch, decode, model, embed, sink)."""
+    """The error ledger: one record per (object, config) that failed, with its history. A known-bad object
+    is skipped on rerun while its etag is unchanged (unless retried); the record goes when it succeeds."""
     fields = [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("config_hash", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
-        pa.field("video_id", pa.string()),
+        pa.field("etag", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("content_id", pa.string()),
         pa.field("stage", pa.string(), nullable=False),
         pa.field("error_type", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
+        pa.field("attempts", pa.int32(), nullable=False),
+        # True when the store or the network failed, not the object: tried again on the next run anyway
+        pa.field("retryable", pa.bool_(), nullable=False),
+        pa.field("first_seen", TIMESTAMP_TYPE, nullable=False),
+        pa.field("last_seen", TIMESTAMP_TYPE, nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
-        pa.field("at", TIMESTAMP_TYPE, nullable=False),
+        pa.field("part", pa.string()),
     ]
     return pa.schema(fields, metadata=_metadata("errors"))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,9 +26,15 @@ class RunManifest(BaseModel):
     job: str = Field(description="the job's name")
     config_hash: str = Field(description="JobConfig.config_hash(): model + prompt + questions + embedder")
     model_id: str
+    status: Literal["running", "succeeded", "failed", "interrupted"] = Field(
+        default="succeeded", description="running until the run ends; interrupted: found running with no "
+        "heartbeat by a later run (the process died)")
     started_at: datetime
+    heartbeat_at: datetime | None = Field(default=None, description="last sign of life of a running run")
     finished_at: datetime | None = None
-    counts: dict[str, int] = Field(default_factory=dict, description="listed, skipped, indexed, errors, ...")
+    error: str | None = Field(default=None, description="why a failed run failed (credentials masked)")
+    counts: dict[str, int] = Field(default_factory=dict, description="listed, skipped, known_bad, indexed, copies, "
+                                   "errors, model_calls (so far, while running)")
     outputs: dict[str, Any] = Field(default_factory=dict, description="where the run wrote (paths, tables)")
     job_config: dict[str, Any] | None = Field(default=None, description="the validated job, secrets masked")
     versions: dict[str, str] = Field(default_factory=dict, description="package versions")
@@ -41,3 +47,7 @@ def manifest_json_schema() -> dict[str, Any]:
 def write_json_schema(path: Path = JSON_SCHEMA_PATH) -> None:
     path.write_text(json.dumps(manifest_json_schema(), indent=2, sort_keys=True) + "\n")
 
+
+
+if __name__ == "__main__":
+    write_json_schema()

@@ -128,3 +128,7 @@ class Engine(Protocol):
     def close(self) -> None:
         """Stop what the engine started (vLLM's engine-core processes); the engine is unusable afterwards."""
         ...
+
+    def healthy(self) -> bool:
+        """False when the engine itself broke (not one request): the caller must start a new one."""
+        ...

@@ -57,6 +57,16 @@ class HFEngine:
     def close(self) -> None:
         """Nothing to stop: the model lives in this process."""
 
+    def healthy(self) -> bool:
+        """False when the device is unusable (a CUDA error poisons the whole context until the process exits)."""
+        if self.device.type != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize(self.device)
+            return True
+        except RuntimeError:
+            return False
+
     @property
     def device(self) -> torch.device:
         return self.model.device

@@ -29,6 +29,7 @@ from stllm.frame_sampling import FrameSampling, frame_indices
 from stllm.transforms import resize_crop_image
 
 Decoder = Literal["auto", "decord", "pyav"]
+Source = bytes | os.PathLike | str  # the video's bytes, or a local file the decoders read (and seek) themselves
 
 THUMBNAIL_MAX_WIDTH = 320
 _CHUNK = 8  # frames per decord get_batch call: small enough to overlap decoding with resizing
@@ -73,6 +74,11 @@ class DecodedVideo:
         d = asdict(self)
         del d["frames"]
         return d
+
+
+def _open(data: Source) -> Any:
+    """What decord and PyAV open: a file path as is (they read only what they need), bytes as a file object."""
+    return io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else os.fspath(data)
 
 
 # ---------------------------------------------------------------- transforms
@@ -169,11 +175,11 @@ def _no_progress(stage: str) -> None:
     pass
 
 
-def _probe(data: bytes) -> dict[str, Any]:
+def _probe(data: Source) -> dict[str, Any]:
     import av
 
     try:
-        with av.open(io.BytesIO(data), mode="r") as c:
+        with av.open(_open(data), mode="r") as c:
             if not c.streams.video:
                 raise DecodeError("probe", "the file has no video stream")
             s = c.streams.video[0]
@@ -212,13 +218,13 @@ def _as_numpy(nd: Any) -> np.ndarray:
         return nd.asnumpy()
 
 
-def _decode_decord(data: bytes, num_frames: int, size: int | None, sampling: FrameSampling,
+def _decode_decord(data: Source, num_frames: int, size: int | None, sampling: FrameSampling,
                    progress: Progress) -> tuple[np.ndarray, list[int], int, bytes]:
     import decord
 
     progress("decord.open")
     try:
-        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=_DECORD_THREADS)
+        vr = decord.VideoReader(_open(data), ctx=decord.cpu(0), num_threads=_DECORD_THREADS)
         n = len(vr)
     except Exception as e:  # noqa: BLE001 — decord raises DECORDError / RuntimeError
         raise DecodeError("decord.open", short_message(e)) from None
@@ -242,15 +248,15 @@ def _decode_decord(data: bytes, num_frames: int, size: int | None, sampling: Fra
     return frames, indices, n, thumb
 
 
-def _count_packets(data: bytes) -> int:
+def _count_packets(data: Source) -> int:
     import av
 
-    with av.open(io.BytesIO(data)) as c:
+    with av.open(_open(data)) as c:
         s = c.streams.video[0]
         return sum(1 for p in c.demux(s) if p.size)
 
 
-def _decode_pyav(data: bytes, num_frames: int, size: int | None, sampling: FrameSampling, header_frames: int,
+def _decode_pyav(data: Source, num_frames: int, size: int | None, sampling: FrameSampling, header_frames: int,
                  progress: Progress) -> tuple[np.ndarray, list[int], int, bytes]:
     import av
 
@@ -268,7 +274,7 @@ def _decode_pyav(data: bytes, num_frames: int, size: int | None, sampling: Frame
     progress("pyav.read")
     decoded, last_frame = 0, None
     try:
-        with av.open(io.BytesIO(data)) as c:
+        with av.open(_open(data)) as c:
             stream = c.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(c.decode(stream)):
@@ -306,7 +312,7 @@ def short_message(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def decode_inline(data: bytes, num_frames: int, size: int | None, decoder: Decoder, sampling: FrameSampling,
+def decode_inline(data: Source, num_frames: int, size: int | None, decoder: Decoder, sampling: FrameSampling,
             progress: Progress = _no_progress) -> DecodedVideo:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")

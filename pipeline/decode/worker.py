@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.decode.decoders import DecodedVideo, DecodeError, Decoder, DecodeTimeout, decode_inline, short_message
+from pipeline.decode.decoders import (
+    DecodedVideo,
+    DecodeError,
+    Decoder,
+    DecodeTimeout,
+    Source,
+    decode_inline,
+    short_message,
+)
 from stllm.frame_sampling import FrameSampling
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
@@ -36,7 +44,7 @@ _WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOL
                   "MALLOC_TOP_PAD_": str(16 << 20)}
 
 
-def decode_video_inline(data: bytes, num_frames: int, size: int | None = 224, *, decoder: Decoder = "auto",
+def decode_video_inline(data: Source, num_frames: int, size: int | None = 224, *, decoder: Decoder = "auto",
                         sampling: FrameSampling = "original") -> DecodedVideo:
     """`decode_video` in the calling process: no timeout, no process overhead (benchmarks, debugging)."""
     return decode_inline(data, num_frames, size, decoder, sampling)
@@ -90,7 +98,7 @@ def _report_stage(chan: _Channel, hook: Callable[[str], object] | None, stage: s
 
 
 def worker_main(fd: int) -> None:
-    """Child loop: a request, then the video bytes → stage messages, then ("ok", info) + the frames."""
+    """Child loop: a request, then the video bytes (or a path) → stage messages, then ("ok", info) + the frames."""
     chan = _Channel(socket.socket(fileno=fd))
     chan.send(("ready", os.getpid()))
     while True:
@@ -100,10 +108,13 @@ def worker_main(fd: int) -> None:
             return
         if req is None:
             return
-        buf = bytearray(req["nbytes"])
-        chan.recv_into(buf)
-        data = bytes(buf)  # BytesIO shares a bytes object's buffer; a bytearray would be copied per open
-        del buf
+        if req.get("path") is not None:
+            data: Source = req["path"]  # read by the decoders from the file: nothing of it crosses the socket
+        else:
+            buf = bytearray(req["nbytes"])
+            chan.recv_into(buf)
+            data = bytes(buf)  # BytesIO shares a bytes object's buffer; a bytearray would be copied per open
+            del buf
 
         progress = functools.partial(_report_stage, chan, req.get("stage_hook"))
         try:
@@ -197,7 +208,7 @@ class DecodeWorker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def decode(self, data: bytes, num_frames: int, size: int | None = 224, timeout_s: float = 60.0, *,
+    def decode(self, data: Source, num_frames: int, size: int | None = 224, timeout_s: float = 60.0, *,
                decoder: Decoder = "auto", sampling: FrameSampling = "original",
                stage_hook: Callable[[str], object] | None = None) -> DecodedVideo:
         """Decode in the worker; raise DecodeTimeout (after killing it) if it takes over `timeout_s`.
@@ -214,12 +225,17 @@ class DecodeWorker:
         chan = self._chan
         self._tasks += 1
         req = {"num_frames": num_frames, "size": size, "decoder": decoder, "sampling": sampling,
-               "stage_hook": stage_hook, "nbytes": len(data)}
+               "stage_hook": stage_hook}
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            req["nbytes"] = len(data)
+        else:
+            req["path"] = os.fspath(data)
         deadline = time.monotonic() + timeout_s
         stage = "send"
         try:
             chan.send(req)
-            chan.send_raw(data)
+            if "nbytes" in req:
+                chan.send_raw(data)
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not chan.poll(remaining):
@@ -264,11 +280,11 @@ def _shutdown_shared() -> None:
 atexit.register(_shutdown_shared)
 
 
-def decode_video(data: bytes, num_frames: int, size: int | None = 224, timeout_s: float = 60.0, *,
+def decode_video(data: Source, num_frames: int, size: int | None = 224, timeout_s: float = 60.0, *,
                  decoder: Decoder = "auto", sampling: FrameSampling = "original",
                  stage_hook: Callable[[str], object] | None = None) -> DecodedVideo:
-    """Sample `num_frames` frames of a video given as bytes, resized and centre-cropped to size×size
-    (size=None: native frames, no resize — to measure the sampling alone).
+    """Sample `num_frames` frames of a video (its bytes, or a local file path the decoders read themselves),
+    resized and centre-cropped to size×size (size=None: native frames, no resize — to measure the sampling).
 
     Runs in this process's shared decode worker, bounded by `timeout_s`. With `decoder="auto"`, decord is
     tried first and PyAV takes over when decord fails; if decord *hangs* (killed at the timeout), the

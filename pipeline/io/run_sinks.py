@@ -1,87 +1,102 @@
-"""Everything one run writes, owned by the driver: results (Parquet + LanceDB), errors, manifest."""
+"""Everything one run writes, owned by the driver: results and the error ledger (each a `TableStore`: Parquet +
+LanceDB, exactly once), exact copies resolved to the result they reuse, and the run manifest.
+
+Layout: Parquet datasets `<output.parquet>/<table>/` and `<output.parquet>/<errors_table>/`; LanceDB tables
+`<table>` and `<errors_table>` in `<output.lancedb>`; the manifest at `<output.manifest_dir>/<run_id>.json`
+(default `<output.parquet or output.lancedb>/_manifests/`), rewritten as the run goes (status `running`, a
+heartbeat, counts so far) and at its end (`succeeded` / `failed`). One writer at a time per index: every
+commit holds the index lock (`pipeline.io.locks`), so two runs on one index interleave their commits.
+
+Per batch, in this order (a crash between two steps leaves an object either indexed or retried, never lost or
+doubled): the ledger drops the objects that now succeeded and records the failures (attempts, first/last
+seen), then the results take the new rows.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import Counter
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
 import pyarrow as pa
 
+from pipeline.io.listing import COPY, TALLY, TALLY_FIELDS, WORK, IndexLocation
+from pipeline.io.locks import IndexLock
 from pipeline.io.sinks import (
-    ROW_KEY,
-    ErrorSink,
-    LanceSink,
-    ParquetSink,
-    connect_lance,
+    check_existing,
+    filesystem,
     join_path,
-    open_table,
-    read_parquet,
+    maintain_indexes,
+    read_manifest,
     to_records,
     utc_now,
     write_manifest,
 )
-from schemas import embedding_dims, flatten_answers, video_schema
+from pipeline.redact import redact
+from schemas import embedding_dims, error_schema, flatten_answers, video_schema
 
 if TYPE_CHECKING:
     from pipeline.jobs import JobConfig
 
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 10.0
+STALE_AFTER_S = 120.0  # a `running` manifest with no heartbeat for this long belongs to a dead run
+COUNT_KEYS = ("listed", "skipped", "known_bad", "indexed", "copies", "errors", "model_calls")
+# Columns a copy takes from its own listing row; everything else comes from the row whose result it reuses.
+_OWN = ("video_id", "content_id", "uri", "size", "etag")
+
+
+def _is_null(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
 class JobSinks:
-    """Everything one run writes, owned by the driver: results (Parquet + LanceDB), errors, manifest.
-
-    Layout: Parquet datasets `<output.parquet>/<table>/` and `<output.parquet>/<errors_table>/`; LanceDB
-    tables `<table>` and `<errors_table>` in `<output.lancedb>`; the manifest at
-    `<output.manifest_dir>/<run_id>.json` (default `<output.parquet or output.lancedb>/_manifests/`).
-    Embedding dims come from the first rows written (or the existing table). Rows are committed every
-    runtime.commit_every to both stores.
-    LanceDB rows are upserted on (video_id, config_hash): a rerun replaces, never duplicates; the Parquet
-    dataset is append-only (readers keep the latest `indexed_at` per key).
-    """
-
     def __init__(self, job: JobConfig, *, run_id: str, config_hash: str, model_id: str):
         self.job, self.run_id, self.config_hash, self.model_id = job, run_id, config_hash, model_id
         self.questions_hash = job.questions_hash()
         out = job.output
         self.s3 = out.s3
-        # Both stores commit at the same cadence (runtime.commit_every), so a crash cannot leave rows in
-        # LanceDB (which skip_existing trusts) that never reached Parquet.
-        self.commit_rows = job.runtime.commit_every
+        self.index = IndexLocation(parquet_root=out.parquet, lancedb=out.lancedb, videos_table=out.table,
+                                   errors_table=out.errors_table, s3=out.s3)
+        self.lock = IndexLock(self.index.lock_root, out.s3)
+        self.videos, self.errors = self.index.stores()
+        with self.lock:  # finish or discard what a crashed run left, before anything reads the index
+            self.videos.recover()
+            self.errors.recover()
+        self.errors.schema = error_schema()
+        if (existing := self.errors.existing_schema()) is not None:
+            check_existing(existing, self.errors.schema, f"errors table '{out.errors_table}'")
         self.dims: dict[str, int | None] = {"caption_embedding": None, "visual_embedding": None}
-        self._lance_db = connect_lance(out.lancedb, out.s3) if out.lancedb else None
-        if self._lance_db is not None:
-            existing = open_table(self._lance_db, out.table)
-            if existing is not None:
-                self.dims.update(embedding_dims(existing.schema))
-        self.videos_parquet: ParquetSink | None = None
-        self.videos_lance: LanceSink | None = None
-        self._pending: list[dict[str, Any]] = []
-        self.errors = ErrorSink(join_path(out.parquet, out.errors_table) if out.parquet else None, out.lancedb,
-                                out.errors_table, s3=out.s3, batch_rows=self.commit_rows)
-        self.rows_written = 0
+        if (schema := self.videos.existing_schema()) is not None:
+            self.dims.update(embedding_dims(schema))
+            check_existing(schema, video_schema(self.dims["caption_embedding"] or 1,
+                                                self.dims["visual_embedding"] or 1), f"table '{out.table}'")
+        self.counts: Counter[str] = Counter(dict.fromkeys(COUNT_KEYS, 0))
+        self._unwritten: list[dict[str, Any]] = []  # results waiting for the embedding sizes
+        self._content_done: dict[str, str] = {}  # content_id → video_id of its result, this run
+        self._content_failed: dict[str, dict[str, Any]] = {}  # content_id → the failure, this run
+        self._pending_copies: dict[str, list[dict[str, Any]]] = {}  # copies waiting for their content's result
+        self._manifest: dict[str, Any] = {}
+        self._beat = 0.0
 
-    # -- results
+    # ---- results ---------------------------------------------------------------------------------------
 
-    def _open_video_sinks(self) -> None:
-        out = self.job.output
-        schema = video_schema(self.dims["caption_embedding"], self.dims["visual_embedding"])
-        if out.parquet:
-            self.videos_parquet = ParquetSink(join_path(out.parquet, out.table), schema, s3=out.s3,
-                                              rows_per_file=self.commit_rows)
-        if out.lancedb:
-            self.videos_lance = LanceSink(
-                out.lancedb, out.table, schema, s3=out.s3, batch_rows=self.commit_rows, merge_on=ROW_KEY,
-                fts_columns=("caption", "answers_text"), scalar_columns=("video_id",),
-                vector_columns=("caption_embedding", "visual_embedding"),
-            )
-        self._schema = schema
+    @property
+    def schema(self) -> pa.Schema:
+        return video_schema(self.dims["caption_embedding"], self.dims["visual_embedding"])
 
     def _video_row(self, r: dict[str, Any], now: datetime) -> dict[str, Any]:
         answers = r.get("answers") or []
         answers_text = r.get("answers_text")
         return {
-            "video_id": r["video_id"], "uri": r["uri"], "size": r["size"], "etag": r["etag"],
-            "run_id": self.run_id, "model_id": self.model_id, "config_hash": self.config_hash,
-            "questions_hash": self.questions_hash, "caption": r.get("caption"), "answers": answers,
+            "video_id": r["video_id"], "content_id": r.get("content_id") or "", "uri": r["uri"],
+            "size": r["size"], "etag": r["etag"], "copy_of": None, "run_id": self.run_id,
+            "model_id": self.model_id, "config_hash": self.config_hash, "questions_hash": self.questions_hash,
+            "caption": r.get("caption"), "answers": answers,
             "answers_text": answers_text if answers_text is not None else flatten_answers(answers),
             "caption_embedding": r.get("caption_embedding"), "visual_embedding": r.get("visual_embedding"),
             "duration_s": r.get("duration_s"), "fps": r.get("fps"), "width": r.get("width"),
@@ -89,58 +104,165 @@ class JobSinks:
             "n_frames": r.get("n_frames"), "frame_indices": r.get("frame_indices"),
             "thumbnail": r.get("thumbnail") or None,
             "timings": {k: r.get(k) for k in ("fetch_s", "decode_s", "model_s", "embed_s")},
-            "indexed_at": now,
+            "indexed_at": now, "part": None,
         }
 
-    def write(self, ok: Any = None, bad: Any = None) -> None:
-        """Successful rows (the stages' columns; extra columns are ignored) and failed rows
-        (uri + error_stage/error_type/error_message)."""
-        if bad is not None and len(bad):
-            self.errors.write_rows(to_records(bad), self.run_id)
-        if ok is None or not len(ok):
-            return
+    def _copy_rows(self, copies: list[dict[str, Any]], source: dict[str, Any], now: datetime) -> list[dict]:
+        """Rows for exact copies of `source` (a results row): its results, their own identity."""
+        out = []
+        for c in copies:
+            row = dict(source)
+            row.update({k: c[k] for k in _OWN})
+            # A refresh (the same object, touched but unchanged) keeps its own provenance.
+            copy_of = source["copy_of"] if source["video_id"] == c["video_id"] else (
+                source["copy_of"] or source["video_id"])
+            row.update(copy_of=copy_of, run_id=self.run_id, indexed_at=now, part=None)
+            out.append(row)
+        return out
+
+    def _ledger_row(self, r: dict[str, Any], now: datetime, stage: str, error_type: str, message: str,
+                    retryable: bool) -> dict[str, Any]:
+        prev = r.get("prev_attempts")
+        first = r.get("first_seen")
+        return {
+            "video_id": r["video_id"], "config_hash": self.config_hash, "uri": r["uri"], "etag": r.get("etag"),
+            "size": None if _is_null(r.get("size")) else int(r["size"]), "content_id": r.get("content_id"),
+            "stage": stage, "error_type": error_type, "message": redact(message), "retryable": bool(retryable),
+            "attempts": (0 if _is_null(prev) else int(prev)) + 1,
+            "first_seen": now if _is_null(first) else pd.Timestamp(first).to_pydatetime(), "last_seen": now,
+            "run_id": self.run_id, "part": None,
+        }
+
+    def _sources_of(self, video_ids: list[str]) -> dict[str, dict[str, Any]]:
+        found = self.videos.lookup(self.config_hash, "video_id", sorted(set(video_ids)))
+        return {} if found is None else {r["video_id"]: r for r in found.to_pylist()}
+
+    def _resolve_copies(self, copies: list[dict[str, Any]], now: datetime,
+                        fresh: dict[str, dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+        """(result rows, ledger rows) for copies whose source is known (`fresh`: results about to be committed
+        with them, by video_id; else the index); the others wait."""
+        rows: list[dict] = []
+        bad: list[dict] = []
+        by_source: dict[str, list[dict]] = {}
+        for c in copies:
+            cid = c.get("content_id")
+            if not _is_null(c.get("copy_of")):
+                by_source.setdefault(c["copy_of"], []).append(c)
+            elif cid in self._content_done:
+                by_source.setdefault(self._content_done[cid], []).append(c)
+            elif cid in self._content_failed:
+                f = self._content_failed[cid]
+                bad.append(self._ledger_row(c, now, f["stage"], f["error_type"],
+                                            f"an exact copy of {f['uri']}, which failed: {f['message']}",
+                                            f["retryable"]))
+            else:
+                self._pending_copies.setdefault(cid, []).append(c)
+        sources = self._sources_of([v for v in by_source if v not in fresh])
+        sources.update({v: fresh[v] for v in by_source if v in fresh})
+        for vid, group in by_source.items():
+            if vid in sources:
+                rows += self._copy_rows(group, sources[vid], now)
+            else:  # its source went away meanwhile (another run replaced it): do the work next run
+                for c in group:
+                    bad.append(self._ledger_row(c, now, "copy", "SourceGone",
+                                                f"the result this exact copy reuses ({vid}) is gone", True))
+        return rows, bad
+
+    def write(self, batch: pd.DataFrame) -> dict[str, int]:
+        """One batch of the stages' rows (work results, copies, tallies) → both tables, committed."""
         now = utc_now()
-        self._pending.extend(self._video_row(r, now) for r in to_records(ok))
+        before = Counter(self.counts)
+        records = to_records(batch)
+        ok, bad, copies = [], [], []
+        for r in records:
+            kind = r.get("kind") or WORK
+            if kind == TALLY:
+                for f in TALLY_FIELDS:
+                    self.counts[f] += int(r.get(f) or 0)
+            elif kind == COPY:
+                copies.append(r)
+            elif _is_null(r.get("error_stage")):
+                ok.append(r)
+            else:
+                bad.append(r)
+            self.counts["model_calls"] += int(r.get("model_calls") or 0)
+        results = [self._video_row(r, now) for r in ok]
+        for r in ok:
+            if r.get("content_id"):
+                self._content_done[r["content_id"]] = r["video_id"]
+        ledger = []
+        for r in bad:
+            ledger.append(self._ledger_row(r, now, r["error_stage"], r.get("error_type") or "Error",
+                                           r.get("error_message") or "", bool(r.get("error_retryable"))))
+            if r.get("content_id"):
+                self._content_failed[r["content_id"]] = {
+                    "uri": r["uri"], "stage": r["error_stage"], "error_type": r.get("error_type") or "Error",
+                    "message": r.get("error_message") or "", "retryable": bool(r.get("error_retryable"))}
+        # Copies waiting for a content that has now succeeded or failed in this batch.
+        for cid in list(self._pending_copies):
+            if cid in self._content_done or cid in self._content_failed:
+                copies += self._pending_copies.pop(cid)
+        self._commit(results, ledger, copies, now)
+        self.counts["indexed"] += len(ok)
+        self.counts["errors"] += len(bad)
+        self._heartbeat()
+        return {k: self.counts[k] - before[k] for k in COUNT_KEYS}
+
+    def _commit(self, results: list[dict], ledger: list[dict], copies: list[dict], now: datetime) -> None:
         for col in self.dims:
             if self.dims[col] is None:
-                self.dims[col] = next((len(r[col]) for r in self._pending if r.get(col) is not None), None)
-        if any(d is None for d in self.dims.values()):
-            return  # keep rows until a batch tells the embedding sizes
-        if self.videos_parquet is None and self.videos_lance is None:
-            self._open_video_sinks()
-        table = pa.Table.from_pylist(self._pending, schema=self._schema)
-        self._pending = []
-        for sink in (self.videos_parquet, self.videos_lance):
-            if sink is not None:
-                sink.write(table)
-        self.rows_written += table.num_rows
+                self.dims[col] = next((len(r[col]) for r in results if r.get(col) is not None), None)
+        with self.lock:  # lookups of copy sources and both commits see one state of the index
+            fresh = {r["video_id"]: r for r in self._unwritten + results}
+            copy_rows, copy_bad = self._resolve_copies(copies, now, fresh) if copies else ([], [])
+            ledger += copy_bad
+            rows = self._unwritten + results + copy_rows
+            if rows and any(d is None for d in self.dims.values()):
+                self._unwritten = rows  # no embedding sizes known yet: keep until a batch tells them
+                rows = []
+            else:
+                self._unwritten = []
+            done_keys = [(r["video_id"], self.config_hash) for r in rows]
+            if ledger or done_keys:
+                upserts = pa.Table.from_pylist(_last_per_key(ledger), schema=self.errors.schema) if ledger else None
+                self.errors.commit(upserts, deletes=done_keys, run_id=self.run_id)
+            if rows:
+                self.videos.schema = self.schema
+                self.videos.commit(pa.Table.from_pylist(_last_per_key(rows), schema=self.schema),
+                                   run_id=self.run_id)
+        self.counts["copies"] += len(copy_rows)
+        self.counts["errors"] += len(copy_bad)
 
-    def existing_ids(self, config_hash: str | None = None) -> set[str]:
-        """video_ids already indexed with this config (LanceDB table if configured, else Parquet)."""
-        h = (config_hash or self.config_hash).replace("'", "''")
-        out = self.job.output
-        if self._lance_db is not None:
-            tbl = open_table(self._lance_db, out.table)
-            if tbl is None:
-                return set()
-            rows = tbl.search().where(f"config_hash = '{h}'").select(["video_id"]).limit(None).to_arrow()
-            return set(rows.column("video_id").to_pylist())
-        if out.parquet:
-            import pyarrow.dataset as ds
-
-            table = read_parquet(join_path(out.parquet, out.table), s3=self.s3, columns=["video_id"],
-                                 filter=ds.field("config_hash") == (config_hash or self.config_hash))
-            return set(table.column("video_id").to_pylist()) if table is not None else set()
-        return set()
-
-    def close(self) -> None:
-        if self._pending:
-            raise ValueError(f"{len(self._pending)} row(s) not written: all their embeddings are null, so "
+    def finish(self) -> None:
+        """Resolve the copies still waiting (their content's result came from another run meanwhile, or
+        never came), then fold the new rows into the search indexes."""
+        now = utc_now()
+        waiting = [c for group in self._pending_copies.values() for c in group]
+        self._pending_copies = {}
+        if waiting:
+            found = self.videos.lookup(self.config_hash, "content_id",
+                                       sorted({c["content_id"] for c in waiting}), ["content_id", "video_id"])
+            known = {} if found is None else dict(zip(found.column("content_id").to_pylist(),
+                                                      found.column("video_id").to_pylist(), strict=True))
+            resolvable = []
+            for c in waiting:
+                if c["content_id"] in known:
+                    resolvable.append({**c, "copy_of": known[c["content_id"]]})
+                else:
+                    self._content_failed.setdefault(c["content_id"], {
+                        "uri": c["uri"], "stage": "copy", "error_type": "NoResult",
+                        "message": "no result for this content was produced", "retryable": True})
+                    resolvable.append(c)
+            self._commit([], [], resolvable, now)
+        if self._unwritten:
+            raise ValueError(f"{len(self._unwritten)} row(s) not written: all their embeddings are null, so "
                              "the embedding sizes are unknown")
-        for sink in (self.videos_parquet, self.videos_lance):
-            if sink is not None:
-                sink.close()
-        self.errors.close()
+        if self.counts["indexed"] + self.counts["copies"] and self.videos.lance_table is not None:
+            maintain_indexes(self.videos.lance_table, fts_columns=("caption", "answers_text"),
+                             scalar_columns=("video_id", "content_id"),
+                             vector_columns=("caption_embedding", "visual_embedding"))
+
+    # ---- manifest --------------------------------------------------------------------------------------
 
     def locations(self) -> dict[str, Any]:
         out = self.job.output
@@ -153,13 +275,70 @@ class JobSinks:
         loc["manifest"] = self.manifest_path()
         return loc
 
-    def manifest_path(self) -> str:
+    def manifest_dir(self) -> str:
         out = self.job.output
-        base = out.manifest_dir or join_path(out.parquet or out.lancedb or ".", "_manifests")
-        return join_path(base, f"{self.run_id}.json")
+        return out.manifest_dir or join_path(out.parquet or out.lancedb or ".", "_manifests")
 
-    def write_manifest(self, manifest: Mapping[str, Any]) -> str:
-        data = dict(manifest)
-        data.setdefault("job_config", self.job.model_dump(mode="json"))
-        return write_manifest(self.manifest_path(), data, s3=self.s3)
+    def manifest_path(self) -> str:
+        return join_path(self.manifest_dir(), f"{self.run_id}.json")
 
+    def start_manifest(self, manifest: Mapping[str, Any]) -> None:
+        """Write the manifest now (status running), and mark earlier runs that died while running."""
+        mark_interrupted(self.manifest_dir(), self.s3)
+        self._manifest = {**manifest, "status": "running", "job_config": self.job.redacted()}
+        self._write_manifest()
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._beat >= HEARTBEAT_S:
+            self._write_manifest()
+
+    def _write_manifest(self, **final: Any) -> None:
+        self._manifest.update(final)
+        self._manifest["counts"] = {k: self.counts[k] for k in COUNT_KEYS}
+        self._manifest["heartbeat_at"] = utc_now().isoformat()
+        self._manifest["outputs"] = self.locations()
+        write_manifest(self.manifest_path(), self._manifest, s3=self.s3)
+        self._beat = time.monotonic()
+
+    def end_manifest(self, **final: Any) -> dict[str, Any]:
+        if "error" in final and final["error"]:
+            final["error"] = redact(str(final["error"]))
+        self._write_manifest(**final)
+        return dict(self._manifest)
+
+
+def _last_per_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (video_id, config_hash), the last given (a merge with two rows for one key is refused)."""
+    return list({(r["video_id"], r["config_hash"]): r for r in rows}.values())
+
+
+def list_manifests(folder: str, s3: Any = None) -> list[dict[str, Any]]:
+    """Every run manifest in `folder`, oldest first (by start time)."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(folder, s3)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    out = []
+    for info in infos:
+        if info.type == pafs.FileType.File and info.path.endswith(".json"):
+            try:
+                out.append(read_manifest(join_path(folder, info.base_name), s3=s3))
+            except (OSError, ValueError) as e:
+                log.warning("unreadable manifest %s: %s", info.path, e)
+    return sorted(out, key=lambda m: m.get("started_at") or "")
+
+
+def mark_interrupted(folder: str, s3: Any = None, stale_after_s: float = STALE_AFTER_S) -> int:
+    """Manifests still `running` with no heartbeat for `stale_after_s` belong to runs that died: say so."""
+    n = 0
+    limit = datetime.now(UTC) - timedelta(seconds=stale_after_s)
+    for m in list_manifests(folder, s3):
+        beat = m.get("heartbeat_at") or m.get("started_at")
+        if m.get("status") == "running" and beat and datetime.fromisoformat(beat) < limit:
+            m["status"] = "interrupted"
+            write_manifest(join_path(folder, f"{m['run_id']}.json"), m, s3=s3)
+            n += 1
+    return n
+
+
+__all__ = ["JobSinks", "COUNT_KEYS", "list_manifests", "mark_interrupted"]

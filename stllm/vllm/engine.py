@@ -152,6 +152,11 @@ class VLLMEngine:
         """ViT forwards run by the (first) worker since start-up, start-up profiling included."""
         return int(self.llm.collective_rpc("stllm_vit_forwards")[0])
 
+    def healthy(self) -> bool:
+        """False once vLLM's engine core has died (its client marks that): only a restart helps then."""
+        resources = getattr(self.llm.llm_engine.engine_core, "resources", None)
+        return not getattr(resources, "engine_dead", False)
+
     def close(self) -> None:
         """Stop the engine-core processes now (otherwise they go at interpreter exit)."""
         self.llm.llm_engine.engine_core.shutdown()
