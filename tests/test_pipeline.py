@@ -74,7 +74,9 @@ def _tables(job):
 
 def test_one_row_per_good_video_one_error_per_bad_one(indexed):
     job, manifest = indexed
-    assert manifest["counts"] == {"listed": 6, "skipped": 0, "indexed": 4, "errors": 2}
+    assert manifest["counts"] == {"listed": 6, "skipped": 0, "known_bad": 0, "indexed": 4, "copies": 0, "errors": 2,
+                                  "model_calls": 4}
+    assert manifest["status"] == "succeeded"
     parquet, errors, _ = _tables(job)
     rows = {Path(u).name: r for u, r in zip(parquet["uri"].to_pylist(), parquet.to_pylist(), strict=True)}
     assert sorted(rows) == sorted(Path(n).name for n in CLIPS.values())
@@ -139,7 +141,8 @@ def test_manifest_and_rerun_adds_nothing(indexed, s3_server, archive, tmp_path):
     assert saved["config_hash"] == job.config_hash(checkpoint_id(resolve_model_path(job.model.path)))
     again = run_job(load_job(None, _overrides(s3_server, archive, tmp_path)), progress=False)
     ray.shutdown()
-    # Same content + same config: the 4 good videos are skipped; the bad ones are tried (and fail) again.
-    assert again["counts"] == {"listed": 6, "skipped": 4, "indexed": 0, "errors": 2}
-    parquet, _, lance = _tables(job)
-    assert parquet.num_rows == 4 and lance.num_rows == 4
+    # Same content + same config: the 4 good videos are skipped, the 2 bad ones too (known bad, unchanged).
+    assert again["counts"] == {"listed": 6, "skipped": 4, "known_bad": 2, "indexed": 0, "copies": 0, "errors": 0,
+                               "model_calls": 0}
+    parquet, errors, lance = _tables(job)
+    assert parquet.num_rows == 4 and lance.num_rows == 4 and errors.num_rows == 2

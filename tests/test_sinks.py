@@ -13,16 +13,10 @@ import pytest
 
 import schemas
 from pipeline.catalog.search import search
-from pipeline.io.run_sinks import JobSinks
-from pipeline.io.sinks import (
-    ROW_KEY,
-    LanceSink,
-    ParquetSink,
-    connect_lance,
-    read_manifest,
-    read_parquet,
-    write_manifest,
-)
+from pipeline.io.locks import IndexLock, LockTimeout
+from pipeline.io.run_sinks import JobSinks, list_manifests, mark_interrupted
+from pipeline.io.sinks import connect_lance, maintain_indexes, read_manifest, read_parquet, write_manifest
+from pipeline.io.tables import TableStore
 from pipeline.jobs import load_job
 
 TEXT_DIM, VISUAL_DIM = 8, 6
@@ -44,7 +38,8 @@ def _unit(i: int, dim: int) -> list[float]:
 
 def _rows(n: int = 5, config_hash: str = "cfg1") -> list[dict]:
     return [{
-        "video_id": f"vid{i}", "uri": f"/videos/{i}.mp4", "size": 100 + i, "etag": f"etag{i}",
+        "video_id": f"vid{i}", "content_id": f"c{i}", "copy_of": None, "part": None,
+        "uri": f"/videos/{i}.mp4", "size": 100 + i, "etag": f"etag{i}",
         "run_id": "run1", "model_id": "tiny", "config_hash": config_hash, "questions_hash": "q1",
         "caption": CAPTIONS[i % 5], "answers": [{"question": "What colour?", "answer": ANSWERS[i % 5]}],
         "answers_text": schemas.flatten_answers([{"question": "What colour?", "answer": ANSWERS[i % 5]}]),
@@ -57,8 +52,10 @@ def _rows(n: int = 5, config_hash: str = "cfg1") -> list[dict]:
 
 def test_schemas_are_versioned_and_checked() -> None:
     schema = schemas.video_schema(TEXT_DIM, VISUAL_DIM)
-    assert schemas.schema_version(schema) == schemas.SCHEMA_VERSION == 1
-    assert schemas.schema_version(schemas.error_schema()) == 1
+    assert schemas.schema_version(schema) == schemas.SCHEMA_VERSION == 2
+    assert schemas.schema_version(schemas.error_schema()) == 2
+    assert {"video_id", "content_id", "copy_of", "part"} <= set(schema.names)
+    assert {"attempts", "first_seen", "last_seen", "retryable", "etag"} <= set(schemas.error_schema().names)
     assert schemas.embedding_dims(schema) == {"caption_embedding": TEXT_DIM, "visual_embedding": VISUAL_DIM}
     table = schemas.rows_to_table(_rows(), schema)
     assert table.num_rows == 5
@@ -82,100 +79,227 @@ def test_manifest_json_schema_file_is_in_sync() -> None:
         "regenerate: python -c 'from schemas.manifest import write_json_schema; write_json_schema()'")
 
 
-def test_parquet_sink_writes_part_files(tmp_path: Path) -> None:
-    schema = schemas.video_schema(TEXT_DIM, VISUAL_DIM)
-    rows = _rows()
-    with ParquetSink(str(tmp_path / "videos"), schema, rows_per_file=3) as sink:
-        sink.write(rows[:2])
-        assert sink.files == []  # buffered
-        sink.write(rows[2:])
-        assert len(sink.files) == 1
-        sink.write(pa.Table.from_pylist(rows[:1], schema=schema))
-        with pytest.raises(ValueError, match="column 'caption_embedding'"):
-            sink.write([{**rows[0], "caption_embedding": [0.0] * 3}])
-    assert len(sink.files) == 2 and all(Path(f).name.startswith("part-") for f in sink.files)
-    table = read_parquet(str(tmp_path / "videos"))
-    assert table.num_rows == 6
-    assert schemas.schema_version(table.schema) == 1
-    schemas.check_table(table, schema)
-    assert read_parquet(str(tmp_path / "nothing")) is None
+# ---- one table, two stores, exactly one row per key ------------------------------------------------------
+
+SCHEMA = schemas.video_schema(TEXT_DIM, VISUAL_DIM)
 
 
-def _lance_sink(uri: str, schema: pa.Schema, **kwargs) -> LanceSink:
-    return LanceSink(uri, "videos", schema, merge_on=ROW_KEY, fts_columns=("caption", "answers_text"),
-                     scalar_columns=("video_id",), vector_columns=("caption_embedding",), **kwargs)
+def _store(root: str, s3=None, parquet: bool = True, lance: bool = True) -> TableStore:
+    db = connect_lance(f"{root}/lance", s3) if lance else None
+    return TableStore("videos", parquet_root=f"{root}/pq" if parquet else None, lance_db=db, s3=s3, schema=SCHEMA)
 
 
-def test_lance_sink_indexes_and_search(tmp_path: Path) -> None:
+def _table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _state(store: TableStore) -> tuple[list, list]:
+    """(Parquet rows, LanceDB rows) as sorted (video_id, caption) — what a plain reader sees."""
+    pq_rows = read_parquet(store.parquet_dir, s3=store.s3, columns=["video_id", "caption"]) \
+        if store.parquet_dir else None
+    lance = store.lance_table.to_arrow() if store.lance_table is not None else None
+
+    def pairs(t):
+        return sorted(zip(t.column("video_id").to_pylist(), t.column("caption").to_pylist(), strict=True)) \
+            if t is not None else []
+
+    return pairs(pq_rows), pairs(lance)
+
+
+def test_commits_replace_and_delete_in_both_stores(tmp_path: Path) -> None:
+    import duckdb
+
+    store = _store(str(tmp_path))
+    rows = _rows(4)
+    store.commit(_table(rows), run_id="r1")
+    changed = {**rows[1], "caption": "a gorilla juggles oranges"}
+    fresh = {**_rows(6)[5]}
+    store.commit(_table([changed, fresh]), deletes=[("vid2", "cfg1")], run_id="r2")
+    expected = sorted([("vid0", CAPTIONS[0]), ("vid1", "a gorilla juggles oranges"), ("vid3", CAPTIONS[3]),
+                       ("vid5", CAPTIONS[0])])
+    assert _state(store) == (expected, expected)
+    # A reader that knows nothing of our rules: DuckDB on the part files sees one row per key.
+    dup = duckdb.sql(f"SELECT video_id, count(*) n FROM read_parquet('{tmp_path}/pq/videos/*.parquet') "
+                     "GROUP BY video_id HAVING n > 1").fetchall()
+    assert dup == [] and duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/pq/videos/*.parquet'").fetchall()[0][0] == 4
+    parts = {r["video_id"]: r["part"] for r in store.lance_table.to_arrow().to_pylist()}
+    assert parts["vid1"] == parts["vid5"] != parts["vid0"]  # LanceDB knows which part holds each row
+    assert sorted(p.name for p in (tmp_path / "pq" / "videos").iterdir() if p.is_file()) == sorted(set(
+        parts.values()))
+    assert not list((tmp_path / "pq" / "videos" / "_staging").iterdir())
+    assert not list((tmp_path / "pq" / "videos" / "_journal").iterdir())
+    # Lookups by key and by content, and a superseding commit that empties a part file removes it.
+    found = store.lookup("cfg1", "content_id", ["c3", "nope"], ["video_id"])
+    assert found.column("video_id").to_pylist() == ["vid3"]
+    store.commit(None, deletes=[("vid0", "cfg1"), ("vid3", "cfg1")], run_id="r3")
+    assert _state(store)[0] == sorted([("vid1", "a gorilla juggles oranges"), ("vid5", CAPTIONS[0])])
+    assert len([p for p in (tmp_path / "pq" / "videos").iterdir() if p.is_file()]) == 1
+
+
+def test_parquet_only_and_lance_only(tmp_path: Path) -> None:
+    for parquet, lance in ((True, False), (False, True)):
+        store = _store(str(tmp_path / f"{parquet}{lance}"), parquet=parquet, lance=lance)
+        store.commit(_table(_rows(3)), run_id="r1")
+        store.commit(_table([{**_rows(3)[0], "caption": "new"}]), run_id="r2")
+        got = _state(store)[0 if parquet else 1]
+        assert got == sorted([("vid0", "new"), ("vid1", CAPTIONS[1]), ("vid2", CAPTIONS[2])])
+        assert store.count() == 3
+        assert store.lookup("cfg1", "video_id", ["vid0"], ["caption"]).column("caption").to_pylist() == ["new"]
+
+
+_CRASH_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+from tests.test_sinks import _store, _table, _rows
+store = _store({root!r}, s3={s3})
+store.recover()
+rows = _rows(3)
+store.commit(_table([{{**rows[1], "caption": "replaced"}}, _rows(5)[4]]), deletes=[("vid2", "cfg1")],
+             run_id="r2")
+"""
+
+
+@pytest.mark.parametrize("point", ["staged", "journaled", "lance-committed", "applied-new"])
+def test_a_commit_killed_at_any_point_is_all_or_nothing(tmp_path: Path, point: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    store = _store(str(tmp_path))
+    store.commit(_table(_rows(3)), run_id="r1")
+    before = sorted((f"vid{i}", CAPTIONS[i]) for i in range(3))
+    after = sorted([("vid0", CAPTIONS[0]), ("vid1", "replaced"), ("vid4", CAPTIONS[4])])
+    code = _CRASH_SCRIPT.format(repo=str(Path(__file__).parents[1]), root=str(tmp_path), s3=None)
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "STLLM_CRASH_AT": point},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == -9, out.stderr  # killed by SIGKILL at that point
+    recovered = _store(str(tmp_path))
+    recovered.recover()  # what the next run does first
+    pq_rows, lance_rows = _state(recovered)
+    assert pq_rows == lance_rows
+    assert pq_rows == (before if point in ("staged", "journaled") else after)
+    assert not [p for p in (tmp_path / "pq" / "videos" / "_staging").iterdir()]
+    assert not [p for p in (tmp_path / "pq" / "videos" / "_journal").iterdir()]
+
+
+def test_commit_and_recovery_on_s3(s3_server) -> None:
+    import os
+    import subprocess
+    import sys
+
+    bucket = s3_server.bucket("tables")
+    root, opts = f"s3://{bucket}/idx", s3_server.options()
+    store = _store(root, s3=opts)
+    store.commit(_table(_rows(3)), run_id="r1")
+    s3_expr = (f"__import__('pipeline.io.sources', fromlist=['S3Options']).S3Options(endpoint_url="
+               f"{opts.endpoint_url!r}, access_key_id={opts.access_key_id!r}, secret_access_key={opts.secret!r})")
+    code = _CRASH_SCRIPT.format(repo=str(Path(__file__).parents[1]), root=root, s3=s3_expr)
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "STLLM_CRASH_AT": "lance-committed"},
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == -9, out.stderr
+    recovered = _store(root, s3=opts)
+    assert recovered.recover()["applied"] == 1
+    pq_rows, lance_rows = _state(recovered)
+    assert pq_rows == lance_rows == sorted([("vid0", CAPTIONS[0]), ("vid1", "replaced"), ("vid4", CAPTIONS[4])])
+
+
+def test_index_lock_is_exclusive_locally_and_on_s3(tmp_path: Path, s3_server) -> None:
+    import subprocess
+    import sys
+    import time
+
+    hold = ("import sys, time; sys.path.insert(0, {repo!r}); from pipeline.io.locks import IndexLock\n"
+            "with IndexLock({root!r}):\n    print('held', flush=True); time.sleep(3)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold.format(repo=str(Path(__file__).parents[1]),
+                                                                root=str(tmp_path))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(LockTimeout):
+            with IndexLock(str(tmp_path), timeout_s=0.5):
+                pass
+        t0 = time.monotonic()
+        with IndexLock(str(tmp_path), timeout_s=30):  # granted once the holder is done
+            assert time.monotonic() - t0 > 1.0
+    finally:
+        proc.kill()
+        proc.wait()
+
+    root, opts = f"s3://{s3_server.bucket('lock')}/idx", s3_server.options()
+    first = IndexLock(root, opts, lease_s=2.0)
+    with first:
+        with pytest.raises(LockTimeout):
+            with IndexLock(root, opts, timeout_s=0.5):
+                pass
+        # A holder that died leaves its lock; once the lease is over, the next writer takes it over.
+        time.sleep(2.2)
+        with IndexLock(root, opts, timeout_s=5):
+            pass
+    with IndexLock(root, opts, timeout_s=1):  # and it is free again
+        pass
+
+
+def test_indexes_and_search(tmp_path: Path) -> None:
+    store = _store(str(tmp_path), parquet=False)
+    store.commit(_table(_rows()), run_id="r1")
+    table = store.lance_table
+    maintain_indexes(table, fts_columns=("caption", "answers_text"), scalar_columns=("video_id",),
+                     vector_columns=("caption_embedding",), vector_index_min_rows=10_000)
     uri = str(tmp_path / "lance")
-    schema = schemas.video_schema(TEXT_DIM, VISUAL_DIM)
-    with _lance_sink(uri, schema, batch_rows=2) as sink:
-        sink.write(_rows())
-    table = connect_lance(uri).open_table("videos")
-    assert table.count_rows() == 5
     assert {c for idx in table.list_indices() for c in idx.columns} == {"caption", "answers_text", "video_id"}
-    assert schemas.schema_version(table.schema) == 1
-    schemas.check_schema(table.schema, schema)
-
     assert search(uri, "videos", text="monkey", k=2)[0]["video_id"] == "vid1"
     assert search(uri, "videos", text="grey", k=2)[0]["video_id"] == "vid4"  # only in the answers
     assert search(uri, "videos", text="pasta", fts_columns=("caption",), k=1)[0]["video_id"] == "vid2"
     hit = search(uri, "videos", vector=_unit(3, TEXT_DIM), k=2)[0]
     assert hit["video_id"] == "vid3" and hit["_distance"] == pytest.approx(0.0, abs=1e-5)
-    hybrid = search(uri, "videos", text="kitchen", vector=_unit(2, TEXT_DIM), k=3,
-                    columns=["video_id", "caption"])
+    hybrid = search(uri, "videos", text="kitchen", vector=_unit(2, TEXT_DIM), k=3, columns=["video_id", "caption"])
     assert hybrid[0]["video_id"] == "vid2" and "_relevance_score" in hybrid[0]
     assert {r["video_id"] for r in search(uri, "videos", vector=_unit(0, TEXT_DIM), where="size > 102")} == {
         "vid3", "vid4"}
     with pytest.raises(ValueError):
         search(uri, "videos")
-
-    # Rerun: the same keys are upserted, not duplicated; existing indexes take the new rows in.
+    # New rows (one with a null embedding leading the batch) are upserted; existing indexes take them in.
     changed = _rows(6)[1:]
     changed[0]["caption"] = "a gorilla juggles oranges"
     changed[-1].update(video_id="no-caption", caption=None, caption_embedding=None, visual_embedding=None)
-    with _lance_sink(uri, schema) as sink:
-        sink.write(changed[::-1])  # a null embedding leading the batch once upset merge_insert
-    table = connect_lance(uri).open_table("videos")
+    store.commit(_table(changed[::-1]), run_id="r2")
+    maintain_indexes(table, fts_columns=("caption", "answers_text"))
     assert table.count_rows() == 6 and table.search().where("caption IS NULL").to_arrow().num_rows == 1
     assert search(uri, "videos", text="gorilla", k=1)[0]["video_id"] == "vid1"
-
     with pytest.raises(ValueError, match="caption_embedding"):
-        _lance_sink(uri, schemas.video_schema(TEXT_DIM * 2, VISUAL_DIM))
+        TableStore("videos", parquet_root=None, lance_db=connect_lance(uri), s3=None,
+                   schema=schemas.video_schema(TEXT_DIM * 2, VISUAL_DIM))
 
 
-def test_vector_index_once_the_table_is_big_enough(tmp_path: Path) -> None:
-    schema = schemas.video_schema(16, 4)
-    rng = np.random.default_rng(0)
-    rows = _rows(300)
-    for r in rows:
-        r["caption_embedding"] = rng.standard_normal(16).astype(np.float32).tolist()
-        r["visual_embedding"] = rng.standard_normal(4).astype(np.float32).tolist()
-    uri = str(tmp_path / "lance")
-    with _lance_sink(uri, schema, batch_rows=1000, vector_index_min_rows=256) as sink:
-        sink.write(rows)
-    types = {i.columns[0]: i.index_type for i in connect_lance(uri).open_table("videos").list_indices()}
-    assert types["caption_embedding"] == "IvfPq" and types["caption"] == "FTS"
-    assert len(search(uri, "videos", vector=rows[7]["caption_embedding"], k=4)) == 4
+# ---- the writers of one run -----------------------------------------------------------------------------
 
 
-def _stage_frames(job_rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """What the runner hands the sinks: pandas batches from Ray (lists arrive as numpy arrays)."""
-    ok = []
-    for r in job_rows:
-        ok.append({
-            "uri": r["uri"], "size": r["size"], "etag": r["etag"], "mtime": 1.7e9, "video_id": r["video_id"],
-            "frame_indices": np.array(r["frame_indices"]), "duration_s": r["duration_s"], "fps": r["fps"],
-            "width": r["width"], "height": r["height"], "codec": r["codec"], "decoder": r["decoder"],
-            "n_frames": r["n_frames"], "thumbnail": r["thumbnail"], "decode_s": 0.2, "error_stage": None,
-            "caption": r["caption"], "answers": np.array(r["answers"], dtype=object),
-            "visual_embedding": np.array(r["visual_embedding"]), "model_s": 0.5,
-            "caption_embedding": np.array(r["caption_embedding"], dtype=np.float32),
-            "answers_text": r["answers_text"], "embed_s": float("nan"),
-        })
-    bad = pd.DataFrame([{"uri": "/videos/corrupt.mp4", "error_stage": "decode", "error_type": "DecodeError",
-                         "error_message": "probe: not a readable video"}])
-    return pd.DataFrame(ok), bad
+def _work(r: dict, **extra) -> dict:
+    """A result as the stages hand it to the sinks: pandas rows from Ray (lists arrive as numpy arrays)."""
+    return {
+        "kind": "work", "uri": r["uri"], "size": r["size"], "etag": r["etag"], "mtime": 1.7e9,
+        "video_id": r["video_id"], "content_id": r["content_id"], "copy_of": None, "prev_attempts": 0,
+        "first_seen": None, "frame_indices": np.array(r["frame_indices"]), "duration_s": r["duration_s"],
+        "fps": r["fps"], "width": r["width"], "height": r["height"], "codec": r["codec"], "decoder": r["decoder"],
+        "n_frames": r["n_frames"], "thumbnail": r["thumbnail"], "decode_s": 0.2, "error_stage": None,
+        "error_type": None, "error_message": None, "error_retryable": False,
+        "caption": r["caption"], "answers": np.array(r["answers"], dtype=object),
+        "visual_embedding": np.array(r["visual_embedding"]), "model_s": 0.5, "model_calls": 1,
+        "caption_embedding": np.array(r["caption_embedding"], dtype=np.float32),
+        "answers_text": r["answers_text"], "embed_s": float("nan"), **extra,
+    }
+
+
+def _bad(vid: str, **extra) -> dict:
+    return {"kind": "work", "uri": f"/videos/{vid}.mp4", "video_id": vid, "content_id": f"c-{vid}", "size": 9,
+            "etag": "e", "error_stage": "decode", "error_type": "DecodeError", "prev_attempts": 0,
+            "first_seen": None, "error_message": "probe: not a readable video", "error_retryable": False,
+            "caption": None, "answers": None, "model_calls": 0, **extra}
+
+
+def _copy(vid: str, cid: str, copy_of=None) -> dict:
+    return {"kind": "copy", "uri": f"/copies/{vid}.mp4", "video_id": vid, "content_id": cid, "size": 100,
+            "etag": f"etag-{vid}", "copy_of": copy_of, "caption": None, "answers": None, "model_calls": 0}
 
 
 def _job(tmp_or_uri: str, extra: list[str] = ()):
@@ -183,84 +307,85 @@ def _job(tmp_or_uri: str, extra: list[str] = ()):
                            f"output.manifest_dir={tmp_or_uri}/runs", *extra])
 
 
-def _run_job_sinks(job, run_id: str) -> tuple[object, dict]:
-    h = job.config_hash()
-    sinks = JobSinks(job, run_id=run_id, config_hash=h, model_id="tiny:residual:8")
-    ok, bad = _stage_frames(_rows(4))
-    sinks.write(ok.iloc[:2], bad)
-    sinks.write(ok.iloc[2:], None)
-    sinks.close()
-    path = sinks.write_manifest({
-        "run_id": run_id, "job": job.name, "config_hash": h, "model_id": "tiny:residual:8",
-        "started_at": datetime.now(UTC).isoformat(), "counts": {"indexed": 4, "errors": 1},
-        "outputs": sinks.locations(),
-    })
-    return sinks, {"manifest": path}
+def _sinks(job, run_id: str) -> JobSinks:
+    sinks = JobSinks(job, run_id=run_id, config_hash=job.config_hash(), model_id="tiny:residual:8")
+    sinks.start_manifest({"run_id": run_id, "job": job.name, "config_hash": job.config_hash(),
+                          "model_id": "tiny:residual:8", "started_at": datetime.now(UTC).isoformat()})
+    return sinks
 
 
-def test_job_sinks_write_everything_and_rerun_adds_nothing(tmp_path: Path) -> None:
+def test_job_sinks_results_copies_ledger_and_manifest(tmp_path: Path) -> None:
     job = _job(str(tmp_path))
-    sinks, out = _run_job_sinks(job, "run-1")
+    rows = _rows(4)
+    sinks = _sinks(job, "run-1")
+    running = read_manifest(sinks.manifest_path())
+    assert running["status"] == "running" and running["job_config"]["name"] == "demo"
+    # A copy of content c0 arrives before c0's result: it waits, then reuses it in the same run.
+    sinks.write(pd.DataFrame([_copy("dup0", "c0"), _work(rows[1]), _bad("bad1"),
+                              {"kind": "tally", "listed": 7, "skipped": 0, "known_bad": 0}]))
+    sinks.write(pd.DataFrame([_work(rows[0]), _work(rows[2]), _work(rows[3]), _bad("bad2")]))
+    sinks.finish()
+    manifest = sinks.end_manifest(status="succeeded")
+    assert manifest["counts"] == {"listed": 7, "skipped": 0, "known_bad": 0, "indexed": 4, "copies": 1,
+                                  "errors": 2, "model_calls": 4}
     loc = sinks.locations()
-    assert loc["parquet"] == str(tmp_path / "parquet" / "videos")
-    assert loc["lancedb"] == str(tmp_path / "lancedb")
-
     videos = read_parquet(loc["parquet"])
-    assert videos.num_rows == 4 and set(videos.column("run_id").to_pylist()) == {"run-1"}
     schemas.check_table(videos, schemas.video_schema(TEXT_DIM, VISUAL_DIM))
-    row = videos.to_pylist()[0]
+    by_id = {r["video_id"]: r for r in videos.to_pylist()}
+    assert set(by_id) == {"vid0", "vid1", "vid2", "vid3", "dup0"}
+    assert by_id["dup0"]["copy_of"] == "vid0" and by_id["dup0"]["caption"] == by_id["vid0"]["caption"]
+    assert by_id["dup0"]["uri"] == "/copies/dup0.mp4" and by_id["dup0"]["content_id"] == "c0"
+    row = by_id["vid0"]
     assert row["config_hash"] == job.config_hash() and row["questions_hash"] == job.questions_hash()
     assert row["timings"] == {"fetch_s": None, "decode_s": 0.2, "model_s": 0.5, "embed_s": None}
     assert row["frame_indices"] == [1, 4, 7] and row["answers"][0]["answer"] == "the car is red"
-    errors = read_parquet(loc["errors_parquet"]).to_pylist()
-    assert [(e["uri"], e["stage"], e["error_type"]) for e in errors] == [("/videos/corrupt.mp4", "decode",
-                                                                          "DecodeError")]
     db = connect_lance(loc["lancedb"])
-    assert db.open_table("videos").count_rows() == 4 and db.open_table("errors").count_rows() == 1
-    assert sinks.existing_ids() == {"vid0", "vid1", "vid2", "vid3"}
-    assert sinks.existing_ids("another-config") == set()
+    assert db.open_table("videos").count_rows() == 5
+    ledger = {e["video_id"]: e for e in read_parquet(loc["errors_parquet"]).to_pylist()}
+    assert set(ledger) == {"bad1", "bad2"} and ledger["bad1"]["attempts"] == 1
+    assert db.open_table("errors").count_rows() == 2
+    saved = read_manifest(loc["manifest"])
+    assert saved["status"] == "succeeded" and saved["schema_version"] == 2 and "pyarrow" in saved["versions"]
+    schemas.RunManifest.model_validate(saved)
 
-    manifest = read_manifest(out["manifest"])
-    assert manifest["run_id"] == "run-1" and manifest["schema_version"] == 1
-    assert manifest["job_config"]["name"] == "demo" and "pyarrow" in manifest["versions"]
-    schemas.RunManifest.model_validate(manifest)
-
-    _run_job_sinks(job, "run-2")  # a rerun upserts the same keys
-    assert connect_lance(loc["lancedb"]).open_table("videos").count_rows() == 4
-    assert search(str(tmp_path / "lancedb"), "videos", text="monkey", k=1)[0]["run_id"] == "run-2"
+    # Run 2: bad1 fails again (attempts 2, first_seen kept), bad2 now succeeds (its ledger record goes), a copy
+    # of an indexed content from another run reuses it at once.
+    sinks = _sinks(job, "run-2")
+    first_seen = ledger["bad1"]["first_seen"]
+    sinks.write(pd.DataFrame([_bad("bad1", prev_attempts=1, first_seen=first_seen),
+                              _work({**rows[0], "video_id": "bad2", "uri": "/videos/bad2.mp4", "content_id": "c9"}),
+                              _copy("dup3", "c3", copy_of="vid3")]))
+    sinks.finish()
+    ledger = {e["video_id"]: e for e in read_parquet(loc["errors_parquet"]).to_pylist()}
+    assert set(ledger) == {"bad1"} and ledger["bad1"]["attempts"] == 2 and ledger["bad1"]["first_seen"] == first_seen
+    assert db.open_table("errors").count_rows() == 1
+    videos = {r["video_id"]: r for r in read_parquet(loc["parquet"]).to_pylist()}
+    assert len(videos) == 7 and videos["dup3"]["copy_of"] == "vid3"
 
     parquet_only = _job(str(tmp_path), ["output.lancedb=null"])
-    ids = JobSinks(parquet_only, run_id="r", config_hash=job.config_hash(), model_id="m").existing_ids()
-    assert ids == {"vid0", "vid1", "vid2", "vid3"}
+    found = JobSinks(parquet_only, run_id="r", config_hash=job.config_hash(), model_id="m").videos.lookup(
+        job.config_hash(), "video_id", ["vid0", "dup3", "nope"], ["video_id"])
+    assert sorted(found.column("video_id").to_pylist()) == ["dup3", "vid0"]
 
 
-def test_lancedb_parquet_and_manifest_on_s3(s3_server) -> None:
+def test_a_run_that_died_is_marked_interrupted(tmp_path: Path) -> None:
+    job = _job(str(tmp_path))
+    sinks = _sinks(job, "dead-run")  # never ended: its process "died"
+    folder = sinks.manifest_dir()
+    assert mark_interrupted(folder, stale_after_s=60) == 0  # still beating
+    assert mark_interrupted(folder, stale_after_s=0) == 1
+    assert [m["status"] for m in list_manifests(folder)] == ["interrupted"]
+
+
+def test_manifest_on_s3_never_holds_credentials(s3_server) -> None:
     bucket = s3_server.bucket("sink")
     opts = s3_server.options()
-    schema = schemas.video_schema(TEXT_DIM, VISUAL_DIM)
-
-    lance_uri = f"s3://{bucket}/lance"
-    with LanceSink(lance_uri, "videos", schema, s3=opts, merge_on=ROW_KEY, fts_columns=("caption",)) as sink:
-        sink.write(_rows())
-    hits = search(lance_uri, "videos", text="monkey", k=1, s3=opts, fts_columns=("caption",))
-    assert hits[0]["video_id"] == "vid1"
-    assert search(lance_uri, "videos", vector=_unit(4, TEXT_DIM), k=1, s3=opts)[0]["video_id"] == "vid4"
-
-    with ParquetSink(f"s3://{bucket}/parquet/videos", schema, s3=opts) as sink:
-        sink.write(_rows())
-    assert sink.files[0].startswith(f"s3://{bucket}/parquet/videos/part-")
-    assert read_parquet(f"s3://{bucket}/parquet/videos", s3=opts).num_rows == 5
-
-    manifest = {"run_id": "r1", "job": "t", "config_hash": "c", "model_id": "m",
-                "started_at": datetime.now(UTC)}
+    manifest = {"run_id": "r1", "job": "t", "config_hash": "c", "model_id": "m", "started_at": datetime.now(UTC)}
     path = write_manifest(f"s3://{bucket}/runs/r1.json", manifest, s3=opts)
     assert read_manifest(path, s3=opts)["run_id"] == "r1"
-
-    # The whole job layout on S3, credentials from the job's output.s3 section.
-    s3_section = (f"output.s3={{endpoint_url: '{s3_server.endpoint}', "
+    s3_section = (f"output.s3={{endpoint_url: 'http://user:pw-sentinel@{s3_server.endpoint[7:]}', "
                   f"access_key_id: '{s3_server.access_key}', secret_access_key: '{s3_server.secret_key}'}}")
-    job = _job(f"s3://{bucket}/job", [s3_section])
-    sinks, out = _run_job_sinks(job, "s3-run")
-    assert sinks.existing_ids() == {"vid0", "vid1", "vid2", "vid3"}
-    written = read_manifest(out["manifest"], s3=opts)
-    assert written["job_config"]["output"]["s3"]["secret_access_key"] == "**********"  # never the secret
+    job = _job(f"s3://{bucket}/job", [s3_section, "model.engine_kwargs={token: tok-sentinel}"])
+    text = json.dumps(job.redacted())
+    for secret in (s3_server.secret_key, s3_server.access_key, "pw-sentinel", "tok-sentinel"):
+        assert secret not in text
