@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -70,8 +71,9 @@ def _pick_ports() -> list[int]:
     raise RuntimeError("no free port block for SeaweedFS")
 
 
-def _start_weed(data: Path, access_key: str, secret_key: str) -> tuple[Any, list[int], Path]:
-    s3_port, master, volume, filer = ports = _pick_ports()
+def _start_weed(data: Path, access_key: str, secret_key: str,
+                ports: list[int] | None = None) -> tuple[Any, list[int], Path]:
+    s3_port, master, volume, filer = ports = ports or _pick_ports()
     # With an identity configured every S3 call authenticates; without one SeaweedFS accepts any key for
     # simple requests but rejects multipart UploadPart (pyarrow's writes) with InvalidAccessKeyId.
     config = data / "s3.json"
@@ -146,6 +148,54 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
     finally:
         _stop(proc, ports)
+
+
+class ManagedS3:
+    """A SeaweedFS server of one test's own, which the test may pause (SIGSTOP), resume, kill and restart on
+    the same ports and data: storage faults against a real server."""
+
+    def __init__(self, data: Path):
+        self.data = data
+        self.access_key, self.secret_key = "test-" + uuid.uuid4().hex[:8], uuid.uuid4().hex
+        self.proc: Any = None
+        self.ports: list[int] | None = None
+        self.server: S3Server | None = None
+
+    def start(self) -> S3Server:
+        for _ in range(3):
+            proc, ports, log = _start_weed(self.data, self.access_key, self.secret_key, self.ports)
+            server = S3Server(f"http://127.0.0.1:{ports[0]}", self.access_key, self.secret_key)
+            if _wait_ready(server, proc):
+                self.proc, self.ports, self.server = proc, ports, server
+                return server
+            _stop(proc, ports)
+        pytest.fail(f"SeaweedFS did not start; last log lines:\n{log.read_text(errors='replace')[-3000:]}")
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            _stop(self.proc, self.ports or [])
+
+
+@pytest.fixture
+def private_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedS3]:
+    managed = ManagedS3(tmp_path_factory.mktemp("weed-private"))
+    managed.start()
+    try:
+        yield managed
+    finally:
+        managed.stop()
 
 
 @pytest.fixture(scope="session")
