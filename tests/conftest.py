@@ -109,7 +109,10 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen[bytes], timeout_s: floa
         if proc.poll() is not None:
             return False
         try:  # S3 answers before its filer is up: wait until a bucket and an object can be written
-            client.create_bucket(Bucket="ready-probe")
+            try:
+                client.create_bucket(Bucket="ready-probe")
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass  # a restart on the same data
             client.put_object(Bucket="ready-probe", Key="probe", Body=b"ok")
             return True
         except Exception:  # noqa: BLE001
@@ -124,6 +127,10 @@ def _stop(proc: subprocess.Popen[bytes], ports: list[int]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+    _remove_sockets(ports)
+
+
+def _remove_sockets(ports: list[int]) -> None:
     for p in ports:  # unix sockets SeaweedFS leaves in /tmp, named by our ports
         for path in Path("/tmp").glob(f"seaweedfs-*-{p}.sock"):
             path.unlink(missing_ok=True)
@@ -181,6 +188,7 @@ class ManagedS3:
         os.kill(self.proc.pid, signal.SIGCONT)
         self.proc.kill()
         self.proc.wait(10)
+        _remove_sockets(self.ports or [])  # a restart on the same ports would find them taken
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -239,28 +239,32 @@ def _tagged_pids(needle: str) -> list[int]:
 
 def test_killed_model_and_decode_actors_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
-    _clips(src, 12, seed0=60)
+    _clips(src, 16, seed0=60)
     killed: list[str] = []
+    parts = out / "parquet" / "videos"
+
+    def kill_when(needle: str, ready) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            # The title without ".__init__": the actor is constructed and takes batches now.
+            pids = [p for p in _tagged_pids(needle) if b"__init__" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+            if pids and ready():
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(needle)
+                return
+            time.sleep(0.05)
 
     def killer() -> None:
-        parts = out / "parquet" / "videos"
-        for needle in ("MapBatches(DecodeStage)", "MapBatches(ModelStage)"):
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                pids = _tagged_pids(needle)
-                if pids and parts.is_dir() and len(list(parts.glob("*.parquet"))) >= len(killed) + 1:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(needle)
-                    break
-                time.sleep(0.1)
+        kill_when("MapBatches(DecodeStage)", lambda: True)  # while it decodes its first batches
+        kill_when("MapBatches(ModelStage)", lambda: parts.is_dir() and any(parts.glob("*.parquet")))
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    manifest = _run(_overrides(str(src), out, ("runtime.commit_every=2",)))
+    manifest = _run(_overrides(str(src), out, ("runtime.commit_every=2", "model.max_new_tokens=24")))
     t.join(5)
     assert killed == ["MapBatches(DecodeStage)", "MapBatches(ModelStage)"]
     rows, _ = _exactly_once(str(out))
-    assert len(rows) == 12 and manifest["counts"]["errors"] == 0 and manifest["status"] == "succeeded"
+    assert len(rows) == 16 and manifest["counts"]["errors"] == 0 and manifest["status"] == "succeeded"
 
 
 # ---- storage faults ----------------------------------------------------------------------------------
@@ -274,6 +278,7 @@ def test_storage_paused_then_back_completes(private_s3, tmp_path: Path) -> None:
     s3 = _s3_section(server)
     out = f"s3://{bucket}/out"
     opts = server.options()
+    paused: list[float] = []
 
     def pause_once() -> None:
         from pipeline.io.sinks import read_parquet
@@ -288,6 +293,7 @@ def test_storage_paused_then_back_completes(private_s3, tmp_path: Path) -> None:
                 pass
             time.sleep(0.3)
         private_s3.pause()  # the whole server: every S3 call of the run hangs
+        paused.append(time.time())
         time.sleep(20)
         private_s3.resume()
 
@@ -297,6 +303,10 @@ def test_storage_paused_then_back_completes(private_s3, tmp_path: Path) -> None:
                                                          "runtime.commit_every=2")))
     t.join(60)
     assert manifest["status"] == "succeeded" and manifest["counts"]["indexed"] == 8, manifest["counts"]
+    from datetime import datetime
+
+    finished = datetime.fromisoformat(manifest["finished_at"]).timestamp()
+    assert paused and finished - paused[0] >= 20  # the run was still going and waited the pause out
     rows, ledger = _exactly_once(out, s3=opts)
     assert len(rows) == 8 and ledger == []
 
