@@ -378,9 +378,10 @@ def test_credentials_never_appear_in_any_output_or_log(s3_server, tmp_path: Path
     for i, clip in enumerate(clips):
         s3_server.client().upload_file(str(clip), bucket, f"in/{i}.mp4")
     s3_server.client().put_object(Bucket=bucket, Key="in/broken.mp4", Body=b"\0" * 500)
+    import tempfile
+
     out = tmp_path / "out"
-    ray_tmp = tmp_path / "ray"
-    ray_tmp.mkdir()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
     job = _job_file(tmp_path, _overrides(f"s3://{bucket}/in", out, (f"source.s3={_s3_section(s3_server)}",)))
     env = {"STLLM_INDEX_HOME": str(tmp_path / "home"), "RAY_TMPDIR": str(ray_tmp)}
     res = _cli_run(job, env=env)
@@ -402,6 +403,7 @@ def test_credentials_never_appear_in_any_output_or_log(s3_server, tmp_path: Path
         for s in secrets:
             assert s not in text
     assert checked > 20  # the outputs, manifests, the CLI's log, Ray's session logs
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_fetch_memory_is_bounded_whatever_the_file_size(s3_server, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from typing import Any
 
@@ -128,7 +128,9 @@ def connect_lance(uri: str, s3: S3Options | None = None) -> Any:
     import lancedb
 
     options = (s3 or S3Options()).lance_storage_options() if is_s3(uri) else None
-    return lancedb.connect(uri, storage_options=options)
+    # Every read sees the latest commit, also another process's (two runs on one index, the listing task):
+    # LanceDB's default never looks again once a table is open.
+    return lancedb.connect(uri, storage_options=options, read_consistency_interval=timedelta(0))
 
 
 def open_table(db: Any, name: str) -> Any | None:
