@@ -25,15 +25,30 @@ COMMON = [
 
 
 def _make_clips(folder: Path, n: int, distinct: int = 8) -> Path:
-    """n short clips (copies of `distinct` generated ones: decoding cost is what matters)."""
+    """n short clips: `distinct` generated ones, then variants of them, each made unique by a trailing MP4
+    `free` box — the same decoding work, but distinct bytes, so the index runs the model for every one (exact
+    copies would reuse one result)."""
+    import struct
+
     from pipeline.demo_clips import make_test_video
 
     folder.mkdir(parents=True, exist_ok=True)
     seeds = [make_test_video(folder / f"seed{i}.mp4", "h264", n_frames=48, size=(160, 120), seed=i)
              for i in range(distinct)]
     for i in range(n - distinct):
-        (folder / f"copy{i:04d}.mp4").write_bytes(seeds[i % distinct].read_bytes())
+        box = struct.pack(">I", 16) + b"free" + struct.pack(">Q", i)
+        (folder / f"copy{i:04d}.mp4").write_bytes(seeds[i % distinct].read_bytes() + box)
     return folder
+
+
+def _work_rows(job) -> list[dict]:
+    """The job's rows as the listing sends them into the stages (every one needs the model here)."""
+    from pipeline.io.listing import iter_work
+    from pipeline.runner import model_facts, work_plan
+
+    plan = work_plan(job, job.config_hash(model_facts(job)["checkpoint_id"]))
+    rows = [r for block in iter_work(plan) for r in block.to_dict("records") if r["kind"] == "work"]
+    return rows
 
 
 def _job(clips: Path, out: Path, extra: list[str] = ()):
@@ -47,7 +62,7 @@ def bench_pipeline(videos: int = 192, rounds: int = 2) -> list[Result]:
     """Rounds interleave the end-to-end run and the stages alone (this VM's speed drifts); best of each."""
     import ray
 
-    from pipeline.runner import init_ray, list_work, model_facts, run_job, stage_ops
+    from pipeline.runner import init_ray, model_facts, run_job, stage_ops
 
     best: dict[str, float] = {}
 
@@ -59,7 +74,7 @@ def bench_pipeline(videos: int = 192, rounds: int = 2) -> list[Result]:
         job = _job(_make_clips(tmp / "clips", videos), tmp / "out")
         init_ray(None, job)
         facts = model_facts(job)
-        rows, _ = list_work(job)
+        rows = _work_rows(job)
         ops = stage_ops(job, facts)
         run_job(_job(tmp / "clips", tmp / "warm", ["source.limit=2"]), progress=False)  # warm caches/imports
         for r in range(rounds):

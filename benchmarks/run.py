@@ -16,6 +16,7 @@ SUITES = {
     "pipeline": ("benchmarks.pipeline", "bench_pipeline"),
     "memory": ("benchmarks.pipeline", "bench_memory"),
     "engines": ("benchmarks.engines", "bench_engines"),
+    "listing": ("benchmarks.listing", "bench_listing"),
 }
 
 

@@ -205,10 +205,12 @@ def test_killed_driver_then_rerun_is_exactly_once(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(job), "--no-progress"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    parts = out / "parquet" / "videos"
+    parts, runs = out / "parquet" / "videos", out / "runs"
+    while time.monotonic() < deadline and len(list(runs.glob("*.json"))) < 2:
+        time.sleep(0.1)  # its manifest: it has recovered the first run's leftovers and started
     before = {p.name for p in parts.glob("*.parquet")}
     while time.monotonic() < deadline and {p.name for p in parts.glob("*.parquet")} <= before:
-        time.sleep(0.2)
+        time.sleep(0.1)  # then one commit of its own
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
     proc.wait(30)
     done = _cli_run(job, env={"STLLM_INDEX_HOME": str(tmp_path)})
@@ -265,6 +267,34 @@ def test_killed_model_and_decode_actors_lose_and_duplicate_nothing(tmp_path: Pat
     assert killed == ["MapBatches(DecodeStage)", "MapBatches(ModelStage)"]
     rows, _ = _exactly_once(str(out))
     assert len(rows) == 16 and manifest["counts"]["errors"] == 0 and manifest["status"] == "succeeded"
+
+
+def test_a_dead_vllm_engine_restarts_the_model_actor(tmp_path: Path) -> None:
+    """The vLLM engine core dies mid-run (SIGKILL): the model actor sees its engine is gone, exits, and Ray
+    restarts it with a fresh engine and retries the batch — no row becomes an error, none is lost."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    _clips(src, 10, seed0=140)
+    parts = out / "parquet" / "videos"
+    killed: list[int] = []
+
+    def kill_engine() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            pids = _tagged_pids("EngineCore")
+            if pids and parts.is_dir() and any(parts.glob("*.parquet")):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=kill_engine, daemon=True)
+    t.start()
+    manifest = _run(_overrides(str(src), out, ("model.engine=vllm", "runtime.commit_every=2",
+                                               "runtime.model_cpus=1.0", "model.max_new_tokens=16")))
+    t.join(5)
+    assert killed, "the engine core was never seen"
+    rows, ledger = _exactly_once(str(out))
+    assert len(rows) == 10 and ledger == [] and manifest["counts"]["errors"] == 0
 
 
 # ---- storage faults ----------------------------------------------------------------------------------
