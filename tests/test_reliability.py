@@ -5,6 +5,7 @@ object (DuckDB reads the Parquet files knowing nothing of our rules)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +25,20 @@ from pipeline.demo_clips import make_corrupt_video, make_test_video
 REPO = Path(__file__).parents[1]
 TAG = "STLLM_RELIABILITY_TEST"
 os.environ.setdefault(TAG, uuid.uuid4().hex)  # inherited by this module's Ray processes: found by tag, not name
+
+
+@contextlib.contextmanager
+def alongside(fn):
+    """Run fn(stop) in a thread while the block runs; then stop it and wait for it (no fault injector may
+    outlive its test: it would hit the next test's processes)."""
+    stop = threading.Event()
+    t = threading.Thread(target=fn, args=(stop,), daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(60)
 
 
 def _free_box(n: int) -> bytes:
@@ -245,9 +260,8 @@ def test_killed_model_and_decode_actors_lose_and_duplicate_nothing(tmp_path: Pat
     killed: list[str] = []
     parts = out / "parquet" / "videos"
 
-    def kill_when(needle: str, ready) -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
+    def kill_when(stop: threading.Event, needle: str, ready) -> None:
+        while not stop.is_set():
             # The title without ".__init__": the actor is constructed and takes batches now.
             pids = [p for p in _tagged_pids(needle) if b"__init__" not in Path(f"/proc/{p}/cmdline").read_bytes()]
             if pids and ready():
@@ -256,14 +270,12 @@ def test_killed_model_and_decode_actors_lose_and_duplicate_nothing(tmp_path: Pat
                 return
             time.sleep(0.05)
 
-    def killer() -> None:
-        kill_when("MapBatches(DecodeStage)", lambda: True)  # while it decodes its first batches
-        kill_when("MapBatches(ModelStage)", lambda: parts.is_dir() and any(parts.glob("*.parquet")))
+    def killer(stop: threading.Event) -> None:
+        kill_when(stop, "MapBatches(DecodeStage)", lambda: True)  # while it decodes its first batches
+        kill_when(stop, "MapBatches(ModelStage)", lambda: parts.is_dir() and any(parts.glob("*.parquet")))
 
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    manifest = _run(_overrides(str(src), out, ("runtime.commit_every=2", "model.max_new_tokens=24")))
-    t.join(5)
+    with alongside(killer):
+        manifest = _run(_overrides(str(src), out, ("runtime.commit_every=2", "model.max_new_tokens=24")))
     assert killed == ["MapBatches(DecodeStage)", "MapBatches(ModelStage)"]
     rows, _ = _exactly_once(str(out))
     assert len(rows) == 16 and manifest["counts"]["errors"] == 0 and manifest["status"] == "succeeded"
@@ -274,24 +286,22 @@ def test_a_dead_vllm_engine_restarts_the_model_actor(tmp_path: Path) -> None:
     restarts it with a fresh engine and retries the batch — no row becomes an error, none is lost."""
     src, out = tmp_path / "src", tmp_path / "out"
     _clips(src, 10, seed0=140)
-    parts = out / "parquet" / "videos"
     killed: list[int] = []
 
-    def kill_engine() -> None:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            pids = _tagged_pids("EngineCore")
-            if pids and parts.is_dir() and any(parts.glob("*.parquet")):
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
+    def kill_engine(stop: threading.Event) -> None:
+        while not stop.is_set():  # once the model actor is up (its engine is ready), kill the engine core
+            ready = [p for p in _tagged_pids("MapBatches(ModelStage)")
+                     if b"__init__" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+            cores = _tagged_pids("EngineCore")
+            if ready and cores:
+                os.kill(cores[0], signal.SIGKILL)
+                killed.append(cores[0])
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
 
-    t = threading.Thread(target=kill_engine, daemon=True)
-    t.start()
-    manifest = _run(_overrides(str(src), out, ("model.engine=vllm", "runtime.commit_every=2",
-                                               "runtime.model_cpus=1.0", "model.max_new_tokens=16")))
-    t.join(5)
+    with alongside(kill_engine):
+        manifest = _run(_overrides(str(src), out, ("model.engine=vllm", "runtime.commit_every=2",
+                                                   "runtime.model_cpus=1.0", "model.max_new_tokens=16")))
     assert killed, "the engine core was never seen"
     rows, ledger = _exactly_once(str(out))
     assert len(rows) == 10 and ledger == [] and manifest["counts"]["errors"] == 0
@@ -310,11 +320,10 @@ def test_storage_paused_then_back_completes(private_s3, tmp_path: Path) -> None:
     opts = server.options()
     paused: list[float] = []
 
-    def pause_once() -> None:
+    def pause_once(stop: threading.Event) -> None:
         from pipeline.io.sinks import read_parquet
 
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
+        while not stop.is_set():
             try:
                 t = read_parquet(f"{out}/parquet/videos", s3=opts, columns=["video_id"])
                 if t is not None and t.num_rows:
@@ -322,16 +331,16 @@ def test_storage_paused_then_back_completes(private_s3, tmp_path: Path) -> None:
             except OSError:
                 pass
             time.sleep(0.3)
+        else:
+            return
         private_s3.pause()  # the whole server: every S3 call of the run hangs
         paused.append(time.time())
         time.sleep(20)
         private_s3.resume()
 
-    t = threading.Thread(target=pause_once, daemon=True)
-    t.start()
-    manifest = _run(_overrides(f"s3://{bucket}/in", out, (f"source.s3={s3}", f"output.s3={s3}",
-                                                         "runtime.commit_every=2")))
-    t.join(60)
+    with alongside(pause_once):
+        manifest = _run(_overrides(f"s3://{bucket}/in", out, (f"source.s3={s3}", f"output.s3={s3}",
+                                                             "runtime.commit_every=2", "model.max_new_tokens=16")))
     assert manifest["status"] == "succeeded" and manifest["counts"]["indexed"] == 8, manifest["counts"]
     from datetime import datetime
 
@@ -344,30 +353,30 @@ def test_storage_paused_then_back_completes(private_s3, tmp_path: Path) -> None:
 def test_storage_down_fails_clearly_and_the_rerun_resumes(private_s3, tmp_path: Path) -> None:
     server = private_s3.server
     bucket = server.bucket("down")
-    for i, clip in enumerate(_clips(tmp_path / "clips", 6, seed0=90)):
+    for i, clip in enumerate(_clips(tmp_path / "clips", 12, seed0=90)):
         server.client().upload_file(str(clip), bucket, f"in/{i}.mp4")
     quick = (f"{{endpoint_url: '{server.endpoint}', access_key_id: '{server.access_key}', "
              f"secret_access_key: '{server.secret_key}', max_attempts: 2, read_timeout_s: 2, connect_timeout_s: 1}}")
     runs = tmp_path / "runs"
     overrides = _overrides(f"s3://{bucket}/in", f"s3://{bucket}/out",
                            (f"source.s3={quick}", f"output.s3={quick}", f"output.manifest_dir={runs}",
-                            "runtime.commit_every=2"))
+                            "runtime.commit_every=2", "model.max_new_tokens=24"))
     from pipeline.io.run_sinks import list_manifests
 
-    def stop_soon() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            ms = list_manifests(str(runs))
-            if ms and ms[-1].get("counts", {}).get("indexed", 0) >= 2:
-                break
-            time.sleep(0.3)
-        private_s3.kill()
+    client = server.client()
+    stopped: list[float] = []
 
-    t = threading.Thread(target=stop_soon, daemon=True)
-    t.start()
-    with pytest.raises(Exception):  # noqa: B017 — whichever client gave up first says why
+    def stop_soon(stop: threading.Event) -> None:
+        while not stop.is_set():  # the first committed part: the run is under way
+            if client.list_objects_v2(Bucket=bucket, Prefix="out/parquet/videos/part-").get("KeyCount"):
+                private_s3.kill()
+                stopped.append(time.time())
+                return
+            time.sleep(0.1)
+
+    with alongside(stop_soon), pytest.raises(Exception):  # noqa: B017 — whichever client gave up says why
         _run(overrides)
-    t.join(30)
+    assert stopped
     failed = list_manifests(str(runs))[-1]
     assert failed["status"] == "failed" and failed["error"]
     assert server.secret_key not in json.dumps(failed)
@@ -375,8 +384,8 @@ def test_storage_down_fails_clearly_and_the_rerun_resumes(private_s3, tmp_path: 
     resumed = _run(overrides)
     assert resumed["status"] == "succeeded"
     rows, _ = _exactly_once(f"s3://{bucket}/out", s3=server.options())
-    assert len(rows) == 6
-    assert resumed["counts"]["skipped"] >= 1  # what the failed run committed was kept
+    assert len(rows) == 12
+    assert resumed["counts"]["skipped"] >= 2  # what the failed run committed was kept
 
 
 # ---- two runs at once, credentials, memory ------------------------------------------------------------------

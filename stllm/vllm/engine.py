@@ -16,8 +16,11 @@ multimodal preprocessing at every step, so it would not be ST-LLM's decoding.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +160,31 @@ class VLLMEngine:
         resources = getattr(self.llm.llm_engine.engine_core, "resources", None)
         return not getattr(resources, "engine_dead", False)
 
+    @contextlib.contextmanager
+    def _wake_on_engine_death(self, poll_s: float = 0.5) -> Iterator[None]:
+        """vLLM 0.32's sync client, when its engine core dies, marks the engine dead and shuts its output thread
+        down without waking a caller blocked in `get_output()`: that call would wait forever. While we wait,
+        a watchdog hands such a caller the EngineDeadError it should have got."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(poll_s):
+                if not self.healthy():
+                    from vllm.v1.engine.exceptions import EngineDeadError
+
+                    queue = getattr(self.llm.llm_engine.engine_core, "outputs_queue", None)
+                    if queue is not None:
+                        queue.put_nowait(EngineDeadError())
+                    return
+
+        t = threading.Thread(target=watch, name="stllm-engine-watchdog", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
+
     def close(self) -> None:
         """Stop the engine-core processes now (otherwise they go at interpreter exit)."""
         self.llm.llm_engine.engine_core.shutdown()
@@ -237,7 +265,8 @@ class VLLMEngine:
                 continue
             pending += added
         t1 = time.perf_counter()
-        outputs = {o.request_id: o for o in self.llm.wait_for_completion(use_tqdm=False)} if pending else {}
+        with self._wake_on_engine_death():
+            outputs = {o.request_id: o for o in self.llm.wait_for_completion(use_tqdm=False)} if pending else {}
         t2 = time.perf_counter()
         for p in pending:
             out = (outputs.get(p.request_id) or outputs[p.external_id]).outputs[0]
