@@ -145,16 +145,12 @@ class ModelStage:
         try:
             results = self.engine.generate(requests, self.options) if requests else []
         except Exception as e:  # noqa: BLE001 — a broken batch fails its rows, not the job
-            if not self.engine.healthy():
-                # The engine itself is gone (dead vLLM engine core, CUDA error): every later batch would fail
-                # the same way. Exit so Ray restarts this actor with a fresh engine and retries the batch.
-                log.error("the %s engine broke (%s: %s); exiting for a restart", self.engine.kind,
-                          type(e).__name__, e)
-                os._exit(ENGINE_EXIT_CODE)
+            self._exit_if_engine_broke(e)
             results = []
             for i in todo:
                 errors["error_stage"][i], errors["error_type"][i] = "model", type(e).__name__
                 errors["error_message"][i] = redact(f"{e}\n{traceback.format_exc(limit=3)}")
+        self._exit_if_engine_broke(None)  # a dead engine's per-request errors are not the videos' fault
         calls = [0] * len(batch)
         for i, res in zip(todo, results, strict=False):
             calls[i] = 1
@@ -177,6 +173,15 @@ class ModelStage:
             out = self.embed(out)
         _release_freed_memory()
         return out
+
+
+    def _exit_if_engine_broke(self, error: BaseException | None) -> None:
+        if self.engine.healthy():
+            return
+        # The engine itself is gone (dead vLLM engine core, CUDA error): every later batch would fail the same
+        # way. Exit so Ray restarts this actor with a fresh engine and retries the batch (nothing is written).
+        log.error("the %s engine broke (%s); exiting for a restart", self.engine.kind, error or "no error raised")
+        os._exit(ENGINE_EXIT_CODE)
 
 
 class EmbedStage:

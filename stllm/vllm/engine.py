@@ -258,6 +258,8 @@ class VLLMEngine:
                     (rid,) = self.llm.enqueue(prompt, params, use_tqdm=False)
                     added.append(_Pending(i, q, rid))
             except Exception as e:  # vLLM's input processing rejected it: fail this request alone
+                if not self.healthy():
+                    raise  # not the request's fault: the engine is gone (the caller restarts it)
                 if added:
                     self.llm.llm_engine.abort_request([p.request_id for p in added], internal=True)
                 results[i].error = f"{type(e).__name__}: {e}"
