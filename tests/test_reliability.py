@@ -374,15 +374,18 @@ def test_storage_down_fails_clearly_and_the_rerun_resumes(private_s3, tmp_path: 
                 return
             time.sleep(0.1)
 
-    with alongside(stop_soon), pytest.raises(Exception):  # noqa: B017 — whichever client gave up says why
-        _run(overrides)
-    assert stopped
+    job = _job_file(tmp_path, overrides)
+    with alongside(stop_soon):  # the nightly run, as its own process
+        failed_run = _cli_run(job, env={"STLLM_INDEX_HOME": str(tmp_path)})
+    assert stopped and failed_run.returncode != 0
+    assert "error" in failed_run.stderr.lower() and server.secret_key not in failed_run.stderr
     failed = list_manifests(str(runs))[-1]
     assert failed["status"] == "failed" and failed["error"]
     assert server.secret_key not in json.dumps(failed)
     private_s3.start()  # back on the same ports, with the same data
-    resumed = _run(overrides)
-    assert resumed["status"] == "succeeded"
+    t0 = time.monotonic()
+    resumed = _run(overrides)  # the crashed run's lock (its process is gone) does not hold it up
+    assert resumed["status"] == "succeeded" and time.monotonic() - t0 < 120
     rows, _ = _exactly_once(f"s3://{bucket}/out", s3=server.options())
     assert len(rows) == 12
     assert resumed["counts"]["skipped"] >= 2  # what the failed run committed was kept

@@ -13,9 +13,10 @@ import pytest
 
 import schemas
 from pipeline.catalog.search import search
+from pipeline.io.indexes import maintain_indexes
 from pipeline.io.locks import IndexLock, LockTimeout
 from pipeline.io.run_sinks import JobSinks, list_manifests, mark_interrupted
-from pipeline.io.sinks import connect_lance, maintain_indexes, read_manifest, read_parquet, write_manifest
+from pipeline.io.sinks import connect_lance, read_manifest, read_parquet, write_manifest
 from pipeline.io.tables import TableStore
 from pipeline.jobs import load_job
 
@@ -237,6 +238,14 @@ def test_index_lock_is_exclusive_locally_and_on_s3(tmp_path: Path, s3_server) ->
             pass
     with IndexLock(root, opts, timeout_s=1):  # and it is free again
         pass
+    # A holder on this host whose process is gone: taken over at once, long before its lease ends.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    bucket, key = root[5:].split("/", 1)
+    body = json.dumps({"owner": "x", "host": __import__("socket").gethostname(), "pid": int(dead.stdout),
+                       "expires_at": time.time() + 3600})
+    s3_server.client().put_object(Bucket=bucket, Key=f"{key}/_lock", Body=body.encode())
+    with IndexLock(root, opts, timeout_s=2):
+        pass
 
 
 def test_indexes_and_search(tmp_path: Path) -> None:
@@ -389,3 +398,37 @@ def test_manifest_on_s3_never_holds_credentials(s3_server) -> None:
     text = json.dumps(job.redacted())
     for secret in (s3_server.secret_key, s3_server.access_key, "pw-sentinel", "tok-sentinel"):
         assert secret not in text
+
+
+def test_vector_index_is_maintained_then_retrained_when_its_stats_say_so(tmp_path: Path) -> None:
+    from pipeline.io import indexes
+
+    schema = schemas.video_schema(16, 8)
+    rng = np.random.default_rng(0)
+
+    def rows(n: int, start: int) -> pa.Table:
+        out = []
+        for i, r in enumerate(_rows(n)):
+            r.update(video_id=f"v{start + i}", caption_embedding=rng.standard_normal(16).astype(np.float32).tolist(),
+                     visual_embedding=rng.standard_normal(8).astype(np.float32).tolist())
+            out.append(r)
+        return pa.Table.from_pylist(out, schema=schema)
+
+    db = connect_lance(str(tmp_path / "lance"))
+    table = db.create_table("videos", rows(300, 0))
+    assert indexes.maintain_indexes(table, vector_columns=("caption_embedding",), vector_index_min_rows=1000) == {}
+    done = indexes.maintain_indexes(table, fts_columns=("caption",), vector_columns=("caption_embedding",),
+                                    vector_index_min_rows=256)
+    assert done == {"caption": "created", "caption_embedding": "trained"}
+    assert table.index_stats("caption_embedding_idx").index_type == "IVF_PQ"
+    trained = []
+    for k in range(indexes.MAX_DELTAS + 1):  # each run's rows become a delta segment of the same centroids
+        table.add(rows(20, 300 + 20 * k))
+        done = indexes.maintain_indexes(table, fts_columns=("caption",), vector_columns=("caption_embedding",),
+                                        vector_index_min_rows=256)
+        trained.append(done.get("caption_embedding"))
+        assert table.index_stats("caption_embedding_idx").num_unindexed_rows == 0
+    first = trained.index("trained")  # once the deltas outnumber MAX_DELTAS, and not before a few runs
+    assert first >= 2 and set(trained[:first]) == {"updated"}
+    hit = search(str(tmp_path / "lance"), "videos", vector=table.to_arrow()["caption_embedding"][7].as_py(), k=1)
+    assert hit[0]["video_id"] == table.to_arrow()["video_id"][7].as_py()

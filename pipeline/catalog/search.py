@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.io.indexes import NPROBES, REFINE_FACTOR
 from pipeline.io.sinks import connect_lance
 from pipeline.io.sources import S3Options
 
@@ -27,7 +28,8 @@ def search(uri: str, table: str, text: str | None = None, vector: Sequence[float
         column = list(fts_columns)[0] if len(fts_columns) == 1 else None
         q = tbl.search(fts, query_type="fts", fts_columns=column)
     else:
-        q = tbl.search(list(vector), vector_column_name=vector_column).distance_type(metric)
+        q = (tbl.search(list(vector), vector_column_name=vector_column).distance_type(metric)
+             .nprobes(NPROBES).refine_factor(REFINE_FACTOR))
     if where:
         q = q.where(where)
     if columns:

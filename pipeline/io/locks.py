@@ -3,8 +3,9 @@ around every commit.
 
 - Local folders: `fcntl.flock` on `<root>/_lock` — the kernel drops it when the holder dies, even by SIGKILL.
 - `s3://` prefixes: an object `<prefix>/_lock` created with a conditional PUT (`If-None-Match: *`) holding an
-  expiry; a holder that died leaves it, and the next writer takes it over once it has expired (`If-Match` on
-  the stale object's ETag, so two writers can never both take it). Released with a conditional DELETE.
+  expiry; a holder that died leaves it, and the next writer takes it over once it has expired, or at once when
+  the holder was a process of this host that is gone (`If-Match` on the stale object's ETag, so two writers
+  can never both take it). Released with a conditional DELETE.
 """
 
 from __future__ import annotations
@@ -33,13 +34,27 @@ def _precondition_failed(e: ClientError) -> bool:
     return e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict")
 
 
+def _dead_here(info: dict[str, Any], host: str) -> bool:
+    """The lock's holder was a process on this host that no longer exists (it crashed: no need to wait)."""
+    if info.get("host") != host or not info.get("pid"):
+        return False
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class IndexLock:
     """`with IndexLock(root, s3):` — exclusive while inside. Re-entrant within one object."""
 
     def __init__(self, root: str, s3: S3Options | None = None, *, timeout_s: float = 600.0, lease_s: float = 300.0):
         self.root, self.s3 = root, s3
         self.timeout_s, self.lease_s = timeout_s, lease_s
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.owner = f"{self.host}:{self.pid}:{uuid.uuid4().hex[:8]}"
         self._depth = 0
         self._fd: int | None = None
         self._etag: str | None = None
@@ -81,7 +96,8 @@ class IndexLock:
         client, bucket, key = self._key()
         deadline = time.monotonic() + self.timeout_s
         while True:
-            body = json.dumps({"owner": self.owner, "expires_at": time.time() + self.lease_s}).encode()
+            body = json.dumps({"owner": self.owner, "host": self.host, "pid": self.pid,
+                               "expires_at": time.time() + self.lease_s}).encode()
             try:
                 self._etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")["ETag"]
                 return
@@ -91,7 +107,7 @@ class IndexLock:
             try:  # held: take it over if its holder let it expire
                 held = client.get_object(Bucket=bucket, Key=key)
                 info = json.loads(held["Body"].read() or b"{}")
-                if float(info.get("expires_at", 0)) < time.time():
+                if float(info.get("expires_at", 0)) < time.time() or _dead_here(info, self.host):
                     self._etag = client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=held["ETag"])["ETag"]
                     return
             except ClientError as e:

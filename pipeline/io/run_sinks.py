@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import pyarrow as pa
 
+from pipeline.io.indexes import maintain_indexes
 from pipeline.io.listing import COPY, TALLY, TALLY_FIELDS, WORK, IndexLocation
 from pipeline.io.locks import IndexLock
 from pipeline.io.sinks import (
     check_existing,
     filesystem,
     join_path,
-    maintain_indexes,
     read_manifest,
     to_records,
     utc_now,

@@ -1,6 +1,6 @@
 """The storage helpers every writer shares: file systems (local or s3:// through pyarrow), LanceDB connections
 and indexes, rows → Arrow tables of a schema, and the run manifest. The tables themselves and their commit
-protocol are in `pipeline.io.tables`.
+protocol are in `pipeline.io.tables`, their search indexes in `pipeline.io.indexes`.
 """
 
 from __future__ import annotations
@@ -138,29 +138,6 @@ def open_table(db: Any, name: str) -> Any | None:
         return db.open_table(name)
     except (ValueError, FileNotFoundError):
         return None
-
-
-def maintain_indexes(table: Any, *, fts_columns: Sequence[str] = (), scalar_columns: Sequence[str] = (),
-                     vector_columns: Sequence[str] = (), vector_index_min_rows: int | None = 50_000,
-                     vector_metric: str = "cosine") -> None:
-    """A full-text index per `fts_columns`, a scalar index per `scalar_columns`, and a vector index per
-    `vector_columns` once the table holds `vector_index_min_rows` rows (below that, brute force is exact and
-    fast enough); indexes made earlier take the new rows in (`optimize`)."""
-    from lancedb.index import FTS, BTree, IvfPq
-
-    existing = {c for idx in table.list_indices() for c in idx.columns}
-    for col in fts_columns:
-        if col not in existing:
-            table.create_index(col, config=FTS(), replace=True)
-    for col in scalar_columns:
-        if col not in existing:
-            table.create_index(col, config=BTree(), replace=True)
-    if vector_index_min_rows is not None and table.count_rows() >= vector_index_min_rows:
-        for col in vector_columns:
-            if col not in existing:
-                table.create_index(col, config=IvfPq(distance_type=vector_metric), replace=True)
-    if existing:
-        table.optimize()
 
 
 def check_existing(actual: pa.Schema, expected: pa.Schema, what: str) -> None:
