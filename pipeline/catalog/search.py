@@ -1,4 +1,5 @@
-"""Search an index: full-text, vector or hybrid queries over the LanceDB table a job wrote."""
+"""The one query builder over an index's table: full-text, vector, or hybrid (both, fused by reciprocal rank)
+— used by `stllm-index search/similar`, the web page, the demo and the benchmarks."""
 
 from __future__ import annotations
 
@@ -10,28 +11,38 @@ from pipeline.io.sinks import connect_lance
 from pipeline.io.sources import S3Options
 
 
-def search(uri: str, table: str, text: str | None = None, vector: Sequence[float] | None = None, k: int = 5,
-           *, s3: S3Options | None = None, vector_column: str = "caption_embedding",
-           fts_columns: Sequence[str] = ("caption", "answers_text"), where: str | None = None,
-           columns: Sequence[str] | None = None, metric: str = "cosine") -> list[dict[str, Any]]:
-    """Full-text (text), vector (vector) or hybrid (both, reciprocal-rank fused) search → rows, best first,
-    with `_score` (FTS), `_distance` (vector) or `_relevance_score` (hybrid)."""
+def query_table(tbl: Any, text: str | None = None, vector: Sequence[float] | None = None, k: int = 5, *,
+                vector_column: str = "caption_embedding", fts_columns: Sequence[str] = ("caption", "answers_text"),
+                where: str | None = None, columns: Sequence[str] | None = None,
+                metric: str = "cosine") -> list[dict[str, Any]]:
+    """Rows best first, with `_score` (FTS), `_distance` (vector) or `_relevance_score` (hybrid, RRF).
+    Filters apply before ranking (`prefilter`): k hits that all match, not the matches among k hits."""
     from lancedb.query import MultiMatchQuery
+    from lancedb.rerankers import RRFReranker
 
     if text is None and vector is None:
         raise ValueError("search needs text, a vector, or both")
-    tbl = connect_lance(uri, s3).open_table(table)
     fts: Any = MultiMatchQuery(text, list(fts_columns)) if text is not None and len(fts_columns) > 1 else text
+    score: list[str] = []
     if text is not None and vector is not None:
-        q = tbl.search(query_type="hybrid", vector_column_name=vector_column).vector(list(vector)).text(fts)
+        q = (tbl.search(query_type="hybrid", vector_column_name=vector_column).vector(list(vector)).text(fts)
+             .rerank(RRFReranker()))
     elif text is not None:
         column = list(fts_columns)[0] if len(fts_columns) == 1 else None
         q = tbl.search(fts, query_type="fts", fts_columns=column)
+        score = ["_score"]
     else:
         q = (tbl.search(list(vector), vector_column_name=vector_column).distance_type(metric)
              .nprobes(NPROBES).refine_factor(REFINE_FACTOR))
+        score = ["_distance"]
     if where:
-        q = q.where(where)
+        q = q.where(where, prefilter=True)
     if columns:
-        q = q.select(list(columns))
+        q = q.select([*columns, *score])
     return q.limit(k).to_list()
+
+
+def search(uri: str, table: str, text: str | None = None, vector: Sequence[float] | None = None, k: int = 5,
+           *, s3: S3Options | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+    """`query_table` on the table `table` of the LanceDB database `uri`."""
+    return query_table(connect_lance(uri, s3).open_table(table), text, vector, k, **kwargs)

