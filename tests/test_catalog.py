@@ -1,0 +1,214 @@
+"""The catalog on a real index built by the pipeline: search with filters, similar videos, curation export, and
+the web page in a real headless browser (Debian's Chromium, driven by Selenium)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.demo_clips import make_corrupt_video, make_test_video
+
+COPY_NOTE = b"\x00\x00\x00\x10free" + b"near-copy"[:8]  # an MP4 `free` box: other bytes, the same frames
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory) -> dict[str, Path]:
+    """Clips in a/ and b/: three distinct scenes (H.264, HEVC, VP9), an exact copy of one, a near copy
+    (the same frames, other bytes) of another, and a corrupt file — indexed by a real run."""
+    import ray
+
+    from pipeline.jobs import load_job
+    from pipeline.runner import run_job
+
+    root = tmp_path_factory.mktemp("catalog")
+    src = root / "src"
+    scenes = [make_test_video(src / "a" / "red.mp4", "h264", seed=0),
+              make_test_video(src / "a" / "blue.mp4", "hevc", seed=1),
+              make_test_video(src / "b" / "green.webm", "vp9", seed=6)]
+    shutil.copyfile(scenes[0], src / "b" / "red_copy.mp4")
+    (src / "b" / "blue_near.mp4").write_bytes(scenes[1].read_bytes() + COPY_NOTE)
+    make_corrupt_video(src / "b" / "broken.mp4", "random")
+    out = root / "out"
+    ray.shutdown()
+    job = load_job(None, [f"source.uri={src}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lancedb",
+                          f"output.manifest_dir={out}/runs", "runtime.decode_cpus=0.5", "runtime.model_cpus=0.5",
+                          "model.max_new_tokens=6"])
+    manifest = run_job(job, progress=False)
+    ray.shutdown()
+    assert (manifest["counts"]["indexed"], manifest["counts"]["copies"]) == (4, 1)
+    return {"src": src, "out": out, "lancedb": out / "lancedb", "runs": out / "runs"}
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_search_and_filters(index) -> None:
+    from pipeline.catalog.query import Catalog, Filters
+
+    cat = Catalog(str(index["lancedb"]))
+    everything = cat.search("a video", k=20)
+    assert len(everything) == 5 and all("matching_answer" in h for h in everything)
+    by = {mode: {Path(h["uri"]).name for h in cat.search("video", k=20, mode=mode)} for mode in ("vector", "fts")}
+    assert by["vector"] == {"red.mp4", "blue.mp4", "green.webm", "red_copy.mp4", "blue_near.mp4"}
+    only_b = cat.search("a video", k=20, filters=Filters(prefix=str(index["src"] / "b") + "/"))
+    assert {Path(h["uri"]).name for h in only_b} == {"green.webm", "red_copy.mp4", "blue_near.mp4"}
+    vp9 = cat.search("a video", k=20, filters=Filters(where="codec = 'vp9' AND duration_s > 1"))
+    assert [Path(h["uri"]).name for h in vp9] == ["green.webm"]
+    answer = cat.row(str(index["src"] / "a" / "red.mp4"))["answers"][0]
+    hits = cat.search("a video", k=20, filters=Filters(answers=[(answer["question"], answer["answer"][:5].upper())]))
+    assert "red.mp4" in {Path(h["uri"]).name for h in hits}
+    assert hits[0]["matching_answer"].startswith(answer["question"])
+    assert cat.search("a video", filters=Filters(since="2999-01-01")) == []
+    assert len(cat.search("a video", k=20, filters=Filters(until="2999-01-01"))) == 5
+    with pytest.raises(ValueError, match="unknown column 'colour'"):
+        cat.search("x", filters=Filters(where="colour = 'red'"))
+    with pytest.raises(ValueError, match="ISO date"):
+        cat.search("x", filters=Filters(since="yesterday"))
+
+
+def test_similar_leaves_out_exact_copies(index) -> None:
+    from pipeline.catalog.query import Catalog
+
+    cat = Catalog(str(index["lancedb"]))
+    red = str(index["src"] / "a" / "red.mp4")
+    names = [Path(h["uri"]).name for h in cat.similar(red, k=10)]
+    assert "red.mp4" not in names and "red_copy.mp4" not in names  # itself and its exact copy
+    assert sorted(names) == ["blue.mp4", "blue_near.mp4", "green.webm"]
+    blue = [Path(h["uri"]).name for h in cat.similar(str(index["src"] / "a" / "blue.mp4"), k=1)]
+    assert blue == ["blue_near.mp4"]  # the same frames in other bytes: the nearest, not an exact copy
+    out = _cli("similar", str(index["lancedb"]), red, "--json")
+    assert out.returncode == 0, out.stderr
+    assert {Path(h["uri"]).name for h in json.loads(out.stdout)} == set(names)
+
+
+def test_export_is_deterministic_and_groups_near_copies(index, tmp_path: Path) -> None:
+    from pipeline.catalog.export import export
+
+    for fmt in ("parquet", "jsonl", "webdataset"):
+        a = export(str(index["lancedb"]), tmp_path / f"{fmt}1", fmt=fmt, dedup_threshold=0.999)
+        b = export(str(index["lancedb"]), tmp_path / f"{fmt}2", fmt=fmt, dedup_threshold=0.999)
+        assert [Path(f).read_bytes() for f in a.files] == [Path(f).read_bytes() for f in b.files], fmt
+    # 5 videos; the exact copy and the near copy join their originals: 3 groups, one video each is kept.
+    assert (a.videos, a.groups, a.kept) == (5, 3, 3)
+    rows = pq.read_table(tmp_path / "parquet1" / "manifest.parquet").to_pylist()
+    kept = {Path(r["uri"]).name for r in rows}
+    assert kept == {"blue.mp4", "green.webm", "red.mp4"}  # the first of each group by uri
+    per_video = {}
+    for r in rows:
+        per_video.setdefault(r["video_id"], []).append(r)
+        assert r["answer"] and r["split"] in ("train", "val") and r["group_id"]
+    assert all(len(v) == 3 for v in per_video.values())  # the caption + the demo job's two questions
+    assert {r["question"] for r in rows} >= {"Describe the video in detail."}
+    # No dedup below exact copies: 4 groups (only red and its copy share content).
+    assert export(str(index["lancedb"]), tmp_path / "all", dedup_threshold=1.01).kept == 4
+    import tarfile
+
+    with tarfile.open(tmp_path / "webdataset1" / "shard-00000.tar") as tar:
+        names = sorted(tar.getnames())
+        assert len(names) == 6 and {n.rsplit(".", 1)[1] for n in names} == {"json", "mp4", "webm"}
+        assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(index, tmp_path: Path) -> None:
+    out = _cli("search", str(index["lancedb"]), "video", "--where", "colour = 'red'")
+    assert out.returncode == 2 and "unknown column 'colour'" in out.stderr
+    out = _cli("search", str(tmp_path / "nowhere"), "video")
+    assert out.returncode == 2 and "is not an index" in out.stderr
+    target = tmp_path / "export"
+    out = _cli("export", str(index["lancedb"]), "--to", str(target), "--where", "nope > 1")
+    assert out.returncode == 2 and "unknown column 'nope'" in out.stderr and not target.exists()
+    out = _cli("export", str(index["lancedb"]), "--to", str(target), "--where", "duration_s > 1000")
+    assert out.returncode == 2 and "select no video" in out.stderr and not target.exists()
+    import lancedb
+
+    import schemas
+
+    empty = tmp_path / "empty"
+    lancedb.connect(str(empty)).create_table("videos", schema=schemas.video_schema(384, 176))
+    out = _cli("search", str(empty), "video")
+    assert out.returncode == 2 and "is empty" in out.stderr
+    out = _cli("status", str(tmp_path / "nowhere"))
+    assert out.returncode == 2 and "is not an index" in out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_bin, "Debian's chromium and chromium-driver are needed (`make test` installs them)"
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(index["lancedb"]),
+                               "--port", str(port), "--manifest-dir", str(index["runs"])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "/runs", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                assert time.monotonic() < deadline, "the page did not come up"
+                time.sleep(0.5)
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = chromium
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={tmp_path / 'chrome'}"):
+            opts.add_argument(arg)
+        browser = webdriver.Chrome(service=Service(driver_bin), options=opts)
+        try:
+            browser.get(base + "/")
+            box = browser.find_element(By.NAME, "q")
+            box.send_keys("a video")
+            browser.find_element(By.NAME, "prefix").send_keys(str(index["src"] / "b" / "green"))
+            browser.find_element(By.ID, "go").click()
+            WebDriverWait(browser, 60).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".hit")))
+            hits = browser.find_elements(By.CSS_SELECTOR, ".hit")
+            assert len(hits) == 1 and hits[0].find_element(By.CSS_SELECTOR, ".uri").text.endswith("green.webm")
+            img = hits[0].find_element(By.TAG_NAME, "img")
+            WebDriverWait(browser, 30).until(lambda b: b.execute_script(
+                "return arguments[0].complete && arguments[0].naturalWidth > 0", img))
+            browser.save_screenshot(str(tmp_path / "search.png"))
+            hits[0].find_element(By.CSS_SELECTOR, ".uri").click()
+            player = WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.ID, "player")))
+            assert "/media/" in player.get_attribute("src")
+            WebDriverWait(browser, 60).until(lambda b: b.execute_script(
+                "return arguments[0].readyState >= 1 && arguments[0].duration > 1", player))  # the file plays
+            assert browser.find_element(By.ID, "caption").text
+            assert browser.find_elements(By.CSS_SELECTOR, ".similar a")  # what looks like it
+            browser.save_screenshot(str(tmp_path / "video.png"))
+            browser.get(base + "/runs")
+            assert "succeeded" in browser.find_element(By.ID, "runs").text
+            assert (tmp_path / "search.png").stat().st_size > 1000
+        finally:
+            browser.quit()
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(5)
