@@ -17,6 +17,7 @@ SUITES = {
     "memory": ("benchmarks.pipeline", "bench_memory"),
     "engines": ("benchmarks.engines", "bench_engines"),
     "listing": ("benchmarks.listing", "bench_listing"),
+    "search": ("benchmarks.search", "bench_search"),
 }
 
 

@@ -131,6 +131,8 @@ class RuntimeConfig(_Strict):
                              "model actors on shared cores (0 = same priority)")
     batch_size: int = Field(default=4, ge=1, description="videos per model/embedder batch")
     model_pool_size: int = Field(default=1, ge=1, description="model actors")
+    model_batches_in_flight: int = Field(default=4, ge=1, le=64, description="batches each model actor works on "
+                                         "at once: the engine never waits for a batch boundary (1 = one by one)")
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
     model_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per model actor (it also embeds)")
     commit_every: int = Field(default=32, ge=1, description="rows per sink commit")

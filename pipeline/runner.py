@@ -109,7 +109,9 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
     def model(ds):
         return ds.map_batches(
             ModelStage, batch_format="pandas", batch_size=rt.batch_size,
-            compute=ActorPoolStrategy(size=rt.model_pool_size), num_gpus=rt.num_gpus_per_actor,
+            compute=ActorPoolStrategy(size=rt.model_pool_size,
+                                      max_tasks_in_flight_per_actor=rt.model_batches_in_flight),
+            num_gpus=rt.num_gpus_per_actor,
             num_cpus=rt.model_cpus,
             fn_constructor_kwargs=dict(
                 engine=job.model.engine, model_path=facts["path"], dtype=job.model.dtype, device=job.model.device,

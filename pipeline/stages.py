@@ -10,8 +10,10 @@ with a fresh engine and retries its batch, so one dead engine never turns every 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
+import json
 import logging
 import os
 import time
@@ -125,7 +127,10 @@ class ModelStage:
         self.options = options  # stllm.engine.GenerationOptions
         self.embed = EmbedStage(**embedder) if embedder is not None else None
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """Async: Ray Data hands this actor several batches at once (`runtime.model_batches_in_flight`); each
+        awaits its own results while the engine works on all of them, and embeds its text on a worker thread,
+        so the engine is never idle waiting for a batch boundary or for the embedder."""
         from stllm.engine import VideoRequest
 
         t0 = time.perf_counter()
@@ -143,7 +148,7 @@ class ModelStage:
         visual: list[list[float] | None] = [None] * len(batch)
         errors = {f: list(batch[f]) for f in ERROR_FIELDS}
         try:
-            results = self.engine.generate(requests, self.options) if requests else []
+            results = await asyncio.wrap_future(self.engine.submit(requests, self.options)) if requests else []
         except Exception as e:  # noqa: BLE001 — a broken batch fails its rows, not the job
             self._exit_if_engine_broke(e)
             results = []
@@ -170,9 +175,17 @@ class ModelStage:
         out["model_calls"] = calls  # rows the engine ran for (copies reuse a result: the count stays per content)
         out["model_s"] = (time.perf_counter() - t0) / max(len(batch), 1)
         if self.embed is not None:
-            out = self.embed(out)
+            out = await asyncio.to_thread(self.embed, out)  # off the event loop: other batches go on meanwhile
+        self._write_stats()
         _release_freed_memory()
         return out
+
+    def _write_stats(self) -> None:
+        """With STLLM_ENGINE_STATS_DIR set (benchmarks), each model actor keeps its engine's stats there."""
+        folder = os.environ.get("STLLM_ENGINE_STATS_DIR")
+        if folder and (stats := self.engine.stats()):
+            with open(os.path.join(folder, f"engine-{os.getpid()}.json"), "w") as f:
+                json.dump(stats, f)
 
 
     def _exit_if_engine_broke(self, error: BaseException | None) -> None:

@@ -10,6 +10,7 @@ the prompt budget.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
@@ -123,6 +124,15 @@ class Engine(Protocol):
 
     def generate(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> list[VideoResult]:
         """One result per request, in order. A bad request yields a result with `error` set."""
+        ...
+
+    def submit(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> Future:
+        """`generate` without waiting: a future of the results. Batches submitted while others run are worked on
+        together where the engine can (vLLM: continuous batching); results come back per batch."""
+        ...
+
+    def stats(self) -> dict[str, object]:
+        """How busy the engine has been (busy fraction, sequences in flight); {} where not measured."""
         ...
 
     def close(self) -> None:

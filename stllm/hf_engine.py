@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,7 @@ class HFEngine:
         self.max_batch_size = max_batch_size
         self.vit_forwards = 0  # counted so tests and benchmarks can check "one ViT pass per video"
         self.last_timings: dict[str, float] = {}
+        self._executor: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_pretrained(
@@ -55,7 +57,20 @@ class HFEngine:
         return self.model.config.num_frames
 
     def close(self) -> None:
-        """Nothing to stop: the model lives in this process."""
+        """Stop the worker thread of `submit` (the model lives in this process)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def submit(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> Future:
+        """`generate` on a worker thread, one batch at a time: this engine has no continuous batching, but the
+        caller (e.g. the text embedder of the previous batch) runs meanwhile."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stllm-hf")
+        return self._executor.submit(self.generate, requests, options)
+
+    def stats(self) -> dict[str, object]:
+        return {}
 
     def healthy(self) -> bool:
         """False when the device is unusable (a CUDA error poisons the whole context until the process exits)."""

@@ -86,17 +86,20 @@ class STLLMVisualEncoder:
     global_down_proj: nn.Module | None
     global_up_proj: nn.Module | None
 
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """One video's frames (T, 3, H, W) → ViT features after `ln_vision` (T, 1 + P, C).
+    def get_vision_features(self, pixel_values: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """Frames (n·T, 3, H, W) of n videos of T = `num_frames` frames each (default: one video) → ViT features
+        after `ln_vision` (n·T, 1 + P, C), video after video.
 
         Question-independent: compute once per video and reuse for every question. With a BT-Adapter, its
-        branch steps alongside the last blocks and is averaged in before `ln_vision`.
+        branch steps alongside the last blocks (per video) and is averaged in before `ln_vision`.
         """
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (T, 3, H, W), got {tuple(pixel_values.shape)}")
-        t = pixel_values.shape[0]
-        if t == 0:
+        t = pixel_values.shape[0] if num_frames is None else num_frames
+        if t == 0 or pixel_values.shape[0] == 0:
             raise ValueError("pixel_values has zero frames")
+        if pixel_values.shape[0] % t:
+            raise ValueError(f"{pixel_values.shape[0]} frames are not videos of {t} frames each")
         vm, adapter = self.vision_model, self.btadapter
         if adapter is not None and t > self.config.btadapter_max_frames:
             raise ValueError(f"{t} frames exceed the BT-Adapter's {self.config.btadapter_max_frames} positions")

@@ -119,6 +119,31 @@ class TestResidual:
         requests = _requests(range(2))
         _assert_parity(hf_engine.generate(requests, opts), engine.generate(requests, opts))
 
+    def test_batches_in_flight_give_the_answers_of_one_by_one(self, engine):
+        """Several batches submitted at once join one running batch; each gets exactly the answers it gets
+        alone (greedy), and a bad request fails alone while the others in flight complete."""
+        opts = GenerationOptions(max_new_tokens=12)
+        batches = [_requests(range(30 + 3 * b, 33 + 3 * b)) for b in range(3)]
+        batches[1].insert(1, VideoRequest("bad", np.zeros((0, 48, 64, 3), np.uint8), QUESTIONS))
+        alone = [engine.generate(b, opts) for b in batches]
+        before = engine.stats()["steps"]
+        futures = [engine.submit(b, opts) for b in batches]
+        together = [f.result(timeout=300) for f in futures]
+        for a, t in zip(alone, together, strict=True):
+            assert _tokens(t) == _tokens(a) and [r.ok for r in t] == [r.ok for r in a]
+        assert not together[1][1].ok and "zero frames" in together[1][1].error
+        assert all(r.ok for b in (together[0], together[2]) for r in b)
+        stats = engine.stats()
+        assert stats["steps"] > before and stats["inflight_max"] > 3 * 3  # more than one batch's sequences
+        assert 0 < stats["busy_fraction"] <= 1
+
+    def test_videos_arriving_together_share_one_vit_pass(self, engine):
+        passes = lambda: int(engine.llm.collective_rpc("stllm_vit_passes")[0])  # noqa: E731
+        before_f, before_p = engine.vit_forwards, passes()
+        results = engine.generate(_requests(range(50, 54)), GenerationOptions(max_new_tokens=2))
+        assert all(r.ok for r in results)
+        assert engine.vit_forwards - before_f == 4 and passes() - before_p < 4  # 4 videos, fewer ViT calls
+
     def test_one_vit_forward_per_video(self, engine):
         before = engine.vit_forwards
         results = engine.generate(_requests(range(20, 22)), GenerationOptions(max_new_tokens=2))
@@ -217,18 +242,26 @@ class TestAllModeBTAdapter:
 # ---- mean mode (the paper's baseline) -------------------------------------------------------------------
 
 
-def test_mean_mode_parity(tmp_path_factory):
+def test_mean_mode_parity_and_close_drains_what_is_in_flight(tmp_path_factory):
     from stllm.hf_engine import HFEngine
 
     d = build_tiny(tmp_path_factory.mktemp("tiny_mean") / "model", video_input="mean")
     hf = HFEngine.from_pretrained(str(d), dtype="float32", device="cpu")
     engine = _start(d)
+    closed = False
     try:
         opts = GenerationOptions(max_new_tokens=16)
         requests = _requests(range(2), short=True)
         _assert_parity(hf.generate(requests, opts), engine.generate(requests, opts))
+        pending = engine.submit(_requests(range(5, 8)), opts)
+        engine.close()  # shutdown while a batch is in flight: it is finished, not lost
+        closed = True
+        assert all(r.ok and len(r.answers) == 3 for r in pending.result(timeout=5))
+        with pytest.raises(RuntimeError, match="closed"):
+            engine.submit(_requests(range(1)), opts).result(timeout=5)
     finally:
-        engine.close()
+        if not closed:
+            engine.close()
 
 
 # ---- output-only repetition penalty, both vLLM runner interfaces, against HF's processor ---------------

@@ -16,12 +16,10 @@ multimodal preprocessing at every step, so it would not be ST-LLM's decoding.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -36,11 +34,22 @@ from stllm.engine import (
 )
 from stllm.processing_stllm import STLLMProcessor
 from stllm.transforms import as_frames
+from stllm.vllm.feeder import EngineFeeder
 from stllm.vllm.processor import QUESTION_KWARG, prepare_and_key
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _GIB = 1 << 30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def vit_cache_bytes(config: STLLMConfig, dtype: str) -> int:
+    """What the model's ViT feature cache can hold at most: STLLM_VIT_CACHE_SIZE videos of ViT features."""
+    from stllm.vllm.model import VIT_CACHE_SIZE_ENV
+
+    v = config.vision_config
+    tokens = (v.image_size // v.patch_size) ** 2 + 1
+    per_video = config.num_frames * tokens * v.hidden_size * _DTYPE_BYTES[dtype]
+    return int(os.environ.get(VIT_CACHE_SIZE_ENV, "8")) * per_video
 
 
 def cpu_kv_cache_bytes(config: STLLMConfig, dtype: str, max_model_len: int, max_num_seqs: int) -> int:
@@ -57,17 +66,6 @@ def cpu_kv_cache_bytes(config: STLLMConfig, dtype: str, max_model_len: int, max_
     return int(min(max(need, _GIB // 4), 4 * _GIB))
 
 
-@dataclass
-class _Pending:
-    request: int
-    question: str
-    request_id: str  # vLLM's internal id: "<external>-<8 random chars>"; outputs carry the external one
-
-    @property
-    def external_id(self) -> str:
-        return self.request_id.rsplit("-", 1)[0]
-
-
 class VLLMEngine:
     kind = "vllm"
 
@@ -76,7 +74,13 @@ class VLLMEngine:
         self.processor = processor
         self.config: STLLMConfig = processor.config
         self.max_model_len: int = llm.llm_engine.model_config.max_model_len
+        self.max_num_seqs: int = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         self.last_timings: dict[str, float] = {}
+        self._closing = threading.Event()
+        self._watchdog = threading.Thread(target=self._wake_on_engine_death, name="stllm-engine-watchdog",
+                                          daemon=True)
+        self._watchdog.start()
+        self.feeder = EngineFeeder(self)
 
     @classmethod
     def from_pretrained(
@@ -133,10 +137,20 @@ class VLLMEngine:
             worker_extension_cls=WORKER_EXTENSION,
             generation_config="vllm",  # decoding defaults come from GenerationOptions, not the folder
         )
+        # Video settings (README "The vLLM engine"): every prefill holds the visual tokens + the prompt, so a step
+        # must fit a few of them; chunked prefill lets decodes of running sequences go on beside a new prefill.
+        # Prefix caching is off: the visual tokens come first and depend on the question (the Q-Former reads
+        # it), so two prompts share a prefix only when video AND question are the same — nothing to reuse.
+        per_prompt = config.num_visual_tokens() + 256
+        llm_kwargs.update(max_num_seqs=max_batch_size or 64, max_num_batched_tokens=max(4096, 4 * per_prompt),
+                          enable_chunked_prefill=True, enable_prefix_caching=False)
+        cache_bytes = vit_cache_bytes(config, dtype)
         if platform != "cpu":
-            llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        if max_batch_size is not None:
-            llm_kwargs["max_num_seqs"] = max_batch_size
+            # The ViT feature cache lives beside the KV cache: reserve it inside the engine's share of the GPU.
+            import torch
+
+            total = torch.cuda.mem_get_info()[1]
+            llm_kwargs["gpu_memory_utilization"] = max(0.1, gpu_memory_utilization - cache_bytes / total)
         llm_kwargs.update(kwargs)
         if platform == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in kwargs:
             llm_kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(
@@ -160,33 +174,23 @@ class VLLMEngine:
         resources = getattr(self.llm.llm_engine.engine_core, "resources", None)
         return not getattr(resources, "engine_dead", False)
 
-    @contextlib.contextmanager
-    def _wake_on_engine_death(self, poll_s: float = 0.5) -> Iterator[None]:
+    def _wake_on_engine_death(self, poll_s: float = 0.5) -> None:
         """vLLM 0.32's sync client, when its engine core dies, marks the engine dead and shuts its output thread
-        down without waking a caller blocked in `get_output()`: that call would wait forever. While we wait,
-        a watchdog hands such a caller the EngineDeadError it should have got."""
-        done = threading.Event()
+        down without waking a caller blocked in `get_output()`: that call would wait forever. This watchdog hands
+        such a caller the EngineDeadError it should have got."""
+        while not self._closing.wait(poll_s):
+            if not self.healthy():
+                from vllm.v1.engine.exceptions import EngineDeadError
 
-        def watch() -> None:
-            while not done.wait(poll_s):
-                if not self.healthy():
-                    from vllm.v1.engine.exceptions import EngineDeadError
-
-                    queue = getattr(self.llm.llm_engine.engine_core, "outputs_queue", None)
-                    if queue is not None:
-                        queue.put_nowait(EngineDeadError())
-                    return
-
-        t = threading.Thread(target=watch, name="stllm-engine-watchdog", daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            done.set()
-            t.join()
+                queue = getattr(self.llm.llm_engine.engine_core, "outputs_queue", None)
+                if queue is not None:
+                    queue.put_nowait(EngineDeadError())
+                return
 
     def close(self) -> None:
-        """Stop the engine-core processes now (otherwise they go at interpreter exit)."""
+        """Stop the feeding loop and the engine-core processes now (otherwise they go at interpreter exit)."""
+        self._closing.set()
+        self.feeder.close()
         self.llm.llm_engine.engine_core.shutdown()
 
     def sampling_params(self, options: GenerationOptions):
@@ -238,13 +242,17 @@ class VLLMEngine:
             })
         return key, prompts
 
-    def generate(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> list[VideoResult]:
-        options = options or GenerationOptions()
+    # ---- feeding: the loop thread of `stllm.vllm.feeder` calls these -------------------------------------
+
+    def enqueue(self, requests: list[VideoRequest], options: GenerationOptions
+                ) -> tuple[list[VideoResult], dict[int, str], list[tuple[str, int, int]]]:
+        """Validate and enqueue a batch: (its results, {request: content key}, [(vLLM id, request, question
+        index)]).
+        A bad request fails alone (its result has `error`); a dead engine raises."""
         params = self.sampling_params(options)
         results = [VideoResult(video_id=r.video_id) for r in requests]
         keys: dict[int, str] = {}
-        pending: list[_Pending] = []
-        t0 = time.perf_counter()
+        added: list[tuple[str, int, int]] = []
         # Video by video, so a video's questions reach the encoder back to back (ViT feature cache hits).
         for i, req in enumerate(requests):
             try:
@@ -252,42 +260,59 @@ class VLLMEngine:
             except (ValueError, TypeError) as e:
                 results[i].error = f"{type(e).__name__}: {e}"
                 continue
-            added: list[_Pending] = []
+            mine: list[tuple[str, int, int]] = []
             try:
-                for q, prompt in zip(req.questions, prompts, strict=True):
+                for qi, prompt in enumerate(prompts):
                     (rid,) = self.llm.enqueue(prompt, params, use_tqdm=False)
-                    added.append(_Pending(i, q, rid))
+                    mine.append((rid, i, qi))
             except Exception as e:  # vLLM's input processing rejected it: fail this request alone
                 if not self.healthy():
                     raise  # not the request's fault: the engine is gone (the caller restarts it)
-                if added:
-                    self.llm.llm_engine.abort_request([p.request_id for p in added], internal=True)
+                if mine:
+                    self.llm.llm_engine.abort_request([m[0] for m in mine], internal=True)
                 results[i].error = f"{type(e).__name__}: {e}"
                 keys.pop(i)
                 continue
-            pending += added
-        t1 = time.perf_counter()
-        with self._wake_on_engine_death():
-            outputs = {o.request_id: o for o in self.llm.wait_for_completion(use_tqdm=False)} if pending else {}
-        t2 = time.perf_counter()
-        for p in pending:
-            out = (outputs.get(p.request_id) or outputs[p.external_id]).outputs[0]
-            token_ids = list(out.token_ids)
-            results[p.request].answers.append(
-                Answer(question=p.question, text=self.processor.decode_answer(token_ids, options.prompt),
-                       token_ids=token_ids)
-            )
-        if keys:
-            order = sorted(keys)
-            embeddings = self.llm.collective_rpc("stllm_visual_embeddings", args=([keys[i] for i in order],))[0]
-            for i, emb in zip(order, embeddings, strict=True):
-                if emb is None:  # only if >4096 newer videos evicted it within this call
-                    results[i].error = "visual embedding was evicted before it could be read"
-                    results[i].answers = []
-                else:
-                    results[i].visual_embedding = np.asarray(emb, dtype=np.float32)
-        self.last_timings = {"prepare_s": t1 - t0, "generate_s": t2 - t1}
+            added += mine
+        return results, keys, added
+
+    def answer(self, question: str, output: object, options: GenerationOptions) -> Answer:
+        token_ids = list(output.outputs[0].token_ids)  # type: ignore[attr-defined]
+        return Answer(question=question, text=self.processor.decode_answer(token_ids, options.prompt),
+                      token_ids=token_ids)
+
+    def attach_embeddings(self, results: list[VideoResult], keys: dict[int, str]) -> None:
+        if not keys:
+            return
+        order = sorted(keys)
+        embeddings = self.llm.collective_rpc("stllm_visual_embeddings", args=([keys[i] for i in order],))[0]
+        for i, emb in zip(order, embeddings, strict=True):
+            if results[i].error:
+                continue
+            if emb is None:  # only if > 4096 newer videos evicted it meanwhile
+                results[i].error = "visual embedding was evicted before it could be read"
+                results[i].answers = []
+            else:
+                results[i].visual_embedding = np.asarray(emb, dtype=np.float32)
+
+    # ---- the engine interface --------------------------------------------------------------------------
+
+    def submit(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> Future:
+        """Start a batch; the future resolves to its results when its own videos are done. Batches submitted
+        while others run join the engine's running batch (no barrier between them)."""
+        options = options or GenerationOptions()
+        self.sampling_params(options)  # refuse bad options here, in the caller's thread
+        return self.feeder.submit(requests, options)
+
+    def generate(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> list[VideoResult]:
+        t0 = time.perf_counter()
+        results = self.submit(requests, options).result()
+        self.last_timings = {"generate_s": time.perf_counter() - t0}
         return results
+
+    def stats(self) -> dict[str, object]:
+        """How busy the engine was since it started (see `stllm.vllm.feeder`)."""
+        return self.feeder.stats()
 
 
 __all__ = ["VLLMEngine"]

@@ -162,20 +162,24 @@ class STLLMVLLMModel(STLLMVisualEncoder, nn.Module, SupportsMultiModal):
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.image_std, dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
-        self.vit_forwards = 0
+        self.vit_forwards = 0  # videos encoded
+        self.vit_passes = 0  # ViT forward calls (several videos per call when they arrive together)
         self._vit_cache = _LRU(int(os.environ.get(VIT_CACHE_SIZE_ENV, "8")))
         self._visual_embeddings = _LRU(_EMBEDDING_STORE_SIZE)
 
     # ---- visual encoding (the maths is STLLMVisualEncoder's) ----------------------------------------
 
+    def _store(self, key: str, features: torch.Tensor) -> None:
+        self._vit_cache.put(key, features)
+        self._visual_embeddings.put(key, visual_embedding(features).cpu())
+
     def _vision_features(self, key: str, frames: torch.Tensor) -> torch.Tensor:
         features = self._vit_cache.get_fresh(key)
-        if features is None:
+        if features is None:  # evicted between `_encode_missing` and here (a cache smaller than one call)
             features = self.get_vision_features(normalize_frames(frames, self.pixel_mean, self.pixel_std))
             self.vit_forwards += 1
-            self._vit_cache.put(key, features)
-        if self._visual_embeddings.get_fresh(key) is None:
-            self._visual_embeddings.put(key, visual_embedding(features).cpu())
+            self.vit_passes += 1
+            self._store(key, features)
         return features
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
@@ -185,13 +189,30 @@ class STLLMVLLMModel(STLLMVisualEncoder, nn.Module, SupportsMultiModal):
         keys, q_ids = kwargs.get("video_key"), kwargs.get("qformer_input_ids")
         if keys is None or q_ids is None:
             raise ValueError("video_frames came without video_key / qformer_input_ids")
-        out = []
-        for f, k, q in zip(_items(frames), _items(keys), _items(q_ids), strict=True):
+        items = list(zip(_items(frames), [tensor_to_key(k) for k in _items(keys)], _items(q_ids), strict=True))
+        for f, _, _ in items:
             if f.ndim != 4 or f.shape[-1] != 3 or f.dtype != torch.uint8:
                 raise ValueError(f"video_frames must be uint8 (T, S, S, 3), got {tuple(f.shape)} {f.dtype}")
-            features = self._vision_features(tensor_to_key(k), f)
-            out.append(self.get_video_tokens(self.get_frame_tokens(features, q)))
-        return out
+        self._encode_missing(items)
+        return [self.get_video_tokens(self.get_frame_tokens(self._vision_features(k, f), q)) for f, k, q in items]
+
+    def _encode_missing(self, items: list[tuple[torch.Tensor, str, torch.Tensor]]) -> None:
+        """The ViT over every video of this call that the cache lacks, in ONE forward per frame count (videos
+        that arrive together share the pass; a video is still encoded once, whatever its questions)."""
+        todo: dict[str, torch.Tensor] = {}
+        for f, k, _ in items:
+            if k not in todo and self._vit_cache.get_fresh(k) is None:
+                todo[k] = f
+        by_t: dict[int, list[str]] = {}
+        for k, f in todo.items():
+            by_t.setdefault(f.shape[0], []).append(k)
+        for t, group in by_t.items():
+            frames = torch.cat([todo[k] for k in group])  # (n·T, S, S, 3); the BT-Adapter splits it per video
+            features = self.get_vision_features(normalize_frames(frames, self.pixel_mean, self.pixel_std), t)
+            for j, k in enumerate(group):
+                self._store(k, features[j * t:(j + 1) * t])
+            self.vit_forwards += len(group)
+            self.vit_passes += 1
 
     # ---- LLM -------------------------------------------------------------------------------------------
 
@@ -253,6 +274,9 @@ class STLLMWorkerExtension:
 
     def stllm_vit_forwards(self) -> int:
         return self._stllm_model().vit_forwards
+
+    def stllm_vit_passes(self) -> int:
+        return self._stllm_model().vit_passes
 
     def stllm_visual_embeddings(self, keys: list[str]) -> list[list[float] | None]:
         store = self._stllm_model()._visual_embeddings
