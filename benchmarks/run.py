@@ -18,6 +18,7 @@ SUITES = {
     "engines": ("benchmarks.engines", "bench_engines"),
     "listing": ("benchmarks.listing", "bench_listing"),
     "search": ("benchmarks.search", "bench_search"),
+    "feeding": ("benchmarks.feeding", "bench_feeding"),
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.paths import checkpoint_id, resolve_model_path
-from pipeline.stages import DecodeStage, ModelStage
+from pipeline.stages import DecodeStage, ModelStage, OneBatchModelStage
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
 
     rt = job.runtime
 
+    def restarts() -> dict[str, int]:  # an actor that died is restarted and its batch retried, this often
+        return {"max_restarts": rt.actor_restarts, "max_task_retries": rt.actor_restarts}
+
     def decode(ds):
         return ds.map_batches(
             DecodeStage, batch_format="pandas", batch_size=rt.decode_batch_size,
@@ -103,12 +106,13 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
                                        timeout_s=rt.decode_timeout_s, s3_options=job.source.s3,
                                        nice=rt.decode_nice, frame_sampling=facts["frame_sampling"],
                                        max_bytes=job.source.max_bytes, fetch_timeout_s=job.source.fetch_timeout_s),
-            max_restarts=rt.actor_restarts, max_task_retries=rt.actor_restarts,
+            ray_remote_args_fn=restarts,
         )
 
     def model(ds):
         return ds.map_batches(
-            ModelStage, batch_format="pandas", batch_size=rt.batch_size,
+            ModelStage if rt.model_batches_in_flight > 1 else OneBatchModelStage, batch_format="pandas",
+            batch_size=rt.batch_size,
             compute=ActorPoolStrategy(size=rt.model_pool_size,
                                       max_tasks_in_flight_per_actor=rt.model_batches_in_flight),
             num_gpus=rt.num_gpus_per_actor,
@@ -120,7 +124,7 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
                 embedder=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
             ),
             # A model actor that died (or exited because its engine broke) is restarted, its batch retried.
-            max_restarts=rt.actor_restarts, max_task_retries=rt.actor_restarts,
+            ray_remote_args_fn=restarts,
         )
 
     return {"decode": decode, "model": model}

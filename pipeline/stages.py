@@ -197,6 +197,16 @@ class ModelStage:
         os._exit(ENGINE_EXIT_CODE)
 
 
+class OneBatchModelStage(ModelStage):
+    """`ModelStage` with a barrier after every batch (`runtime.model_batches_in_flight: 1`): each batch waits for
+    its last answer and its text embeddings before the actor takes the next one. How the stage ran before
+    batches were fed continuously; kept as the measured baseline and for engines that must see one batch at a
+    time."""
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:  # type: ignore[override]
+        return asyncio.run(super().__call__(batch))
+
+
 class EmbedStage:
     """sentence-transformers embeddings of each caption (and the answers' text for search); run by
     `ModelStage` in its actor, or on its own as a Ray Data callable."""

@@ -181,8 +181,8 @@ def new_work_dataset(plan: WorkPlan) -> Any:
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
             return [ReadTask(lambda: iter_work(plan), meta)]
 
-    return ray.data.read_datasource(NewWork(), override_num_blocks=1,
-                                    ray_remote_args={"num_cpus": 0, "max_retries": 0})
+    return ray.data.read_datasource(NewWork(), override_num_blocks=1, num_cpus=0,
+                                    ray_remote_args={"max_retries": 0})  # no named parameter for it yet
 
 
 __all__ = ["IndexLocation", "WorkPlan", "has_new_work", "iter_work", "new_work_dataset", "WORK", "COPY", "TALLY",

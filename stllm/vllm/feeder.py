@@ -8,7 +8,8 @@ answers are matched by request id. A failed step fails the batches in flight (a 
 one at once); a request vLLM refuses fails alone.
 
 `stats()` says how busy the engine was: `busy_s` (wall time during which the engine had sequences running),
-`active_s` (from the first submit of a busy period to its last result), and the sequences in flight per step.
+`active_s` (from the first submit of a busy period to its last result), and the sequences in flight per step
+(the unfinished requests, up to `max_num_seqs`: what the scheduler can run at once).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class EngineFeeder:
                 if stopping:
                     return  # drained
                 continue
-            inflight = len(self._pending)
+            inflight = min(len(self._pending), self.engine.max_num_seqs)  # what the scheduler can run this step
             with self._lock:
                 if self._busy_since is None:
                     self._busy_since = time.perf_counter()

@@ -1,0 +1,94 @@
+"""Is the vLLM engine kept busy? 96 distinct short videos through the whole pipeline with the tiny model on
+vLLM (CPU), the model stage taking one batch at a time (`model_batches_in_flight=1`: a barrier after every
+batch, how it ran before) and several at once (the default), from the engine's own stats (`stllm.vllm.feeder`):
+
+- `engine_busy_fraction`: the share of the model stage's active time during which the engine had sequences;
+- `sequences_in_flight_mean_over_max`: sequences in flight per engine step / `max_num_seqs`;
+- `model_stage_vs_engine_alone`: the model stage's videos/s in the pipeline over the engine's videos/s on the same
+  videos handed to it directly in one call.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import Result
+from benchmarks.pipeline import _make_clips
+
+QUESTIONS = '["What is the main object in the video?", "Which direction does it move?"]'
+
+
+def _pipeline_stats(clips: Path, out: Path, in_flight: int, batch_size: int, max_seqs: int) -> dict:
+    import ray
+
+    from pipeline.jobs import load_job
+    from pipeline.runner import run_job
+
+    stats_dir = out / "stats"
+    stats_dir.mkdir(parents=True)
+    os.environ["STLLM_ENGINE_STATS_DIR"] = str(stats_dir)
+    ray.shutdown()
+    job = load_job(None, [f"source.uri={clips}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lance",
+                          f"output.manifest_dir={out}/runs", "model.engine=vllm", f"questions={QUESTIONS}",
+                          "model.max_new_tokens=16", "runtime.decode_cpus=0.5", "runtime.model_cpus=1.0",
+                          f"runtime.batch_size={batch_size}", f"runtime.model_batches_in_flight={in_flight}",
+                          f"model.engine_kwargs={{max_batch_size: {max_seqs}}}"])
+    manifest = run_job(job, progress=False)
+    ray.shutdown()
+    os.environ.pop("STLLM_ENGINE_STATS_DIR")
+    [path] = glob.glob(str(stats_dir / "engine-*.json"))
+    stats = json.loads(Path(path).read_text())
+    stats["indexed"] = manifest["counts"]["indexed"]
+    return stats
+
+
+def _engine_alone(clips: Path, n: int, max_seqs: int) -> float:
+    """videos/s of the engine given all the videos' requests in one call (decoded beforehand)."""
+    from pipeline.decode import decode_video
+    from pipeline.paths import ensure_tiny_model
+    from stllm.engine import GenerationOptions, VideoRequest
+    from stllm.vllm.engine import VLLMEngine
+
+    engine = VLLMEngine.from_pretrained(str(ensure_tiny_model()), dtype="float32", device="cpu",
+                                        max_batch_size=max_seqs)
+    try:
+        prompts = ["Describe the video in detail.", *json.loads(QUESTIONS)]
+        files = sorted(clips.glob("*.mp4"))[:n]
+        reqs = [VideoRequest(p.name, decode_video(p, 8).frames, prompts, sampled=True) for p in files]
+        opts = GenerationOptions(max_new_tokens=16)
+        engine.generate(reqs[:4], opts)  # warm
+        engine.llm.collective_rpc("stllm_clear_vit_cache")
+        t0 = time.perf_counter()
+        results = engine.generate(reqs, opts)
+        wall = time.perf_counter() - t0
+        assert all(r.ok for r in results)
+        return n / wall
+    finally:
+        engine.close()
+
+
+def bench_feeding(videos: int = 96, batch_size: int = 4, max_seqs: int = 32) -> list[Result]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clips = _make_clips(tmp / "clips", videos)
+        alone = _engine_alone(clips, videos, max_seqs)
+        before = _pipeline_stats(clips, tmp / "one", 1, batch_size, max_seqs)
+        after = _pipeline_stats(clips, tmp / "many", 8, batch_size, max_seqs)
+    assert before["indexed"] == after["indexed"] == videos, (before, after)
+    stage = videos / after["active_s"]
+    detail = {"videos": videos, "batch_size": batch_size, "max_num_seqs": max_seqs,
+              "busy_one_batch_at_a_time": before["busy_fraction"],
+              "inflight_one_batch_at_a_time": before["inflight_mean_over_max"],
+              "stage_videos_per_s": round(stage, 2), "engine_alone_videos_per_s": round(alone, 2),
+              "stage_videos_per_s_one_batch_at_a_time": round(videos / before["active_s"], 2)}
+    return [
+        Result("engine_busy_fraction", after["busy_fraction"], ">= 0.95", detail=detail),
+        Result("sequences_in_flight_mean_over_max", after["inflight_mean_over_max"], ">= 0.8",
+               detail={"inflight_mean": after["inflight_mean"], "inflight_max": after["inflight_max"]}),
+        Result("model_stage_vs_engine_alone", stage / alone, ">= 0.9", detail={}),
+    ]
