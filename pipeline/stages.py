@@ -126,6 +126,12 @@ class ModelStage:
         self.prompts = [caption_prompt, *questions]
         self.options = options  # stllm.engine.GenerationOptions
         self.embed = EmbedStage(**embedder) if embedder is not None else None
+        if self.engine.kind == "vllm":
+            # The model runs in vLLM's own worker processes; what runs here (the text embedder, beside the
+            # engine's steps) takes one thread, so it does not fight the engine's worker for its cores.
+            import torch
+
+            torch.set_num_threads(1)
 
     async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """Async: Ray Data hands this actor several batches at once (`runtime.model_batches_in_flight`); each
