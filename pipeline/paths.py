@@ -22,11 +22,27 @@ def default_model_dir() -> Path:
 
 
 def ensure_tiny_model(path: Path | None = None) -> Path:
+    """Build the tiny model once. Built aside and renamed into place: two runs starting together on a fresh
+    machine would otherwise read each other's half-written files."""
     path = path or default_model_dir()
-    if not (path / "config.json").exists():
-        from stllm.tiny import build_tiny
+    if (path / "config.json").exists():
+        return path
+    import shutil
+    import uuid
 
-        build_tiny(path)
+    from stllm.tiny import build_tiny
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        build_tiny(tmp)
+        try:
+            os.rename(tmp, path)  # atomic; fails when another process got there first (same deterministic model)
+        except OSError:
+            if not (path / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -103,18 +103,26 @@ class EngineFeeder:
                 item = self._queue.get(block=not self._pending, timeout=None if not self._pending else 0)
             except queue.Empty:
                 item = _NOTHING
-            while item is not _NOTHING:  # every batch waiting now joins before the next step
-                if item is None:
-                    stopping = True
-                    break
-                with self._lock:
-                    if self._active_since is None:
-                        self._active_since = time.perf_counter()
-                self._start(item)
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    item = _NOTHING
+            # An idle engine's scheduler is paused while a batch is enqueued: vLLM's engine core steps as soon as
+            # one request is there, so otherwise the first video's ViT pass would run alone (videos enqueued
+            # together share one pass). A busy engine is never paused: new requests join its running batch.
+            paused = item not in (_NOTHING, None) and not self._pending and self._pause_scheduling()
+            try:
+                while item is not _NOTHING:  # every batch waiting now joins before the next step
+                    if item is None:
+                        stopping = True
+                        break
+                    with self._lock:
+                        if self._active_since is None:
+                            self._active_since = time.perf_counter()
+                    self._start(item)
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        item = _NOTHING
+            finally:
+                if paused:
+                    self._resume_scheduling()
             if not self._pending:
                 self._close_periods()
                 if stopping:
@@ -138,6 +146,19 @@ class EngineFeeder:
                 self._close_periods()  # the last sequences: the engine is idle from here on
             for out in finished:
                 self._finish_request(out)
+
+    def _pause_scheduling(self) -> bool:
+        try:
+            self.engine.llm.llm_engine.sleep(level=0, mode="keep")  # level 0: scheduling only, memory stays
+            return True
+        except Exception:  # noqa: BLE001 — a dead engine: enqueue reports it
+            return False
+
+    def _resume_scheduling(self) -> None:
+        try:
+            self.engine.llm.llm_engine.wake_up(tags=["scheduling"])
+        except Exception:  # noqa: BLE001 — the next step reports a dead engine
+            pass
 
     def _close_periods(self) -> None:
         with self._lock:
