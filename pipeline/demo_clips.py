@@ -107,3 +107,69 @@ def make_corrupt_video(path: str | os.PathLike, kind: Literal["random", "truncat
     else:
         raise ValueError(f"kind must be 'random' or 'truncated', got {kind!r}")
     return path
+
+
+# ---------------------------------------------------------------- long recordings with known scenes
+
+SCENE_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (200, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 200), "yellow": (220, 200, 40),
+    "purple": (140, 40, 170), "orange": (230, 120, 20), "grey": (120, 120, 120), "teal": (20, 150, 150),
+}
+
+
+def scene_frame(background: tuple[int, int, int], motion: str, t: float, size: tuple[int, int]) -> np.ndarray:
+    """One frame of a scene: a flat background and a white square moving `left`/`right`/`up`/`down`
+    (one pass across the frame every 10 s, then back), so a scene is told by its colour and its motion."""
+    w, h = size
+    img = np.empty((h, w, 3), dtype=np.uint8)
+    img[:] = background
+    phase = (t / 10.0) % 2.0
+    f = phase if phase <= 1.0 else 2.0 - phase  # 0 → 1 → 0
+    if motion in ("right", "left"):
+        x = int((f if motion == "right" else 1 - f) * (w - SQUARE - 4)) + 2
+        y = (h - SQUARE) // 2
+    else:
+        y = int((f if motion == "down" else 1 - f) * (h - SQUARE - 4)) + 2
+        x = (w - SQUARE) // 2
+    img[y:y + SQUARE, x:x + SQUARE] = 255
+    return img
+
+
+def make_scene_video(path: str | os.PathLike, scenes: list[tuple[float, str, str]], fps: int = 4,
+                     size: tuple[int, int] = (64, 48), gop: int | None = None, codec: Codec = "h264") -> Path:
+    """A long recording of hard-cut scenes: `scenes` = [(duration_s, colour name, motion)], in order. Scene k
+    starts at frame round(fps · sum of the earlier durations). `gop`: frames between keyframes (default 2 s),
+    so that seeking has keyframes to land on."""
+    import av
+
+    path = Path(path)
+    w, h = size
+    encoder = available_encoder(codec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    starts = scene_starts(scenes, fps)
+    total = starts[-1] + round(scenes[-1][0] * fps)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(encoder, rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        keyint = str(gop or 2 * fps)
+        stream.options = {**_ENCODERS[codec][1], "g": keyint, "keyint_min": keyint, "sc_threshold": "0"}
+        k = 0
+        for i in range(total):
+            while k + 1 < len(starts) and i >= starts[k + 1]:
+                k += 1
+            _, colour, motion = scenes[k]
+            image = scene_frame(SCENE_COLOURS[colour], motion, (i - starts[k]) / fps, size)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def scene_starts(scenes: list[tuple[float, str, str]], fps: int) -> list[int]:
+    """The first frame of each scene of `make_scene_video`."""
+    out, t = [], 0.0
+    for duration, _, _ in scenes:
+        out.append(round(t * fps))
+        t += duration
+    return out

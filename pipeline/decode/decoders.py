@@ -76,7 +76,7 @@ class DecodedVideo:
         return d
 
 
-def _open(data: Source) -> Any:
+def open_source(data: Source) -> Any:
     """What decord and PyAV open: a file path as is (they read only what they need), bytes as a file object."""
     return io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else os.fspath(data)
 
@@ -84,7 +84,7 @@ def _open(data: Source) -> Any:
 # ---------------------------------------------------------------- transforms
 
 
-def _thumbnail_jpeg(img: Image.Image, max_width: int = THUMBNAIL_MAX_WIDTH) -> bytes:
+def thumbnail_jpeg(img: Image.Image, max_width: int = THUMBNAIL_MAX_WIDTH) -> bytes:
     w, h = img.size
     if w > max_width:
         img = img.resize((max_width, max(1, round(h * max_width / w))), Image.BILINEAR)
@@ -105,7 +105,7 @@ def _resize_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-class _Collector:
+class FrameCollector:
     """Resizes frames as they arrive (on the pool), writing each into its slots of the output array.
     With size None the frames are kept at their native size (one copy, no resize)."""
 
@@ -134,7 +134,7 @@ class _Collector:
         for pos in slots:
             self.out[pos] = frame
         if self.thumb_pos in slots:
-            self.thumbnail = _thumbnail_jpeg(Image.fromarray(frame))
+            self.thumbnail = thumbnail_jpeg(Image.fromarray(frame))
 
     def _one(self, slots: list[int], frame: np.ndarray) -> None:
         assert self.out is not None and self.size is not None
@@ -143,7 +143,7 @@ class _Collector:
         for pos in slots:
             self.out[pos] = small
         if self.thumb_pos in slots:
-            self.thumbnail = _thumbnail_jpeg(img)
+            self.thumbnail = thumbnail_jpeg(img)
 
     def result(self) -> tuple[np.ndarray, bytes]:
         """Wait for the resizes; the decoding thread, now free, takes over those the pool has not started."""
@@ -175,11 +175,11 @@ def _no_progress(stage: str) -> None:
     pass
 
 
-def _probe(data: Source) -> dict[str, Any]:
+def probe(data: Source) -> dict[str, Any]:
     import av
 
     try:
-        with av.open(_open(data), mode="r") as c:
+        with av.open(open_source(data), mode="r") as c:
             if not c.streams.video:
                 raise DecodeError("probe", "the file has no video stream")
             s = c.streams.video[0]
@@ -224,14 +224,14 @@ def _decode_decord(data: Source, num_frames: int, size: int | None, sampling: Fr
 
     progress("decord.open")
     try:
-        vr = decord.VideoReader(_open(data), ctx=decord.cpu(0), num_threads=_DECORD_THREADS)
+        vr = decord.VideoReader(open_source(data), ctx=decord.cpu(0), num_threads=_DECORD_THREADS)
         n = len(vr)
     except Exception as e:  # noqa: BLE001 — decord raises DECORDError / RuntimeError
         raise DecodeError("decord.open", short_message(e)) from None
     if n < 1:
         raise DecodeError("decord.open", "decord reports zero frames")
     indices = frame_indices(n, num_frames, sampling)
-    collector = _Collector(indices, size)
+    collector = FrameCollector(indices, size)
     unique = sorted(set(indices))  # already clipped to n-1: never ask past the reported end (#373)
     progress("decord.read")
     try:
@@ -251,7 +251,7 @@ def _decode_decord(data: Source, num_frames: int, size: int | None, sampling: Fr
 def _count_packets(data: Source) -> int:
     import av
 
-    with av.open(_open(data)) as c:
+    with av.open(open_source(data)) as c:
         s = c.streams.video[0]
         return sum(1 for p in c.demux(s) if p.size)
 
@@ -269,12 +269,12 @@ def _decode_pyav(data: Source, num_frames: int, size: int | None, sampling: Fram
     if n < 1:
         raise DecodeError("pyav.open", "the video stream has no frames")
     indices = frame_indices(n, num_frames, sampling)
-    collector = _Collector(indices, size)
+    collector = FrameCollector(indices, size)
     wanted, last = set(indices), max(indices)
     progress("pyav.read")
     decoded, last_frame = 0, None
     try:
-        with av.open(_open(data)) as c:
+        with av.open(open_source(data)) as c:
             stream = c.streams.video[0]
             stream.thread_type = "AUTO"
             for i, frame in enumerate(c.decode(stream)):
@@ -317,7 +317,7 @@ def decode_inline(data: Source, num_frames: int, size: int | None, decoder: Deco
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     progress("probe")
-    probe = _probe(data)
+    facts = probe(data)
     used, first_error = decoder, None
     result = None
     if decoder in ("auto", "decord"):
@@ -330,13 +330,13 @@ def decode_inline(data: Source, num_frames: int, size: int | None, decoder: Deco
             first_error = e
     if result is None:
         try:
-            result = _decode_pyav(data, num_frames, size, sampling, probe["frames"], progress)
+            result = _decode_pyav(data, num_frames, size, sampling, facts["frames"], progress)
         except DecodeError as e:
             if first_error is not None:
                 raise DecodeError(e.stage, f"{e.message} (decord: {first_error})") from None
             raise
         used = "pyav"
     frames, indices, n, thumb = result
-    return DecodedVideo(frames=frames, frame_indices=indices, n_frames=n, fps=probe["fps"],
-                        duration_s=probe["duration_s"], width=probe["width"], height=probe["height"],
-                        codec=probe["codec"], decoder=used, thumbnail_jpeg=thumb)
+    return DecodedVideo(frames=frames, frame_indices=indices, n_frames=n, fps=facts["fps"],
+                        duration_s=facts["duration_s"], width=facts["width"], height=facts["height"],
+                        codec=facts["codec"], decoder=used, thumbnail_jpeg=thumb)
