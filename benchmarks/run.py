@@ -19,6 +19,7 @@ SUITES = {
     "listing": ("benchmarks.listing", "bench_listing"),
     "search": ("benchmarks.search", "bench_search"),
     "feeding": ("benchmarks.feeding", "bench_feeding"),
+    "segments": ("benchmarks.segments", "bench_segments"),
 }
 
 
