@@ -103,11 +103,33 @@ class EmbedderConfig(_Strict):
     batch_size: int = Field(default=32, ge=1)
 
 
+class SegmentsConfig(_Strict):
+    """Long recordings indexed per moment: each segment gets its own caption, answers and embeddings in the
+    segments table; the video row keeps a caption of the whole video (a global-local pass over all of it)."""
+
+    mode: Literal["whole", "fixed", "shots"] = Field(default="whole", description="whole: one row per video; "
+                                                     "fixed: windows of length_s; shots: PySceneDetect shots")
+    length_s: float = Field(default=10.0, gt=0, description="fixed: window length")
+    overlap_s: float = Field(default=0.0, ge=0, description="fixed: overlap of consecutive windows")
+    min_s: float = Field(default=2.0, ge=0, description="shorter tails (fixed) or shots are merged")
+    max_s: float = Field(default=30.0, gt=0, description="shots: longer ones are split evenly")
+    threshold: float = Field(default=27.0, gt=0, description="shots: ContentDetector threshold")
+
+    @model_validator(mode="after")
+    def _check(self) -> SegmentsConfig:
+        if self.overlap_s >= self.length_s:
+            raise ValueError(f"segments.overlap_s: must be < length_s ({self.length_s:g})")
+        if self.min_s > self.max_s:
+            raise ValueError(f"segments.min_s: must be <= max_s ({self.max_s:g})")
+        return self
+
+
 class OutputConfig(_Strict):
     parquet: str | None = Field(default=None, description="root folder (local or s3://) of Parquet datasets")
     lancedb: str | None = Field(default=None, description="LanceDB database uri (local or s3://)")
     table: TableName = "videos"
     errors_table: TableName = "errors"
+    segments_table: TableName = "segments"
     manifest_dir: str | None = Field(default=None, description="default: <parquet or lancedb>/_manifests")
     s3: S3Options | None = None
 
@@ -117,6 +139,8 @@ class OutputConfig(_Strict):
             raise ValueError("output.parquet: set output.parquet, output.lancedb or both")
         if self.table == self.errors_table:
             raise ValueError(f"output.errors_table: must differ from output.table ('{self.table}')")
+        if self.segments_table in (self.table, self.errors_table):
+            raise ValueError("output.segments_table: must differ from output.table and output.errors_table")
         return self
 
 
@@ -156,6 +180,7 @@ class JobConfig(_Strict):
     questions: list[NonEmpty] = Field(default_factory=list)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
     output: OutputConfig
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
@@ -216,6 +241,8 @@ class JobConfig(_Strict):
                    "prompt": asdict(self.prompt.format()),
                    "caption_prompt": self.caption_prompt, "questions": self.questions,
                    "embedder": self.embedder.model}
+        if self.segments.mode != "whole":  # whole-video jobs keep the hash they had before segments existed
+            payload["segments"] = self.segments.model_dump()
         return _digest(payload)
 
     def redacted(self) -> dict[str, Any]:

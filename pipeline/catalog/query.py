@@ -26,7 +26,8 @@ from pipeline.io.tables import sql_str
 
 Mode = Literal["hybrid", "vector", "fts"]
 HIT_COLUMNS = ("video_id", "content_id", "uri", "caption", "answers", "duration_s", "codec", "width", "height",
-               "size", "indexed_at", "copy_of", "config_hash")
+               "size", "indexed_at", "copy_of", "config_hash",
+               "segment_id", "segment", "start_s", "end_s", "media_fragment")  # the last: segments tables
 _SQL_WORDS = {
     "and", "or", "not", "in", "is", "null", "like", "ilike", "between", "true", "false", "timestamp", "date",
     "interval", "cast", "as", "case", "when", "then", "else", "end", "escape", "asc", "desc", "distinct",
@@ -142,6 +143,23 @@ class Catalog:
                                            build_filter(filters or Filters(), self.columns)]))
         rows = query_table(self.table, None, list(base["visual_embedding"]), k, vector_column="visual_embedding",
                            where=where, columns=[c for c in HIT_COLUMNS if c in self.columns])
+        for r in rows:
+            r["_score"] = _score(r)
+        return rows
+
+    def similar_moments(self, ref: str, segments: Catalog, k: int = 10,
+                        filters: Filters | None = None) -> list[dict[str, Any]]:
+        """The moments of long recordings (`segments`, the job's segments table) that look most like the video
+        `ref` of this table (by the visual embedding), its own segments and those of its copies left out."""
+        base = self.row(ref)
+        if base.get("visual_embedding") is None:
+            raise ValueError(f"{ref} has no visual embedding")
+        where = " AND ".join(filter(None, [f"content_id != {sql_str(base['content_id'])}",
+                                           f"config_hash = {sql_str(base['config_hash'])}",
+                                           build_filter(filters or Filters(), segments.columns)]))
+        rows = query_table(segments.table, None, list(base["visual_embedding"]), k,
+                           vector_column="visual_embedding", where=where,
+                           columns=[c for c in HIT_COLUMNS if c in segments.columns])
         for r in rows:
             r["_score"] = _score(r)
         return rows

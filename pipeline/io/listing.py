@@ -27,6 +27,7 @@ from pipeline.io.sources import S3Options, VideoSource, content_id, iter_pages, 
 from pipeline.io.tables import TableStore
 
 WORK, COPY, TALLY = "work", "copy", "tally"
+SEGMENT = "segment"  # a moment of a long recording: model work like a video, written to the segments table
 TALLY_FIELDS = ("listed", "skipped", "known_bad")
 
 
@@ -39,11 +40,19 @@ class IndexLocation:
     videos_table: str
     errors_table: str
     s3: S3Options | None
+    segments_table: str = "segments"
+
+    def _common(self) -> dict[str, Any]:
+        db = connect_lance(self.lancedb, self.s3) if self.lancedb else None
+        return dict(parquet_root=self.parquet_root, lance_db=db, s3=self.s3, lance_uri=self.lancedb or "")
 
     def stores(self) -> tuple[TableStore, TableStore]:
-        db = connect_lance(self.lancedb, self.s3) if self.lancedb else None
-        common = dict(parquet_root=self.parquet_root, lance_db=db, s3=self.s3, lance_uri=self.lancedb or "")
+        common = self._common()
         return TableStore(self.videos_table, **common), TableStore(self.errors_table, **common)
+
+    def segment_store(self) -> TableStore:
+        """The moments of long recordings (jobs with segments), keyed by (segment_id, config_hash)."""
+        return TableStore(self.segments_table, **self._common(), key_column="segment_id")
 
     @property
     def lock_root(self) -> str:
@@ -186,4 +195,4 @@ def new_work_dataset(plan: WorkPlan) -> Any:
 
 
 __all__ = ["IndexLocation", "WorkPlan", "has_new_work", "iter_work", "new_work_dataset", "WORK", "COPY", "TALLY",
-           "TALLY_FIELDS"]
+           "SEGMENT", "TALLY_FIELDS"]

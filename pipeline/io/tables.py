@@ -76,10 +76,11 @@ class TableStore:
     """`name` in the Parquet root `<parquet_root>/<name>/` and/or the LanceDB database `lance_db`."""
 
     def __init__(self, name: str, *, parquet_root: str | None, lance_db: Any | None, s3: S3Options | None,
-                 schema: pa.Schema | None = None, lance_uri: str = ""):
+                 schema: pa.Schema | None = None, lance_uri: str = "", key_column: str = "video_id"):
         if parquet_root is None and lance_db is None:
             raise ValueError("a table needs a Parquet root, a LanceDB database, or both")
         self.name, self.s3, self.lance_db = name, s3, lance_db
+        self.key_column = key_column  # the row's key is (key_column, config_hash)
         self.parquet_dir = None if parquet_root is None else (
             parquet_root.rstrip("/") + "/" + name if parquet_root.startswith("s3://")
             else os.path.join(parquet_root, name))
@@ -150,11 +151,11 @@ class TableStore:
             by_config.setdefault(cfg, []).append(vid)
         out: dict[str, set[tuple[str, str]]] = {}
         for cfg, vids in by_config.items():
-            found = self.lookup(cfg, "video_id", vids, columns=["video_id", "config_hash", "part"])
+            cols = [self.key_column, "config_hash", "part"]
+            found = self.lookup(cfg, self.key_column, vids, columns=cols)
             if found is None:
                 continue
-            for vid, c, part in zip(*(found.column(n).to_pylist() for n in ("video_id", "config_hash", "part")),
-                                    strict=True):
+            for vid, c, part in zip(*(found.column(n).to_pylist() for n in cols), strict=True):
                 if part:
                     out.setdefault(part, set()).add((vid, c))
         return out
@@ -167,8 +168,8 @@ class TableStore:
             return None
         keys = set(deletes)
         if upserts is not None:
-            keys |= set(zip(upserts.column("video_id").to_pylist(), upserts.column("config_hash").to_pylist(),
-                            strict=True))
+            keys |= set(zip(upserts.column(self.key_column).to_pylist(),
+                            upserts.column("config_hash").to_pylist(), strict=True))
         txn = f"{run_id}-{uuid.uuid4().hex[:8]}"
         part = f"part-{txn}.parquet" if upserts is not None else None
         if upserts is not None:
@@ -180,7 +181,7 @@ class TableStore:
             self.fs.create_dir(self._path(STAGING), recursive=True)
             for old, held in self._parts_holding(keys).items():
                 table = pq.read_table(self._path(old), filesystem=self.fs)
-                keep = pc.invert(_key_mask(table, held))
+                keep = pc.invert(_key_mask(table, held, self.key_column))
                 table = table.filter(keep)
                 if table.num_rows:
                     pq.write_table(table, self._path(STAGING, old + ".rewrite.staged"), filesystem=self.fs)
@@ -205,14 +206,14 @@ class TableStore:
                 self._lance = self.lance_db.create_table(self.name, schema=upserts.schema)
             # on_bad_vectors="null": a null embedding is a valid value here, but merge_insert's vector check
             # counts it as a "variable length vector" when it leads a batch.
-            (self._lance.merge_insert(list(KEY)).when_matched_update_all().when_not_matched_insert_all()
-             .execute(upserts, on_bad_vectors="null"))
+            (self._lance.merge_insert([self.key_column, "config_hash"]).when_matched_update_all()
+             .when_not_matched_insert_all().execute(upserts, on_bad_vectors="null"))
         if deletes and self._lance is not None:
             by_config: dict[str, list[str]] = {}
             for vid, cfg in deletes:
                 by_config.setdefault(cfg, []).append(vid)
             for cfg, vids in by_config.items():
-                self._lance.delete(key_filter(cfg, "video_id", vids))
+                self._lance.delete(key_filter(cfg, self.key_column, vids))
 
     def _apply(self, journal: dict[str, Any]) -> None:
         if journal["add"]:
@@ -282,9 +283,9 @@ class TableStore:
         return table.count_rows(f"part = {sql_str(journal['add'])}") > 0
 
 
-def _key_mask(table: pa.Table, keys: set[tuple[str, str]]) -> pa.Array:
-    """True where the row's (video_id, config_hash) is in `keys`."""
-    joined = pc.binary_join_element_wise(table.column("video_id"), table.column("config_hash"), "\x1f")
+def _key_mask(table: pa.Table, keys: set[tuple[str, str]], key_column: str = "video_id") -> pa.Array:
+    """True where the row's (key_column, config_hash) is in `keys`."""
+    joined = pc.binary_join_element_wise(table.column(key_column), table.column("config_hash"), "\x1f")
     return pc.is_in(joined, value_set=pa.array([f"{v}\x1f{c}" for v, c in keys], pa.string()))
 
 

@@ -1,0 +1,149 @@
+"""Jobs with `segments`: a generated 10-minute recording of hard-cut scenes indexed per moment by the real
+pipeline (Ray, the tiny model, Parquet + LanceDB), each segment row checked against the scenes' known times,
+an exact copy, short clips of three of its scenes to search with, a rerun, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.decode.segments import fixed_segments, plan_segments
+from pipeline.demo_clips import make_scene_video, scene_starts
+from tests.test_segments import FPS, _scenes
+
+QUERY_SCENES = (1, 4, 6)  # three different looks (scene k + 8 looks like scene k)
+
+
+def _overrides(src: Path, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    return [f"source.uri={src}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lancedb",
+            f"output.manifest_dir={out}/runs", "runtime.decode_cpus=0.5", "runtime.model_cpus=0.5",
+            "runtime.batch_size=4", "runtime.commit_every=8", "model.max_new_tokens=4", *extra]
+
+
+def _run(overrides: list[str]):
+    from pipeline.jobs import load_job
+    from pipeline.runner import run_job
+
+    return run_job(load_job(None, overrides), progress=False)
+
+
+def _tables(out: Path, name: str) -> tuple[list[dict], list[dict]]:
+    from pipeline.io.sinks import connect_lance, read_parquet
+
+    parquet = read_parquet(str(out / "parquet" / name))
+    lance = connect_lance(str(out / "lancedb")).open_table(name).to_arrow()
+    return parquet.to_pylist(), lance.to_pylist()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> tuple[Path, list[tuple[float, str, str]]]:
+    src = tmp_path_factory.mktemp("archive")
+    scenes = _scenes()
+    make_scene_video(src / "recording.mp4", scenes, fps=FPS)
+    shutil.copy(src / "recording.mp4", src / "recording_copy.mp4")
+    for k in QUERY_SCENES:  # the same look as scene k of the recording (colour and motion), a clip of its own
+        make_scene_video(src / f"scene{k}.mp4", [(6.0, scenes[k][1], scenes[k][2])], fps=FPS)
+    return src, scenes
+
+
+def _scene_of(frame: int, starts: list[int]) -> int:
+    return int(np.searchsorted(starts, frame, side="right")) - 1
+
+
+def test_shots_job_indexes_every_moment_and_search_lands_on_it(archive, tmp_path) -> None:
+    src, scenes = archive
+    out = tmp_path / "out"
+    extra = ("segments.mode=shots", "segments.min_s=2", "segments.max_s=30")
+    manifest = _run(_overrides(src, out, extra))
+    assert manifest["status"] == "succeeded", manifest
+    c = manifest["counts"]
+    plan = plan_segments(src / "recording.mp4", "shots", min_s=2, max_s=30)
+    # the recording: its whole-video pass + one per segment; the 3 clips; the copy reuses the recording's results
+    assert (c["indexed"], c["copies"], c["errors"]) == (4, 1, 0), c
+    assert c["model_calls"] == 1 + len(plan) + len(QUERY_SCENES), c
+
+    videos, videos_lance = _tables(out, "videos")
+    segments, segments_lance = _tables(out, "segments")
+    assert len(videos) == len(videos_lance) == 5
+    key = lambda r: r["segment_id"]  # noqa: E731
+    assert sorted(map(key, segments)) == sorted(map(key, segments_lance))  # both stores hold the same rows
+    assert len({r["segment_id"] for r in segments}) == len(segments)  # one row per segment
+    by_uri: dict[str, list[dict]] = {}
+    for r in segments:
+        by_uri.setdefault(Path(r["uri"]).name, []).append(r)
+    starts = scene_starts(scenes, FPS)
+    video_ids = {Path(v["uri"]).name: v["video_id"] for v in videos}
+    for name in ("recording.mp4", "recording_copy.mp4"):
+        rows = sorted(by_uri[name], key=lambda r: r["segment"])
+        assert [(r["start_s"], r["end_s"]) for r in rows] == [(s.start_s, s.end_s) for s in plan]
+        for r, s in zip(rows, plan, strict=True):
+            assert r["video_id"] == video_ids[name] and r["segment_id"] == f"{video_ids[name]}:{s.index:05d}"
+            assert r["media_fragment"] == f"{r['uri']}#t={s.start_s:.3f},{s.end_s:.3f}".replace(".000", "")
+            assert r["frame_indices"] == s.sampled(8) and r["caption"] and len(r["caption_embedding"]) == 384
+            assert r["thumbnail"][:2] == b"\xff\xd8" and r["visual_embedding"] is not None
+            assert len({_scene_of(i, starts) for i in r["frame_indices"]}) == 1  # a shot never spans a cut
+    original = {r["segment"]: r for r in by_uri["recording.mp4"]}
+    for r in by_uri["recording_copy.mp4"]:  # the copy: the recording's results under its own identity
+        assert r["copy_of"] == video_ids["recording.mp4"] and r["caption"] == original[r["segment"]]["caption"]
+    for k in QUERY_SCENES:  # a short clip is one segment: itself
+        (row,) = by_uri[f"scene{k}.mp4"]
+        assert (row["segment"], row["start_s"]) == (0, 0.0) and row["end_s"] == pytest.approx(6.0, abs=0.3)
+
+    # the moments that look like a clip of scene k lie in scene k of the recording (or of its copy)
+    from pipeline.catalog.query import Catalog
+
+    catalog, moments = Catalog(str(out / "lancedb")), Catalog(str(out / "lancedb"), "segments")
+    for k in QUERY_SCENES:
+        hits = catalog.similar_moments(str(src / f"scene{k}.mp4"), moments, k=3)
+        assert hits and all(h["media_fragment"].startswith(h["uri"] + "#t=") for h in hits)
+        top = hits[0]
+        assert Path(top["uri"]).name.startswith("recording"), top
+        found = scenes[_scene_of(int(top["start_s"] * FPS), starts)]
+        assert found[1:] == scenes[k][1:], (k, top["start_s"], top["end_s"])  # that colour and motion
+
+    # the CLI: search the moments; a rerun finds nothing new and leaves the segments as they are
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", str(out / "lancedb"), "video",
+                          "--segments", "--json", "-k", "5"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    hits = json.loads(res.stdout)
+    assert len(hits) == 5 and all("#t=" in h["media_fragment"] and h["video_id"] in video_ids.values()
+                                  for h in hits)
+    again = _run(_overrides(src, out, extra))
+    assert again["counts"]["indexed"] == 0 and again["counts"]["model_calls"] == 0
+    assert sorted(map(key, _tables(out, "segments")[0])) == sorted(map(key, segments))
+
+
+def test_fixed_windows_job_and_a_broken_file(archive, tmp_path) -> None:
+    src0, scenes = archive
+    src = tmp_path / "src"
+    src.mkdir()
+    # a 3-minute cut of the scenes, and a file that is not a video
+    make_scene_video(src / "three_minutes.mp4", scenes[:4], fps=FPS)
+    (src / "broken.mp4").write_bytes(b"\0" * 4096)
+    out = tmp_path / "out"
+    manifest = _run(_overrides(src, out, ("segments.mode=fixed", "segments.length_s=20", "segments.overlap_s=5",
+                                          "segments.min_s=4")))
+    assert manifest["counts"]["indexed"] == 1 and manifest["counts"]["errors"] == 1, manifest["counts"]
+    n = round(sum(d for d, _, _ in scenes[:4]) * FPS)
+    want = [(s.start_s, s.end_s) for s in fixed_segments(n, FPS, 20, 5, 4)]
+    rows, _ = _tables(out, "segments")
+    assert sorted((r["start_s"], r["end_s"]) for r in rows) == want
+    from pipeline.io.sinks import read_parquet
+
+    errors = read_parquet(str(out / "parquet" / "errors")).to_pylist()
+    assert [Path(e["uri"]).name for e in errors] == ["broken.mp4"] and errors[0]["stage"] == "decode"
+    # the job's segmentation is part of its config: another window length is another index row
+    from pipeline.jobs import load_job
+
+    a = load_job(None, _overrides(src, out, ("segments.mode=fixed", "segments.length_s=20")))
+    b = load_job(None, _overrides(src, out, ("segments.mode=fixed", "segments.length_s=30")))
+    whole = load_job(None, _overrides(src, out))
+    assert len({a.config_hash(), b.config_hash(), whole.config_hash()}) == 3
+    with pytest.raises(Exception, match="overlap_s"):
+        load_job(None, _overrides(src, out, ("segments.mode=fixed", "segments.length_s=5", "segments.overlap_s=5")))
