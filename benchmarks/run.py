@@ -20,6 +20,7 @@ SUITES = {
     "search": ("benchmarks.search", "bench_search"),
     "feeding": ("benchmarks.feeding", "bench_feeding"),
     "segments": ("benchmarks.segments", "bench_segments"),
+    "segment_linearity": ("benchmarks.segments", "bench_segment_linearity"),
 }
 
 

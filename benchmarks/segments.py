@@ -87,3 +87,46 @@ def bench_segments(minutes: float = 30.0, fps: int = 10, window_s: float = 20.0,
         "frames_per_window": frames, "windows_s": round(min(win), 2), "sequential_s": round(min(seq), 2),
         "frames_decoded_per_frame_used": round(counts.frames_decoded / counts.frames_used, 2),
         "seeks": counts.seeks, "encode_s": round(encode_s, 1)})]
+
+
+def _index_once(src: Path, out: Path) -> dict:
+    import ray
+
+    from pipeline.jobs import load_job
+    from pipeline.runner import run_job
+
+    ray.shutdown()
+    job = load_job(None, [f"source.uri={src}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lance",
+                          f"output.manifest_dir={out}/runs", "segments.mode=fixed", "segments.length_s=10",
+                          "model.max_new_tokens=8", "runtime.decode_cpus=0.5", "runtime.model_cpus=1.0"])
+    t0 = time.perf_counter()
+    manifest = run_job(job, progress=False)
+    wall = time.perf_counter() - t0
+    ray.shutdown()
+    assert manifest["status"] == "succeeded" and manifest["counts"]["indexed"] == 1, manifest["counts"]
+    return {"wall_s": wall, "model_calls": manifest["counts"]["model_calls"]}
+
+
+def bench_segment_linearity(minutes: float = 10.0) -> list[Result]:
+    """Indexing wall time (the whole `run`, start-up included) of a 2×-long generated recording vs the 1× one,
+    fixed 10 s windows, tiny model; 1× run twice (the first warms caches), then 2×."""
+    from pipeline.demo_clips import SCENE_COLOURS, make_scene_video
+
+    def scenes(total_s: float) -> list[tuple[float, str, str]]:
+        colours, motions, out, t = list(SCENE_COLOURS), ("left", "right", "up", "down"), [], 0.0
+        while t < total_s:
+            d = min(25.0 + 10.0 * (len(out) % 4), total_s - t)
+            out.append((d, colours[len(out) % len(colours)], motions[len(out) % len(motions)]))
+            t += d
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name, m in (("short", minutes), ("long", 2 * minutes)):
+            make_scene_video(root / name / f"{name}.mp4", scenes(m * 60), fps=4)
+        _index_once(root / "short", root / "warm")
+        one = _index_once(root / "short", root / "one")
+        two = _index_once(root / "long", root / "two")
+    return [Result("segment_cost_linearity", two["wall_s"] / one["wall_s"], "<= 2.1", detail={
+        "minutes": [minutes, 2 * minutes], "wall_s": [round(one["wall_s"], 1), round(two["wall_s"], 1)],
+        "model_calls": [one["model_calls"], two["model_calls"]]})]

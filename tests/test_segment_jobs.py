@@ -147,3 +147,46 @@ def test_fixed_windows_job_and_a_broken_file(archive, tmp_path) -> None:
     assert len({a.config_hash(), b.config_hash(), whole.config_hash()}) == 3
     with pytest.raises(Exception, match="overlap_s"):
         load_job(None, _overrides(src, out, ("segments.mode=fixed", "segments.length_s=5", "segments.overlap_s=5")))
+
+
+def test_a_long_large_file_streams_its_segments_in_bounded_memory(archive, tmp_path) -> None:
+    """The 10-minute recording padded to 300 MB (an MP4 `free` box: bytes every decoder skips), through the
+    decode actor's own code in a fresh process, its segment rows taken one block at a time as Ray Data does:
+    the process grows by far less than the file or than all the segments' frames together."""
+    import struct
+
+    src, _ = archive
+    big = tmp_path / "big.mp4"
+    with big.open("wb") as f:
+        f.write((src / "recording.mp4").read_bytes())
+        n = 300 << 20
+        f.write(struct.pack(">I", n) + b"free")
+        f.seek(n - 8, 1)
+        f.truncate()
+    repo = Path(__file__).resolve().parents[1]
+    code = f"""
+import json, resource, sys
+sys.path.insert(0, {str(repo)!r})
+import pandas as pd
+from pipeline.stages import DecodeStage
+segments = {{"mode": "fixed", "length_s": 5.0, "overlap_s": 0.0, "min_s": 1.0, "max_s": 30.0, "threshold": 27.0}}
+stage = DecodeStage(num_frames=8, image_size=224, timeout_s=120, segments=segments)
+row = pd.DataFrame([{{"uri": {str(big)!r}, "kind": "work", "video_id": "v"}}])
+blocks = stage(row)
+first = next(blocks)  # warm: imports, decode worker, the whole-video pass
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rows, frames = len(first), sum(len(b) for b in first["frames"])
+for block in blocks:
+    rows += len(block)
+    frames += sum(len(b) for b in block["frames"])
+    last = block
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps([rows, frames >> 20, (after - before) >> 10, list(last["error_stage"].fillna("-")),
+                  int(last["segment_rows"].iloc[-1])]))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows, frames_mb, grew_mb, errors, segment_rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rows == 121 and segment_rows == 120 and set(errors) == {"-"}  # 120 windows of 5 s + the video row
+    assert frames_mb > 130  # what holding every segment at once would take (138 MiB)
+    assert grew_mb < 64, res.stdout

@@ -99,6 +99,9 @@ class EngineFeeder:
     def _loop(self) -> None:
         stopping = False
         while True:
+            if stopping and not self._pending:  # close() was called and what was in flight is done
+                self._close_periods()
+                return
             try:
                 item = self._queue.get(block=not self._pending, timeout=None if not self._pending else 0)
             except queue.Empty:
