@@ -176,15 +176,19 @@ class VLLMEngine:
 
     def _wake_on_engine_death(self, poll_s: float = 0.5) -> None:
         """vLLM 0.32's sync client, when its engine core dies, marks the engine dead and shuts its output thread
-        down without waking a caller blocked in `get_output()`: that call would wait forever. This watchdog hands
-        such a caller the EngineDeadError it should have got."""
+        down without waking a caller blocked in `get_output()` or in a utility call (`collective_rpc`, `sleep`):
+        those would wait forever. This watchdog hands such callers the EngineDeadError they should have got."""
         while not self._closing.wait(poll_s):
             if not self.healthy():
                 from vllm.v1.engine.exceptions import EngineDeadError
 
-                queue = getattr(self.llm.llm_engine.engine_core, "outputs_queue", None)
+                core = self.llm.llm_engine.engine_core
+                queue = getattr(core, "outputs_queue", None)
                 if queue is not None:
                     queue.put_nowait(EngineDeadError())
+                for future in list(getattr(core, "utility_results", {}).values()):
+                    if not future.done():
+                        future.set_exception(EngineDeadError())
                 return
 
     def close(self) -> None:

@@ -151,6 +151,8 @@ class EngineFeeder:
                 self._finish_request(out)
 
     def _pause_scheduling(self) -> bool:
+        if not self.engine.healthy():
+            return False
         try:
             self.engine.llm.llm_engine.sleep(level=0, mode="keep")  # level 0: scheduling only, memory stays
             return True
