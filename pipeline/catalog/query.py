@@ -135,31 +135,24 @@ class Catalog:
 
     def similar(self, ref: str, k: int = 10, filters: Filters | None = None) -> list[dict[str, Any]]:
         """Nearest videos by the visual embedding, without the video itself and its exact copies."""
-        base = self.row(ref)
-        if base.get("visual_embedding") is None:
-            raise ValueError(f"{ref} has no visual embedding")
-        where = " AND ".join(filter(None, [f"content_id != {sql_str(base['content_id'])}",
-                                           f"config_hash = {sql_str(base['config_hash'])}",
-                                           build_filter(filters or Filters(), self.columns)]))
-        rows = query_table(self.table, None, list(base["visual_embedding"]), k, vector_column="visual_embedding",
-                           where=where, columns=[c for c in HIT_COLUMNS if c in self.columns])
-        for r in rows:
-            r["_score"] = _score(r)
-        return rows
+        return self._looks_like(ref, self, k, filters)
 
     def similar_moments(self, ref: str, segments: Catalog, k: int = 10,
                         filters: Filters | None = None) -> list[dict[str, Any]]:
         """The moments of long recordings (`segments`, the job's segments table) that look most like the video
         `ref` of this table (by the visual embedding), its own segments and those of its copies left out."""
+        return self._looks_like(ref, segments, k, filters)
+
+    def _looks_like(self, ref: str, target: Catalog, k: int, filters: Filters | None) -> list[dict[str, Any]]:
         base = self.row(ref)
         if base.get("visual_embedding") is None:
             raise ValueError(f"{ref} has no visual embedding")
         where = " AND ".join(filter(None, [f"content_id != {sql_str(base['content_id'])}",
                                            f"config_hash = {sql_str(base['config_hash'])}",
-                                           build_filter(filters or Filters(), segments.columns)]))
-        rows = query_table(segments.table, None, list(base["visual_embedding"]), k,
+                                           build_filter(filters or Filters(), target.columns)]))
+        rows = query_table(target.table, None, list(base["visual_embedding"]), k,
                            vector_column="visual_embedding", where=where,
-                           columns=[c for c in HIT_COLUMNS if c in segments.columns])
+                           columns=[c for c in HIT_COLUMNS if c in target.columns])
         for r in rows:
             r["_score"] = _score(r)
         return rows
