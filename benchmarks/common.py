@@ -36,11 +36,12 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def save(results: list[Result]) -> None:
+def save(results: list[Result], suite: str | None = None) -> None:
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data.setdefault("benchmarks", {})
     for r in results:
-        data["benchmarks"][r.name] = {**asdict(r), "met": r.met, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        data["benchmarks"][r.name] = {**asdict(r), "met": r.met, "suite": suite,
+                                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     data["machine"] = machine()
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
 

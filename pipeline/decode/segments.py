@@ -206,7 +206,9 @@ def decode_segments(data: Source, segments: list[Segment], num_frames: int, size
     try:
         with av.open(open_source(data)) as c:
             stream = c.streams.video[0]
-            stream.thread_type = "AUTO"
+            # Slice threads, not frame threads: a seek flushes the decoder, and frame threading then refills its
+            # pipeline each time (measured: 0.32 s vs 0.52 s for the same 72 seeks on a 3-minute 360p file).
+            stream.thread_type = "SLICE"
             frames: Iterator[Any] | None = None
             at, frame = -1, None  # the last frame decoded
             for target in needed:
