@@ -114,6 +114,21 @@ def test_shots_job_indexes_every_moment_and_search_lands_on_it(archive, tmp_path
     hits = json.loads(res.stdout)
     assert len(hits) == 5 and all("#t=" in h["media_fragment"] and h["video_id"] in video_ids.values()
                                   for h in hits)
+    # the web page: moments in search (each opens its video at its start) and in the video's detail view
+    from fastapi.testclient import TestClient
+
+    from pipeline.catalog.serve import create_app
+
+    client = TestClient(create_app(str(out / "lancedb")))
+    page = client.get("/", params={"q": "video", "segments": "true"}).text
+    assert 'id="moments"' in page and page.count('class="hit moment"') >= 5 and "#t=" in page
+    rec = video_ids["recording.mp4"]
+    detail = client.get(f"/video/{rec}").text
+    assert detail.count(f"/video/{rec}?t=") == len(plan)  # one link per moment, seeking the player
+    thumb = client.get(f"/thumb/moment/{original[0]['segment_id']}")
+    assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+    api = client.get("/api/search", params={"q": "video", "segments": "true", "k": 3}).json()
+    assert len(api) == 3 and all("#t=" in h["media_fragment"] for h in api)
     again = _run(_overrides(src, out, extra))
     assert again["counts"]["indexed"] == 0 and again["counts"]["model_calls"] == 0
     assert sorted(map(key, _tables(out, "segments")[0])) == sorted(map(key, segments))

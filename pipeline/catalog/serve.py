@@ -1,9 +1,11 @@
 """`stllm-index serve INDEX`: a small read-only web app over an index (FastAPI + Jinja2, served by uvicorn).
 
-Pages: `/` search box with filters and results with thumbnails, caption and the matching answer; `/video/<id>`
-a detail view with a player (seeking to `?t=` seconds, e.g. a segment's start), every answer, the facts and the
-videos that look like it; `/runs` the last runs and the error ledger. Media: local files are served with range
-requests (the player seeks); `s3://` objects through a short-lived presigned URL. JSON: `/api/search`.
+Pages: `/` search box with filters and results with thumbnails, caption and the matching answer (with
+"moments", the segments of long recordings instead, each opening its video at its start); `/video/<id>` a detail
+view with a player (seeking to `?t=` seconds, e.g. a segment's start), every answer, the facts, the video's
+moments and the videos that look like it; `/runs` the last runs and the error ledger. Media: local files are
+served with range requests (the player seeks); `s3://` objects through a short-lived presigned URL. JSON:
+`/api/search` (`segments=true` for moments).
 Binds to 127.0.0.1 unless told otherwise; nothing writes to the index.
 """
 
@@ -27,8 +29,13 @@ TEMPLATES = Path(__file__).with_name("templates")
 PRESIGN_S = 300
 
 
-def create_app(index: str, table: str = "videos", manifest_dir: str | None = None, embedder: str | None = None) -> Any:
+def create_app(index: str, table: str = "videos", manifest_dir: str | None = None, embedder: str | None = None,
+               segments_table: str = "segments") -> Any:
     catalog = Catalog(index, table)
+    try:  # jobs with `segments` write their moments there
+        moments: Catalog | None = Catalog(index, segments_table)
+    except ValueError:
+        moments = None
     templates = Jinja2Templates(directory=str(TEMPLATES))
     app = FastAPI(title="stllm-index", docs_url=None, redoc_url=None)
 
@@ -38,11 +45,17 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
 
         return load_text_embedder(embedder or DEFAULT_EMBEDDER)
 
-    def run_search(q: str, mode: str, prefix: str, answer: str, where: str, since: str, k: int) -> list[dict]:
+    def run_search(q: str, mode: str, prefix: str, answer: str, where: str, since: str, k: int,
+                   in_moments: bool = False) -> list[dict]:
         filters = Filters(where=where or None, answers=[parse_answer_filter(answer)] if answer else [],
                           prefix=prefix or None, since=since or None)
         vector = None if mode == "fts" else text_embedder().encode([q], normalize_embeddings=True)[0].tolist()
-        return catalog.search(q, filters=filters, k=k, mode=mode, vector=vector)  # type: ignore[arg-type]
+        target = catalog
+        if in_moments:
+            if moments is None:
+                raise ValueError(f"this index has no moments (table '{segments_table}'): index with `segments:`")
+            target = moments
+        return target.search(q, filters=filters, k=k, mode=mode, vector=vector)  # type: ignore[arg-type]
 
     def one(video_id: str, columns: list[str]) -> dict[str, Any]:
         rows = catalog.table.search().where(f"video_id = {sql_str(video_id)}").select(columns).limit(1).to_list()
@@ -52,22 +65,22 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
 
     @app.get("/")
     def page_search(request: Request, q: str = "", mode: str = "hybrid", prefix: str = "", answer: str = "",
-                    where: str = "", since: str = "", k: int = 20) -> Any:
+                    where: str = "", since: str = "", k: int = 20, segments: bool = False) -> Any:
         hits, error = [], None
         if q.strip():
             try:
-                hits = run_search(q, mode, prefix, answer, where, since, k)
+                hits = run_search(q, mode, prefix, answer, where, since, k, segments)
             except ValueError as e:
                 error = str(e)
         return templates.TemplateResponse(request, "search.html", {
             "index": index, "q": q, "mode": mode, "prefix": prefix, "answer": answer, "where": where,
-            "since": since, "hits": hits, "error": error})
+            "since": since, "hits": hits, "error": error, "segments": segments, "has_moments": moments is not None})
 
     @app.get("/api/search")
     def api_search(q: str, mode: str = "hybrid", prefix: str = "", answer: str = "", where: str = "",
-                   since: str = "", k: int = 20) -> Any:
+                   since: str = "", k: int = 20, segments: bool = False) -> Any:
         try:
-            hits = run_search(q, mode, prefix, answer, where, since, k)
+            hits = run_search(q, mode, prefix, answer, where, since, k, segments)
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return [{k: (str(v) if k == "indexed_at" else v) for k, v in h.items()} for h in hits]
@@ -79,8 +92,22 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
         except ValueError as e:
             raise HTTPException(404, str(e)) from None
         similar = catalog.similar(video_id, k=8) if row.get("visual_embedding") is not None else []
+        own = [] if moments is None else sorted(
+            moments.table.search().where(f"video_id = {sql_str(video_id)} AND config_hash = "
+                                         f"{sql_str(row['config_hash'])}")
+            .select(["segment_id", "segment", "start_s", "end_s", "caption"]).limit(None).to_list(),
+            key=lambda m: m["segment"])
         return templates.TemplateResponse(request, "video.html", {"index": index, "row": row, "t": t,
-                                                                  "similar": similar})
+                                                                  "similar": similar, "moments": own})
+
+    @app.get("/thumb/moment/{segment_id}")
+    def moment_thumb(segment_id: str) -> Any:
+        rows = [] if moments is None else moments.table.search().where(
+            f"segment_id = {sql_str(segment_id)}").select(["thumbnail"]).limit(1).to_list()
+        if not rows or not rows[0].get("thumbnail"):
+            raise HTTPException(404, "no thumbnail")
+        return Response(content=rows[0]["thumbnail"], media_type="image/jpeg",
+                        headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/thumb/{video_id}")
     def thumb(video_id: str) -> Any:
