@@ -9,8 +9,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.io.listing import IndexLocation
-from pipeline.io.run_sinks import list_manifests, mark_interrupted
-from pipeline.io.sinks import filesystem, join_path
+from pipeline.io.sinks import filesystem, join_path, list_manifests, mark_interrupted
 from pipeline.io.sources import S3Options, is_s3
 
 

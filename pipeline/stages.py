@@ -148,7 +148,7 @@ class DecodeStage:
         pass over all of it) and whose `segment_rows` says how many segment rows came before it. A failure
         after some segments turns the video row into the error record (the sink drops those segments)."""
         from pipeline.decode import decode_video
-        from pipeline.decode.segments import decode_segments, plan_segments
+        from pipeline.decode.segments import decode_segments, frame_index, plan_segments
         from pipeline.io.fetch import TransientFetchError, fetched
 
         base = self._blank(row)
@@ -164,7 +164,8 @@ class DecodeStage:
                     video = self._fill(base, decode_video(path, num_frames=self.num_frames, size=self.image_size,
                                                           timeout_s=self.timeout_s, sampling=self.frame_sampling),
                                        t0)
-                    plan = plan_segments(path, self.segments["mode"], **spec)
+                    index = frame_index(path)  # one demux pass, for the plan and the decoding
+                    plan = plan_segments(path, self.segments["mode"], frames=index, fps=video["fps"], **spec)
                 except Exception as e:  # noqa: BLE001
                     yield _error(base, "decode", e)
                     return
@@ -173,7 +174,7 @@ class DecodeStage:
                     started = time.perf_counter()
                     try:
                         for seg in decode_segments(path, plan, self.num_frames, self.image_size,
-                                                   self.frame_sampling):
+                                                   self.frame_sampling, frames=index):
                             yield self._segment_row(video, seg)
                             n += 1
                             # the whole-file deadline, per segment (decoding runs here, in order, one pass)

@@ -232,7 +232,7 @@ def test_killed_driver_then_rerun_is_exactly_once(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     rows, ledger = _exactly_once(str(out))
     assert len(rows) == 10 and [Path(e["uri"]).name for e in ledger] == ["broken.mp4"]
-    from pipeline.io.run_sinks import list_manifests
+    from pipeline.io.sinks import list_manifests
 
     statuses = [m["status"] for m in list_manifests(str(out / "runs"))]
     assert statuses[-1] == "succeeded" and len(statuses) == 3
@@ -361,7 +361,7 @@ def test_storage_down_fails_clearly_and_the_rerun_resumes(private_s3, tmp_path: 
     overrides = _overrides(f"s3://{bucket}/in", f"s3://{bucket}/out",
                            (f"source.s3={quick}", f"output.s3={quick}", f"output.manifest_dir={runs}",
                             "runtime.commit_every=2", "model.max_new_tokens=24"))
-    from pipeline.io.run_sinks import list_manifests
+    from pipeline.io.sinks import list_manifests
 
     client = server.client()
     stopped: list[float] = []
@@ -405,7 +405,7 @@ def test_two_runs_at_once_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     rows, _ = _exactly_once(str(out))
     assert len(rows) == 8
-    from pipeline.io.run_sinks import list_manifests
+    from pipeline.io.sinks import list_manifests
 
     runs = list_manifests(str(out / "runs"))
     assert len(runs) == 2 and all(r["status"] == "succeeded" for r in runs)

@@ -15,8 +15,15 @@ import schemas
 from pipeline.catalog.search import search
 from pipeline.io.indexes import maintain_indexes
 from pipeline.io.locks import IndexLock, LockTimeout
-from pipeline.io.run_sinks import JobSinks, list_manifests, mark_interrupted
-from pipeline.io.sinks import connect_lance, read_manifest, read_parquet, write_manifest
+from pipeline.io.run_sinks import JobSinks
+from pipeline.io.sinks import (
+    connect_lance,
+    list_manifests,
+    mark_interrupted,
+    read_manifest,
+    read_parquet,
+    write_manifest,
+)
 from pipeline.io.tables import TableStore
 from pipeline.jobs import load_job
 

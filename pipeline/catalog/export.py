@@ -107,7 +107,7 @@ def _split(key: str, seed: int, val_fraction: float) -> str:
 
 def _caption_prompts(catalog: Catalog) -> str:
     """The caption prompt the index's runs used (from their manifests, next to the table); the default else."""
-    from pipeline.io.run_sinks import list_manifests
+    from pipeline.io.sinks import list_manifests
 
     root = catalog.uri.rstrip("/")
     for folder in (f"{root}/_manifests", f"{os.path.dirname(root)}/runs", f"{os.path.dirname(root)}/_manifests"):

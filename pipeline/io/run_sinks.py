@@ -11,7 +11,7 @@ Per batch, in this order (a crash between two steps leaves an object either inde
 doubled): the ledger drops the objects that now succeeded and records the failures (attempts, first/last
 seen), then the segments table takes the moments of the new rows (jobs with `segments`), then the results
 take the new rows — the video row is what marks an object done, so a video is held back until all its
-segments have arrived, and is written with them.
+segments have arrived, and is written with them (`pipeline.io.segment_sinks`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -29,38 +29,28 @@ import pyarrow as pa
 from pipeline.io.indexes import maintain_indexes
 from pipeline.io.listing import COPY, SEGMENT, TALLY, TALLY_FIELDS, WORK, IndexLocation
 from pipeline.io.locks import IndexLock
+from pipeline.io.segment_sinks import SegmentSink
 from pipeline.io.sinks import (
+    answers_and_text,
     check_existing,
-    filesystem,
+    is_null,
     join_path,
-    read_manifest,
+    mark_interrupted,
     to_records,
     utc_now,
     write_manifest,
 )
 from pipeline.redact import redact
-from schemas import (
-    embedding_dims,
-    error_schema,
-    flatten_answers,
-    media_fragment,
-    segment_schema,
-    video_schema,
-)
+from schemas import embedding_dims, error_schema, video_schema
 
 if TYPE_CHECKING:
     from pipeline.jobs import JobConfig
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0
-STALE_AFTER_S = 120.0  # a `running` manifest with no heartbeat for this long belongs to a dead run
 COUNT_KEYS = ("listed", "skipped", "known_bad", "indexed", "copies", "errors", "model_calls")
 # Columns a copy takes from its own listing row; everything else comes from the row whose result it reuses.
 _OWN = ("video_id", "content_id", "uri", "size", "etag")
-
-
-def _is_null(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and v != v)
 
 
 class JobSinks:
@@ -73,12 +63,13 @@ class JobSinks:
                                    errors_table=out.errors_table, s3=out.s3, segments_table=out.segments_table)
         self.lock = IndexLock(self.index.lock_root, out.s3)
         self.videos, self.errors = self.index.stores()
-        self.segments = self.index.segment_store() if job.segments.mode != "whole" else None
+        self.segments = None if job.segments.mode == "whole" else SegmentSink(
+            self.index.segment_store(), config_hash=config_hash, run_id=run_id)
         with self.lock:  # finish or discard what a crashed run left, before anything reads the index
             self.videos.recover()
             self.errors.recover()
             if self.segments is not None:
-                self.segments.recover()
+                self.segments.store.recover()
         self.errors.schema = error_schema()
         if (existing := self.errors.existing_schema()) is not None:
             check_existing(existing, self.errors.schema, f"errors table '{out.errors_table}'")
@@ -93,11 +84,6 @@ class JobSinks:
         self._content_done: dict[str, str] = {}  # content_id → video_id of its result, this run
         self._content_failed: dict[str, dict[str, Any]] = {}  # content_id → the failure, this run
         self._pending_copies: dict[str, list[dict[str, Any]]] = {}  # copies waiting for their content's result
-        # segmented jobs: videos waiting for their segment rows, segment rows waiting for their video
-        self._held: dict[str, dict[str, Any]] = {}
-        self._segment_results: dict[str, list[dict[str, Any]]] = {}
-        self._failed_videos: set[str] = set()
-        self._held_failures: dict[str, dict[str, Any]] = {}  # a segment failed before its video row came
         self._manifest: dict[str, Any] = {}
         self._beat = 0.0
 
@@ -108,14 +94,12 @@ class JobSinks:
         return video_schema(self.dims["caption_embedding"], self.dims["visual_embedding"])
 
     def _video_row(self, r: dict[str, Any], now: datetime) -> dict[str, Any]:
-        answers = r.get("answers") or []
-        answers_text = r.get("answers_text")
+        answers, answers_text = answers_and_text(r)
         return {
             "video_id": r["video_id"], "content_id": r.get("content_id") or "", "uri": r["uri"],
             "size": r["size"], "etag": r["etag"], "copy_of": None, "run_id": self.run_id,
             "model_id": self.model_id, "config_hash": self.config_hash, "questions_hash": self.questions_hash,
-            "caption": r.get("caption"), "answers": answers,
-            "answers_text": answers_text if answers_text is not None else flatten_answers(answers),
+            "caption": r.get("caption"), "answers": answers, "answers_text": answers_text,
             "caption_embedding": r.get("caption_embedding"), "visual_embedding": r.get("visual_embedding"),
             "duration_s": r.get("duration_s"), "fps": r.get("fps"), "width": r.get("width"),
             "height": r.get("height"), "codec": r.get("codec"), "decoder": r.get("decoder"),
@@ -144,10 +128,10 @@ class JobSinks:
         first = r.get("first_seen")
         return {
             "video_id": r["video_id"], "config_hash": self.config_hash, "uri": r["uri"], "etag": r.get("etag"),
-            "size": None if _is_null(r.get("size")) else int(r["size"]), "content_id": r.get("content_id"),
+            "size": None if is_null(r.get("size")) else int(r["size"]), "content_id": r.get("content_id"),
             "stage": stage, "error_type": error_type, "message": redact(message), "retryable": bool(retryable),
-            "attempts": (0 if _is_null(prev) else int(prev)) + 1,
-            "first_seen": now if _is_null(first) else pd.Timestamp(first).to_pydatetime(), "last_seen": now,
+            "attempts": (0 if is_null(prev) else int(prev)) + 1,
+            "first_seen": now if is_null(first) else pd.Timestamp(first).to_pydatetime(), "last_seen": now,
             "run_id": self.run_id, "part": None,
         }
 
@@ -164,7 +148,7 @@ class JobSinks:
         by_source: dict[str, list[dict]] = {}
         for c in copies:
             cid = c.get("content_id")
-            if not _is_null(c.get("copy_of")):
+            if not is_null(c.get("copy_of")):
                 by_source.setdefault(c["copy_of"], []).append(c)
             elif cid in self._content_done:
                 by_source.setdefault(self._content_done[cid], []).append(c)
@@ -200,18 +184,17 @@ class JobSinks:
             elif kind == COPY:
                 copies.append(r)
             elif kind == SEGMENT:
-                self._segment_result(r, bad)
-            elif _is_null(r.get("error_stage")):
+                if self.segments is not None:
+                    self.segments.take(r, bad)
+            elif is_null(r.get("error_stage")):
                 ok.append(r)
             else:
                 bad.append(r)
             self.counts["model_calls"] += int(r.get("model_calls") or 0)
         if self.segments is not None:
-            ok = self._complete_videos(ok, bad)
-        for r in bad:
-            if r.get("kind") in (None, WORK):
-                self._failed_videos.add(r["video_id"])
-                self._segment_results.pop(r["video_id"], None)
+            ok = self.segments.complete(ok, bad)
+            for r in bad:
+                self.segments.video_failed(r["video_id"])
         results = [self._video_row(r, now) for r in ok]
         for r in ok:
             if r.get("content_id"):
@@ -228,7 +211,7 @@ class JobSinks:
         for cid in list(self._pending_copies):
             if cid in self._content_done or cid in self._content_failed:
                 copies += self._pending_copies.pop(cid)
-        segments = [self._segment_row(seg, now) for r in ok for seg in self._segments_of(r)]
+        segments = [] if self.segments is None else [s for r in ok for s in self.segments.rows(r, now)]
         self._commit(results, ledger, copies, now, segments)
         self.counts["indexed"] += len(ok)
         self.counts["errors"] += len(bad)
@@ -247,7 +230,7 @@ class JobSinks:
             rows = self._unwritten + results + copy_rows
             segs = self._unwritten_segments + (segments or [])
             if self.segments is not None and copy_rows:
-                segs += self._copy_segments(copy_rows, segs, now)
+                segs += self.segments.copies(copy_rows, segs, now)
             if rows and any(d is None for d in self.dims.values()):
                 self._unwritten, self._unwritten_segments = rows, segs  # embedding sizes unknown: keep for now
                 rows, segs = [], []
@@ -257,114 +240,14 @@ class JobSinks:
             if ledger or done_keys:
                 upserts = pa.Table.from_pylist(_last_per_key(ledger), schema=self.errors.schema) if ledger else None
                 self.errors.commit(upserts, deletes=done_keys, run_id=self.run_id)
-            if segs and self.segments is not None:
-                self._commit_segments(segs, [r["video_id"] for r in rows])
+            if segs and self.segments is not None:  # before the video rows, which mark the videos done
+                self.segments.commit(segs, [r["video_id"] for r in rows], self.dims)
             if rows:
                 self.videos.schema = self.schema
                 self.videos.commit(pa.Table.from_pylist(_last_per_key(rows), schema=self.schema),
                                    run_id=self.run_id)
         self.counts["copies"] += len(copy_rows)
         self.counts["errors"] += len(copy_bad)
-
-    # ---- segments (jobs with `segments.mode` fixed or shots) -------------------------------------------
-
-    def _segment_result(self, r: dict[str, Any], bad: list[dict[str, Any]]) -> None:
-        vid = r["video_id"]
-        if vid in self._failed_videos:
-            return  # its video already failed: the segment is dropped with it
-        if not _is_null(r.get("error_stage")):  # one failed segment fails the video: it is retried whole
-            self._failed_videos.add(vid)
-            self._segment_results.pop(vid, None)
-            held = self._held.pop(vid, None)
-            failed = dict(held or r)
-            failed.update(kind=WORK, error_stage=r["error_stage"], error_type=r.get("error_type"),
-                          error_message=f"segment {r.get('segment')}: {r.get('error_message') or ''}",
-                          error_retryable=bool(r.get("error_retryable")))
-            if held is not None:
-                bad.append(failed)
-            else:
-                self._held_failures[vid] = failed
-            return
-        self._segment_results.setdefault(vid, []).append(r)
-
-    def _complete_videos(self, ok: list[dict[str, Any]], bad: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The videos whose segment rows have all arrived (held ones included); the others wait."""
-        done = []
-        for r in ok:
-            vid = r["video_id"]
-            if vid in self._held_failures:  # a segment failed before its video row came
-                self._failed_videos.add(vid)
-                bad.append({**self._held_failures.pop(vid), **{k: r[k] for k in ("uri", "etag", "size")}})
-                continue
-            self._held[vid] = r
-        for vid in list(self._held):
-            r = self._held[vid]
-            expected = 0 if _is_null(r.get("segment_rows")) else int(r["segment_rows"])
-            if len(self._segment_results.get(vid, ())) >= expected:
-                done.append(self._held.pop(vid))
-        return done
-
-    def _segments_of(self, r: dict[str, Any]) -> list[dict[str, Any]]:
-        if self.segments is None:
-            return []
-        rows = sorted(self._segment_results.pop(r["video_id"], []), key=lambda s: int(s["segment"]))
-        if rows:
-            return rows
-        # a video no longer than one segment: its own result is its one segment
-        end = r.get("end_s")
-        end = float(r.get("duration_s") or 0.0) if _is_null(end) else float(end)
-        return [{**r, "segment_id": f"{r['video_id']}:00000", "segment": 0, "start_s": 0.0, "end_s": end}]
-
-    def _segment_row(self, r: dict[str, Any], now: datetime) -> dict[str, Any]:
-        answers = r.get("answers") or []
-        answers_text = r.get("answers_text")
-        start, end = float(r["start_s"]), float(r["end_s"])
-        return {
-            "segment_id": r["segment_id"], "video_id": r["video_id"], "content_id": r.get("content_id") or "",
-            "config_hash": self.config_hash, "segment": int(r["segment"]), "start_s": start, "end_s": end,
-            "uri": r["uri"], "media_fragment": media_fragment(r["uri"], start, end), "copy_of": None,
-            "run_id": self.run_id, "caption": r.get("caption"), "answers": answers,
-            "answers_text": answers_text if answers_text is not None else flatten_answers(answers),
-            "caption_embedding": r.get("caption_embedding"), "visual_embedding": r.get("visual_embedding"),
-            "frame_indices": r.get("frame_indices"), "thumbnail": r.get("thumbnail") or None,
-            "indexed_at": now, "part": None,
-        }
-
-    def _copy_segments(self, copy_rows: list[dict], fresh: list[dict], now: datetime) -> list[dict]:
-        """The segments of exact copies: their source's segments under the copy's own identity."""
-        assert self.segments is not None
-        by_video: dict[str, list[dict]] = {}
-        for seg in fresh:
-            by_video.setdefault(seg["video_id"], []).append(seg)
-        sources = {r["copy_of"] or r["video_id"] for r in copy_rows}
-        missing = sorted(v for v in sources if v not in by_video)
-        found = self.segments.lookup(self.config_hash, "video_id", missing) if missing else None
-        for seg in ([] if found is None else found.to_pylist()):
-            by_video.setdefault(seg["video_id"], []).append(seg)
-        out = []
-        for r in copy_rows:
-            source = r["copy_of"] or r["video_id"]
-            for seg in by_video.get(source, []):
-                if source == r["video_id"]:
-                    continue  # a refresh of the same object: its segments are already there
-                out.append({**seg, "segment_id": f"{r['video_id']}:{int(seg['segment']):05d}",
-                            "video_id": r["video_id"], "content_id": r["content_id"], "uri": r["uri"],
-                            "media_fragment": media_fragment(r["uri"], seg["start_s"], seg["end_s"]),
-                            "copy_of": source, "run_id": self.run_id, "indexed_at": now, "part": None})
-        return out
-
-    def _commit_segments(self, segs: list[dict], videos: list[str]) -> None:
-        """The new segments, and the removal of these videos' older segments that the new ones do not replace
-        (a changed file may have fewer moments)."""
-        assert self.segments is not None
-        schema = segment_schema(self.dims["caption_embedding"], self.dims["visual_embedding"])
-        self.segments.schema = schema
-        rows = list({(s["segment_id"], s["config_hash"]): s for s in segs}.values())
-        new = {r["segment_id"] for r in rows}
-        old = self.segments.lookup(self.config_hash, "video_id", sorted(set(videos)), ["segment_id"])
-        stale = [(sid, self.config_hash) for sid in ([] if old is None else old.column("segment_id").to_pylist())
-                 if sid not in new]
-        self.segments.commit(pa.Table.from_pylist(rows, schema=schema), deletes=stale, run_id=self.run_id)
 
     def finish(self) -> None:
         """Resolve the copies still waiting (their content's result came from another run meanwhile, or
@@ -387,9 +270,8 @@ class JobSinks:
                         "message": "no result for this content was produced", "retryable": True})
                     resolvable.append(c)
             self._commit([], [], resolvable, now)
-        if self._held or self._held_failures:  # cannot happen unless rows were lost on the way: never index half
-            lost = [*self._held.values(), *self._held_failures.values()]
-            self._held, self._held_failures = {}, {}
+        lost = [] if self.segments is None else self.segments.incomplete()
+        if lost:
             self._commit([], [self._ledger_row(r, now, "segments", "IncompleteSegments",
                                                "not all segments of this video came back", True) for r in lost],
                          [], now)
@@ -400,10 +282,8 @@ class JobSinks:
             maintain_indexes(self.videos.lance_table, fts_columns=("caption", "answers_text"),
                              scalar_columns=("video_id", "content_id"),
                              vector_columns=("caption_embedding", "visual_embedding"))
-            if self.segments is not None and self.segments.lance_table is not None:
-                maintain_indexes(self.segments.lance_table, fts_columns=("caption", "answers_text"),
-                                 scalar_columns=("video_id", "segment_id"),
-                                 vector_columns=("caption_embedding", "visual_embedding"))
+            if self.segments is not None:
+                self.segments.maintain_indexes()
 
     # ---- manifest --------------------------------------------------------------------------------------
 
@@ -455,33 +335,4 @@ def _last_per_key(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list({(r["video_id"], r["config_hash"]): r for r in rows}.values())
 
 
-def list_manifests(folder: str, s3: Any = None) -> list[dict[str, Any]]:
-    """Every run manifest in `folder`, oldest first (by start time)."""
-    import pyarrow.fs as pafs
-
-    fs, inner = filesystem(folder, s3)
-    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
-    out = []
-    for info in infos:
-        if info.type == pafs.FileType.File and info.path.endswith(".json"):
-            try:
-                out.append(read_manifest(join_path(folder, info.base_name), s3=s3))
-            except (OSError, ValueError) as e:
-                log.warning("unreadable manifest %s: %s", info.path, e)
-    return sorted(out, key=lambda m: m.get("started_at") or "")
-
-
-def mark_interrupted(folder: str, s3: Any = None, stale_after_s: float = STALE_AFTER_S) -> int:
-    """Manifests still `running` with no heartbeat for `stale_after_s` belong to runs that died: say so."""
-    n = 0
-    limit = datetime.now(UTC) - timedelta(seconds=stale_after_s)
-    for m in list_manifests(folder, s3):
-        beat = m.get("heartbeat_at") or m.get("started_at")
-        if m.get("status") == "running" and beat and datetime.fromisoformat(beat) < limit:
-            m["status"] = "interrupted"
-            write_manifest(join_path(folder, f"{m['run_id']}.json"), m, s3=s3)
-            n += 1
-    return n
-
-
-__all__ = ["JobSinks", "COUNT_KEYS", "list_manifests", "mark_interrupted"]
+__all__ = ["JobSinks", "COUNT_KEYS"]

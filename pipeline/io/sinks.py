@@ -180,3 +180,49 @@ def read_manifest(path: str, *, s3: S3Options | None = None) -> dict[str, Any]:
     fs, inner = filesystem(path, s3)
     with fs.open_input_stream(inner) as f:
         return json.loads(f.read())
+
+
+STALE_AFTER_S = 120.0  # a `running` manifest with no heartbeat for this long belongs to a dead run
+
+
+def list_manifests(folder: str, s3: Any = None) -> list[dict[str, Any]]:
+    """Every run manifest in `folder`, oldest first (by start time)."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(folder, s3)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    out = []
+    for info in infos:
+        if info.type == pafs.FileType.File and info.path.endswith(".json"):
+            try:
+                out.append(read_manifest(join_path(folder, info.base_name), s3=s3))
+            except (OSError, ValueError) as e:
+                log.warning("unreadable manifest %s: %s", info.path, e)
+    return sorted(out, key=lambda m: m.get("started_at") or "")
+
+
+def mark_interrupted(folder: str, s3: Any = None, stale_after_s: float = STALE_AFTER_S) -> int:
+    """Manifests still `running` with no heartbeat for `stale_after_s` belong to runs that died: say so."""
+    n = 0
+    limit = datetime.now(UTC) - timedelta(seconds=stale_after_s)
+    for m in list_manifests(folder, s3):
+        beat = m.get("heartbeat_at") or m.get("started_at")
+        if m.get("status") == "running" and beat and datetime.fromisoformat(beat) < limit:
+            m["status"] = "interrupted"
+            write_manifest(join_path(folder, f"{m['run_id']}.json"), m, s3=s3)
+            n += 1
+    return n
+
+
+def is_null(v: Any) -> bool:
+    """None or NaN (pandas turns a missing value of a numeric column into NaN)."""
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def answers_and_text(r: Mapping[str, Any]) -> tuple[list[Any], str]:
+    """A result's answers and their flattened text (for full-text search), as the results tables store them."""
+    from schemas import flatten_answers
+
+    answers = r.get("answers") or []
+    text = r.get("answers_text")
+    return answers, text if text is not None else flatten_answers(answers)
