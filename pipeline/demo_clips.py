@@ -59,8 +59,9 @@ def available_encoder(codec: Codec) -> str:
 
 def make_test_video(path: str | os.PathLike, codec: Codec, n_frames: int = 24,
                     size: tuple[int, int] = (96, 64), fps: int = 12, seed: int = 0,
-                    options: dict[str, str] | None = None) -> Path:
-    """Encode a synthetic clip of `n_frames` frames of `size` (width, height) at `fps`.
+                    options: dict[str, str] | None = None, gop: int | None = None) -> Path:
+    """Encode a synthetic clip of `n_frames` frames of `size` (width, height) at `fps` (a keyframe every
+    `gop` frames when given, else the encoder's default).
 
     The container follows the file name (.mp4, .mkv, .webm). Width and height must be even (yuv420p).
     """
@@ -79,6 +80,8 @@ def make_test_video(path: str | os.PathLike, codec: Codec, n_frames: int = 24,
         stream = container.add_stream(encoder, rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = dict(_ENCODERS[codec][1])
+        if gop is not None:
+            stream.codec_context.gop_size = gop
         for i in range(n_frames):
             frame = av.VideoFrame.from_ndarray(frame_image(i, n_frames, size, seed), format="rgb24")
             for packet in stream.encode(frame):

@@ -91,6 +91,42 @@ def test_every_codec_decodes_the_right_frames(video_fixtures, codec: str) -> Non
     np.testing.assert_array_equal(resize_crop(native.frames, 32), v.frames)
 
 
+def test_keyframe_runs_cut_only_between_gops() -> None:
+    from pipeline.decode.decoders import keyframe_runs
+
+    wanted = list(range(1, 200, 8))  # decoding ~200 frames, resizing 25 (≈ 100 frames' worth)
+    runs = keyframe_runs(wanted, [0, 50, 100, 150], parts=2)
+    assert [i for r in runs for i in r] == wanted and len(runs) == 2
+    assert runs[1][0] == 105 and runs[0][-1] == 97  # a keyframe (100) lies between the runs: none decoded twice
+    dense_resizes = list(range(1, 200, 2))  # resizing 100 frames outweighs decoding 200: the resize thread
+    assert len(keyframe_runs(dense_resizes, [0, 50, 100, 150], parts=2)) == 2  # beside one decoder is slower
+    assert keyframe_runs(wanted, [0], parts=2) == [wanted]  # one GOP: one run (a second reader would redo it)
+    assert keyframe_runs(wanted, [0, 190], parts=2) == [wanted]  # a cut that does not balance: one run
+    four = keyframe_runs(wanted, list(range(0, 200, 10)), parts=4)
+    assert len(four) == 4 and max(map(len, four)) - min(map(len, four)) <= 3
+
+
+def test_runs_decoded_side_by_side_give_the_same_frames(tmp_path, monkeypatch) -> None:
+    """A clip with a keyframe every 24 frames is read by two readers at once; the frames are those of one."""
+    import decord
+
+    from pipeline.decode import decoders
+    from pipeline.demo_clips import make_test_video
+
+    path = make_test_video(tmp_path / "gop.mp4", "h264", n_frames=240, gop=24)
+    assert len(decord.VideoReader(str(path)).get_key_indices()) >= 10
+    monkeypatch.setattr(decoders, "_PARTS", 2)
+    calls: list[int] = []
+    monkeypatch.setattr(decoders, "_read_runs", lambda *a, _f=decoders._read_runs: (calls.append(len(a[2])), _f(*a)))
+    split = decode_video_inline(path.read_bytes(), 16, size=32)
+    assert calls == [2]
+    monkeypatch.setattr(decoders, "_PARTS", 1)
+    one = decode_video_inline(path.read_bytes(), 16, size=32)
+    assert split.frame_indices == one.frame_indices
+    np.testing.assert_array_equal(split.frames, one.frames)
+    assert split.thumbnail_jpeg and split.thumbnail_jpeg == one.thumbnail_jpeg
+
+
 def test_forced_decoders(video_fixtures) -> None:
     av1 = video_fixtures["av1"].read_bytes()
     with pytest.raises(DecodeError) as e:
