@@ -8,6 +8,7 @@ so a test can tell which frame it got (`square_x`). Encoders present in this PyA
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -65,6 +66,13 @@ def make_test_video(path: str | os.PathLike, codec: Codec, n_frames: int = 24,
 
     The container follows the file name (.mp4, .mkv, .webm). Width and height must be even (yuv420p).
     """
+    frames = (frame_image(i, n_frames, size, seed) for i in range(n_frames))
+    return encode_frames(path, codec, frames, size, fps, options=options, gop=gop)
+
+
+def encode_frames(path: str | os.PathLike, codec: Codec, frames: Iterable[np.ndarray], size: tuple[int, int],
+                  fps: int, *, options: dict[str, str] | None = None, gop: int | None = None) -> Path:
+    """Encode RGB uint8 (H, W, 3) frames of `size` (width, height, both even) into a real video file."""
     import av
 
     path = Path(path)
@@ -82,8 +90,8 @@ def make_test_video(path: str | os.PathLike, codec: Codec, n_frames: int = 24,
         stream.options = dict(_ENCODERS[codec][1])
         if gop is not None:
             stream.codec_context.gop_size = gop
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(frame_image(i, n_frames, size, seed), format="rgb24")
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

@@ -215,6 +215,7 @@ class ModelStage:
                                   **(engine_kwargs or {}))
         self.prompts = [caption_prompt, *questions]
         self.options = options  # stllm.engine.GenerationOptions
+        self._cpu0: float | None = None
         self.embed = EmbedStage(**embedder) if embedder is not None else None
         if self.engine.kind == "vllm":
             # The model runs in vLLM's own worker processes; what runs here (the text embedder, beside the
@@ -230,6 +231,9 @@ class ModelStage:
         from stllm.engine import VideoRequest
 
         t0 = time.perf_counter()
+        if self._cpu0 is None:
+            t = os.times()
+            self._cpu0 = t.user + t.system
         # A batch holding an error row turns the others' None into NaN: test with isna, not `is None`.
         kinds = batch["kind"] if "kind" in batch else pd.Series([WORK] * len(batch))
         todo = [i for i in range(len(batch))
@@ -283,6 +287,9 @@ class ModelStage:
         """With STLLM_ENGINE_STATS_DIR set (benchmarks), each model actor keeps its engine's stats there."""
         folder = os.environ.get("STLLM_ENGINE_STATS_DIR")
         if folder and (stats := self.engine.stats()):
+            # this actor's own CPU since its first batch (the engine's processes are apart): what it takes from them
+            t = os.times()
+            stats["actor_cpu_s"] = round(t.user + t.system - (self._cpu0 or 0.0), 3)
             with open(os.path.join(folder, f"engine-{os.getpid()}.json"), "w") as f:
                 json.dump(stats, f)
 

@@ -8,12 +8,14 @@ answers are matched by request id. A failed step fails the batches in flight (a 
 one at once); a request vLLM refuses fails alone.
 
 `stats()` says how busy the engine was: `busy_s` (wall time during which the engine had sequences running),
-`active_s` (from the first submit of a busy period to its last result), and the sequences in flight per step
-(the unfinished requests, up to `max_num_seqs`: what the scheduler can run at once).
+`active_s` (from the first submit of a busy period to its last result), the sequences in flight per step
+(the unfinished requests, up to `max_num_seqs`: what the scheduler can run at once), and when each batch
+completed (`completed`: [seconds since the first submit, videos], the last 10,000) — for a steady-state rate.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -46,6 +48,7 @@ class FeedStats:
     inflight_sum: int = 0
     inflight_max: int = 0
     batches: int = 0
+    completed: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
 
     def as_dict(self, max_num_seqs: int) -> dict[str, Any]:
         mean = self.inflight_sum / self.steps if self.steps else 0.0
@@ -53,7 +56,8 @@ class FeedStats:
                 "busy_fraction": round(self.busy_s / self.active_s, 4) if self.active_s else None,
                 "steps": self.steps, "batches": self.batches, "inflight_mean": round(mean, 2),
                 "inflight_max": self.inflight_max, "max_num_seqs": max_num_seqs,
-                "inflight_mean_over_max": round(mean / max_num_seqs, 4) if max_num_seqs else None}
+                "inflight_mean_over_max": round(mean / max_num_seqs, 4) if max_num_seqs else None,
+                "completed": [[round(t, 4), n] for t, n in self.completed]}
 
 
 class EngineFeeder:
@@ -67,11 +71,14 @@ class EngineFeeder:
         self._closed = False
         self._busy_since: float | None = None  # the engine has sequences since then
         self._active_since: float | None = None  # a batch has been waiting for results since then
+        self._first_submit: float | None = None
         self._thread = threading.Thread(target=self._loop, name="stllm-engine-feeder", daemon=True)
         self._thread.start()
 
     def submit(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> Future:
         future: Future = Future()
+        if self._first_submit is None:
+            self._first_submit = time.perf_counter()
         if self._dead is not None or self._closed:
             future.set_exception(self._dead or RuntimeError("the engine is closed"))
             return future
@@ -81,7 +88,7 @@ class EngineFeeder:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             now = time.perf_counter()
-            snapshot = FeedStats(**vars(self._stats))
+            snapshot = FeedStats(**{**vars(self._stats), "completed": list(self._stats.completed)})
             if self._busy_since is not None:  # the periods still open count up to now
                 snapshot.busy_s += now - self._busy_since
             if self._active_since is not None:
@@ -211,6 +218,8 @@ class EngineFeeder:
         except BaseException as e:  # noqa: BLE001
             batch.future.set_exception(e)
             return
+        with self._lock:
+            self._stats.completed.append((time.perf_counter() - (self._first_submit or 0.0), len(batch.requests)))
         batch.future.set_result(batch.results)
 
     def _fail_all(self, error: BaseException) -> None:
