@@ -9,6 +9,8 @@
   stllm-index export INDEX --to DIR  a curated subset as a fine-tuning manifest (parquet, jsonl, webdataset)
   stllm-index serve INDEX            a read-only web page to search and browse an index
   stllm-index demo                   the offline demo: tiny random model, generated clips, CPU
+  stllm-index synth OUT --n N        synthetic-world clips with their truth (manifest.parquet/.jsonl)
+  stllm-index eval MODEL MANIFEST    a model's accuracy per split and question type on such clips
 """
 
 from __future__ import annotations
@@ -163,6 +165,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.world import synth
+
+    t0 = time.perf_counter()
+    report = synth(args.out, args.n, seed=args.seed, splits=args.splits.split(","), n_frames=args.frames,
+                   fps=args.fps, size=args.size)
+    clips = ", ".join(f"{k} {v}" for k, v in report["clips"].items())
+    print(f"wrote {clips} clips ({report['rows']} manifest rows) to {args.out} in {time.perf_counter() - t0:.1f}s; "
+          f"truth in {report['manifest']}", file=terminal())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.world import evaluate
+
+    report = evaluate(args.model, args.manifest, engine=args.engine, limit=args.limit, dtype=args.dtype,
+                      device=args.device, answers_out=args.answers, options=_generation_options(args))
+    if args.json:
+        print(json.dumps(report, indent=2), file=terminal())
+        return 0
+    out = terminal()
+    print(f"{report['clips']} clips, {args.engine} engine, model {report['model']}", file=out)
+    for split, rep in report["splits"].items():
+        cells = "  ".join(f"{q} {acc:.2f} ({rep['counts'][q]})" for q, acc in rep["accuracy"].items())
+        print(f"  {split:8s} {cells}", file=out)
+    for s in report["skipped"]:
+        print(f"  skipped {s['uri']}: {s['error']}", file=out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stllm-index", description="Index video archives with ST-LLM.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -219,6 +251,29 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.catalog.commands import add_commands
 
     add_commands(sub)  # search, similar, export, serve
+
+    sy = sub.add_parser("synth", help="synthetic-world clips with known content and the truth about them")
+    sy.add_argument("out", help="output folder (clips/<split>/…, manifest.parquet, manifest.jsonl, scenes.jsonl)")
+    sy.add_argument("--n", type=int, required=True, help="clips per split")
+    sy.add_argument("--seed", type=int, default=0, help="scenes are a function of (seed, split, index)")
+    sy.add_argument("--splits", default="train,heldout,unseen",
+                    help="train, heldout (fresh draws), unseen (held-out shape/colour pairs); comma-separated")
+    sy.add_argument("--frames", type=int, default=16)
+    sy.add_argument("--fps", type=int, default=8)
+    sy.add_argument("--size", type=int, default=64, help="frame width = height, pixels (even)")
+    sy.set_defaults(func=cmd_synth)
+
+    ev = sub.add_parser("eval", help="grade a model on a synthetic-world (or any) manifest")
+    ev.add_argument("model", help="converted checkpoint folder")
+    ev.add_argument("manifest", help="manifest.parquet / .jsonl, or the folder `synth` wrote")
+    ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many clips")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--answers", default=None, help="write every graded answer here (JSONL)")
+    ev.add_argument("--json", action="store_true")
+    _add_generation_flags(ev)
+    ev.set_defaults(func=cmd_eval, prompt="qa", max_new_tokens=24)
 
     d = sub.add_parser("demo", help="offline demo on generated clips with the tiny random model")
     d.add_argument("--workdir", default=None)

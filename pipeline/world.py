@@ -1,0 +1,140 @@
+"""`stllm-index synth` and `stllm-index eval`: the synthetic world as real files, and a model graded on them.
+
+`synth` renders scenes (`stllm.world`), encodes each as a real video (H.264, VP9 and HEVC in turn) and writes
+the truth: `manifest.parquet` / `manifest.jsonl` — a row per clip and instruction, in the format `export`
+writes and `train` reads (uri, question, answer, split, …) plus `qtype` and the scene's attributes — and
+`scenes.jsonl` (every scene's full truth). `evaluate` decodes each clip through the pipeline's own decoder,
+asks the model its questions and grades the answers (`stllm.world.scoring`), per split and question type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.catalog.export import MANIFEST_SCHEMA
+from pipeline.demo_clips import Codec, encode_frames
+from pipeline.io.sources import object_id
+from stllm.world.render import render
+from stllm.world.scenes import CAPTION_PROMPT, QUESTIONS, SPLITS, Split, sample_scene
+from stllm.world.scoring import Report
+
+CODECS: tuple[Codec, ...] = ("h264", "vp9", "hevc")
+_SUFFIX = {"h264": ".mp4", "hevc": ".mp4", "vp9": ".webm", "av1": ".mkv"}
+ATTRIBUTES = ("shape", "colour", "size", "direction", "speed")
+WORLD_MANIFEST_SCHEMA = MANIFEST_SCHEMA.append(pa.field("qtype", pa.string(), nullable=False))
+for _name in ATTRIBUTES:
+    WORLD_MANIFEST_SCHEMA = WORLD_MANIFEST_SCHEMA.append(pa.field(_name, pa.string()))
+
+
+def synth(out: str | os.PathLike, n: int, seed: int = 0, splits: Sequence[Split] = SPLITS,
+          codecs: Sequence[Codec] = CODECS, n_frames: int = 16, fps: int = 8, size: int = 64) -> dict[str, Any]:
+    """Write `n` clips per split under `out` with their truth; returns {split: clips} and the manifest paths."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    for s in splits:
+        if s not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {s!r}")
+    if size % 2:
+        raise ValueError(f"size must be even (yuv420p), got {size}")
+    out = Path(out)
+    rows: list[dict[str, Any]] = []
+    scenes: list[dict[str, Any]] = []
+    for split in splits:
+        for i in range(n):
+            scene = sample_scene(seed, split, i, n_frames=n_frames, fps=fps, size=(size, size))
+            codec = codecs[i % len(codecs)]
+            path = (out / "clips" / split / scene.clip_id).with_suffix(_SUFFIX[codec])
+            encode_frames(path, codec, render(scene), (size, size), fps)
+            uri = str(path.resolve())
+            truth = scene.answers()
+            attrs = {a: getattr(scene, a) for a in ATTRIBUTES}
+            common = {"uri": uri, "video_id": object_id(uri), "content_id": None, "split": split,
+                      "group_id": scene.clip_id, "duration_s": n_frames / fps, "codec": codec, "width": size,
+                      "height": size, "start_s": None, "end_s": None, "config_hash": None, **attrs}
+            rows.append({**common, "question": CAPTION_PROMPT, "answer": scene.caption(), "qtype": "caption"})
+            for qtype, question in QUESTIONS.items():
+                rows.append({**common, "question": question, "answer": truth[qtype], "qtype": qtype})
+            scenes.append({**scene.truth(), "uri": uri, "codec": codec, "caption": scene.caption()})
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=WORLD_MANIFEST_SCHEMA)
+    pq.write_table(table, out / "manifest.parquet")
+    with open(out / "manifest.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    with open(out / "scenes.jsonl", "w") as f:
+        for s in scenes:
+            f.write(json.dumps(s) + "\n")
+    counts: dict[str, int] = defaultdict(int)
+    for s in scenes:
+        counts[s["split"]] += 1
+    return {"clips": dict(counts), "rows": len(rows), "manifest": str(out / "manifest.parquet")}
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """A training/eval manifest (Parquet or JSONL) as rows."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.parquet"
+    if path.suffix == ".jsonl":
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    return pq.read_table(path).to_pylist()
+
+
+def evaluate(model_dir: str, manifest: str | os.PathLike, *, engine: str = "hf", limit: int | None = None,
+             options: Any = None, dtype: str | None = None, device: str = "auto",
+             answers_out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Grade a model on a manifest's clips: accuracy per split and question type (rows without `qtype` are
+    graded as 'caption' when their question is the caption prompt, else as 'answer')."""
+    from pipeline.decode import DecodeError, decode_video
+    from stllm.configuration_stllm import STLLMConfig
+    from stllm.engine import GenerationOptions, VideoRequest
+    from stllm.engines import load_engine
+    from stllm.prompts import prompt_format
+
+    rows = read_manifest(manifest)
+    by_clip: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_clip[r["uri"]].append(r)
+    clips = sorted(by_clip)[:limit] if limit else sorted(by_clip)
+    config = STLLMConfig.from_pretrained(model_dir)
+    options = options or GenerationOptions(max_new_tokens=24, prompt=prompt_format("qa"))
+    requests, skipped = [], []
+    for uri in clips:
+        try:
+            video = decode_video(uri, num_frames=config.num_frames, size=config.image_size,
+                                 sampling=config.frame_sampling)
+        except DecodeError as e:
+            skipped.append({"uri": uri, "error": str(e)})
+            continue
+        requests.append(VideoRequest(uri, video.frames, [r["question"] for r in by_clip[uri]], sampled=True))
+    model = load_engine(engine, model_dir, dtype=dtype, device=device)
+    try:
+        results = model.generate(requests, options)
+    finally:
+        model.close()
+    reports: dict[str, Report] = defaultdict(Report)
+    graded = []
+    for req, res in zip(requests, results, strict=True):
+        for r, a in zip(by_clip[req.video_id], res.answers, strict=False):
+            qtype = r.get("qtype") or ("caption" if r["question"] == CAPTION_PROMPT else "answer")
+            ok = reports[r.get("split") or "all"].add(qtype, a.text, r["answer"])
+            graded.append({"uri": req.video_id, "split": r.get("split"), "qtype": qtype, "question": r["question"],
+                           "truth": r["answer"], "answer": a.text, "right": ok})
+    if answers_out:
+        with open(answers_out, "w") as f:
+            for g in graded:
+                f.write(json.dumps(g) + "\n")
+    return {"model": str(model_dir), "engine": engine, "clips": len(requests), "skipped": skipped,
+            "splits": {s: rep.as_dict() for s, rep in sorted(reports.items())}}
+
+
+__all__ = ["ATTRIBUTES", "CODECS", "WORLD_MANIFEST_SCHEMA", "evaluate", "read_manifest", "synth"]
