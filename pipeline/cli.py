@@ -11,6 +11,7 @@
   stllm-index demo                   the offline demo: tiny random model, generated clips, CPU
   stllm-index synth OUT --n N        synthetic-world clips with their truth (manifest.parquet/.jsonl)
   stllm-index eval MODEL MANIFEST    a model's accuracy per split and question type on such clips
+  stllm-index train CONFIG.yaml      fine-tune with the original's recipe (masking + MVM) on a manifest
 """
 
 from __future__ import annotations
@@ -195,6 +196,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train import load_train_config, train
+
+    config = load_train_config(args.config, args.set or [])  # an invalid config fails before any work
+    t0 = time.perf_counter()
+    report = train(config, resume=args.resume, progress=not args.no_progress)
+    out = terminal()
+    trainable = ", ".join(f"{k} {v:,}" for k, v in report["trainable"].items())
+    print(f"trained {report['steps']}/{report['total_steps']} steps on {report['samples']} samples "
+          f"({report['skipped']} clips skipped) in {time.perf_counter() - t0:.0f}s; trainable: {trainable}", file=out)
+    if report["last"]:
+        print(f"last step: {json.dumps(report['last'])}", file=out)
+    if report["model"]:
+        print(f"model: {report['model']}", file=out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stllm-index", description="Index video archives with ST-LLM.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -274,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     _add_generation_flags(ev)
     ev.set_defaults(func=cmd_eval, prompt="qa", max_new_tokens=24)
+
+    t = sub.add_parser("train", help="fine-tune a checkpoint on a manifest (the original's recipe by default)")
+    t.add_argument("config", nargs="?", default=None, help="training config YAML (see jobs/train-world.yaml)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. lr=1e-4")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="offline demo on generated clips with the tiny random model")
     d.add_argument("--workdir", default=None)

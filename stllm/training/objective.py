@@ -67,8 +67,10 @@ def training_loss(
     answer_ids: list[list[int]],
     mask_ratio: float | None = None,
     generator: torch.Generator | None = None,
+    mvm: bool = True,
 ) -> TrainingLoss:
-    """video_tokens (B, L, D) from `get_video_tokens`; answers should end with the eos id (2)."""
+    """video_tokens (B, L, D) from `get_video_tokens`; answers should end with the eos id (2). `mvm=False` (or a
+    model without `mvm_decoder`) leaves the MVM term out; `mask_ratio=0` keeps every visual token."""
     b, length, d = video_tokens.shape
     ratio = sample_mask_ratio(generator) if mask_ratio is None else mask_ratio
     keep = keep_index(length, ratio, b, generator).to(video_tokens.device)  # (B, K)
@@ -77,7 +79,7 @@ def training_loss(
     logits = model.language_model.lm_head(hidden)
     lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
     mvm_loss = None
-    if model.mvm_decoder is not None:
+    if mvm and model.mvm_decoder is not None:
         with torch.no_grad():
             full, _ = _run(model, video_tokens, prompt_ids, answer_ids)
             target = torch.gather(full[:, :length], 1, keep[..., None].expand(-1, -1, d))

@@ -1,0 +1,88 @@
+"""`stllm-index train CONFIG.yaml`: a manifest's clips through the pipeline's own decoders → `stllm.training`.
+
+Each clip is decoded once (the killable decode worker, its timeout; `decode_frames` frames, centre-cropped to the
+model's input size) and kept in memory for the run; its rows (question, answer) become samples. A clip that
+cannot be fetched or decoded is skipped and counted (`skipped.jsonl`), never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.jobs import JobError, apply_overrides
+from pipeline.world import read_manifest
+
+
+def load_train_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()):
+    from stllm.training.config import TrainConfig
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise JobError(f"training config not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise JobError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise JobError(f"{path}: a training config must be a YAML mapping")
+    data = apply_overrides(data, overrides)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        raise JobError("\n".join(f"{'.'.join(str(x) for x in err['loc']) or '(config)'}: {err['msg']}"
+                                 for err in e.errors())) from None
+
+
+def load_samples(config, timeout_s: float = 120.0) -> tuple[list[Any], list[dict[str, str]]]:
+    """(samples, skipped clips) of the manifest rows of `config.split`."""
+    from pipeline.decode import DecodeError, decode_video
+    from pipeline.io.fetch import FetchError, fetched
+    from stllm.configuration_stllm import STLLMConfig
+    from stllm.training.trainer import Sample
+
+    size = STLLMConfig.from_pretrained(config.model).image_size
+    rows = [r for r in read_manifest(config.manifest)
+            if config.split is None or r.get("split") in (None, config.split)]
+    frames: dict[str, Any] = {}
+    skipped: list[dict[str, str]] = []
+    samples = []
+    for r in rows:
+        uri = r["uri"]
+        if uri not in frames:
+            try:
+                with fetched(uri, None) as path:
+                    frames[uri] = decode_video(path, num_frames=config.decode_frames, size=size,
+                                               timeout_s=timeout_s).frames
+            except (DecodeError, FetchError, OSError, ValueError) as e:
+                frames[uri] = None
+                skipped.append({"uri": uri, "error": f"{type(e).__name__}: {e}"})
+        if frames[uri] is not None and r.get("answer"):
+            samples.append(Sample(frames[uri], r["question"], r["answer"], uri))
+    return samples, skipped
+
+
+def train(config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    from stllm.training.trainer import Trainer
+
+    samples, skipped = load_samples(config)
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "skipped.jsonl", "w") as f:
+        for s in skipped:
+            f.write(json.dumps(s) + "\n")
+    trainer = Trainer(config, samples)
+    last = trainer.train(resume=resume, progress=progress)
+    return {"samples": len(samples), "skipped": len(skipped), "steps": trainer.step,
+            "total_steps": trainer.total_steps, "trainable": trainer.trainable, "last": last,
+            "model": str(out / "final") if trainer.step >= trainer.total_steps else None}
+
+
+__all__ = ["load_samples", "load_train_config", "train"]

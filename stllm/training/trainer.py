@@ -1,0 +1,278 @@
+"""The training loop: freeze groups, AdamW + warmup/cosine, gradient accumulation and checkpointing, checkpoints
+every N steps and `resume`, metrics in `metrics.jsonl`, a progress bar; the final folder loads in both engines.
+
+Determinism (so a resumed run continues the same loss curve): the sample order of epoch e is a permutation
+seeded by (seed, e); the frames, crop, mask ratio and kept tokens of optimizer step s are drawn from
+generators seeded by (seed, s). A checkpoint holds the weights, the optimizer, the scheduler and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stllm.loading import write_weights_hash
+from stllm.modeling_stllm import STLLMForConditionalGeneration
+from stllm.processing_stllm import STLLMProcessor, normalize_frames
+from stllm.prompts import prompt_format
+from stllm.training.augment import augment_clip
+from stllm.training.config import TrainConfig
+from stllm.training.objective import training_loss
+from stllm.transforms import resize_crop
+
+TRAIN_PROMPT = prompt_format("qa")  # the original trains without system text: "###Human: … ###Assistant: "
+
+
+@dataclass
+class Sample:
+    """One decoded training example: the clip's frames (N, H, W, 3) uint8 and one instruction."""
+
+    frames: np.ndarray
+    question: str
+    answer: str
+    uri: str = ""
+
+
+def group_of(name: str) -> str:
+    """The freeze group of a parameter name."""
+    if "btadapter" in name:
+        return "btadapter"
+    if name.startswith("vision_model.post_layernorm") or name.startswith(("qformer.", "query_tokens")):
+        return "qformer"  # ln_vision sits with the Q-Former in the original's recipe
+    if name.startswith("vision_model."):
+        return "vision"
+    if name.startswith("language_projection"):
+        return "projection"
+    if name.startswith("global_"):
+        return "global_local"
+    if name.startswith("mvm_decoder"):
+        return "mvm_decoder"
+    if name.startswith("language_model"):
+        return "llm"
+    raise ValueError(f"parameter {name} belongs to no freeze group")
+
+
+def apply_freeze(model: torch.nn.Module, freeze: Sequence[str], lora: bool = False) -> dict[str, int]:
+    """requires_grad per group (with LoRA only the adapters of the LLM train); returns the trainable parameter
+    count per group."""
+    trainable: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        group = group_of(name.replace("base_model.model.", ""))
+        p.requires_grad_("lora_" in name if lora and group == "llm" else group not in freeze)
+        if p.requires_grad:
+            trainable[group] = trainable.get(group, 0) + p.numel()
+    return trainable
+
+
+def merge_lora(module: torch.nn.Module) -> int:
+    """Fold every LoRA adapter into its base layer and put the base layer back: the plain model's keys."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, child in list(module.named_modules()):
+        if isinstance(child, LoraLayer) and name:
+            child.merge()
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, child.get_base_layer())
+            merged += 1
+    return merged
+
+
+def _device_dtype(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if config.device == "auto" else config.device))
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+    return device, dtype
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, samples: Sequence[Sample]):
+        if not samples:
+            raise ValueError("no training samples (every sample failed to decode, or the manifest is empty)")
+        self.config = config
+        self.samples = list(samples)
+        self.out = Path(config.output)
+        self.device, self.dtype = _device_dtype(config)
+        self.processor = STLLMProcessor.from_pretrained(config.model)
+        model = STLLMForConditionalGeneration.from_pretrained(config.model, dtype=self.dtype)
+        if config.lora.enabled:  # adapters injected in place: the model keeps its layout (and its maths)
+            from peft import LoraConfig as PeftLora
+            from peft import inject_adapter_in_model
+
+            lc = config.lora
+            inject_adapter_in_model(PeftLora(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                             target_modules=lc.target_modules), model.language_model)
+        self.model = model.to(self.device)
+        self.trainable = apply_freeze(self.model, config.freeze, lora=config.lora.enabled)
+        if config.grad_checkpointing:
+            self.model.language_model.gradient_checkpointing_enable()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"freeze={config.freeze} leaves nothing to train")
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        per_step = config.batch_size * config.grad_accum
+        self.steps_per_epoch = max(1, len(self.samples) // per_step)
+        self.total_steps = config.max_steps or max(1, math.ceil(config.epochs * self.steps_per_epoch))
+        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+        warmup = int(config.warmup_ratio * self.total_steps)
+        self.scheduler = (get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+                          if config.lr_schedule == "cosine" else
+                          get_constant_schedule_with_warmup(self.optimizer, warmup))
+        self.step = 0
+
+    # ---- data ------------------------------------------------------------------------------------------
+
+    def _batch_indices(self, step: int, micro: int) -> list[int]:
+        """The samples of micro-batch `micro` of optimizer step `step` (0-based): epochs are seeded permutations."""
+        per_step = self.config.batch_size * self.config.grad_accum
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.samples))
+        start = within * per_step + micro * self.config.batch_size
+        return [int(order[(start + i) % len(order)]) for i in range(self.config.batch_size)]
+
+    def _pixel_values(self, sample: Sample, rng: np.random.Generator) -> torch.Tensor:
+        cfg, size = self.config, self.model.config.image_size
+        if cfg.frame_sampling == "rand" or cfg.crop_scale is not None:
+            frames = augment_clip(sample.frames, self.model.config.num_frames, size, rng, cfg.crop_scale)
+        else:
+            frames = torch.from_numpy(resize_crop(self.processor.sample(sample.frames), size))
+        return normalize_frames(frames, self.processor.pixel_mean, self.processor.pixel_std)
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        ids = self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"][: self.config.answer_max_tokens]
+        return ids + [self.processor.tokenizer.eos_token_id]
+
+    # ---- loop ------------------------------------------------------------------------------------------
+
+    def _micro_step(self, indices: list[int], rng: np.random.Generator, generator: torch.Generator) -> Any:
+        cfg = self.config
+        tokens, prompts, answers = [], [], []
+        for i in indices:
+            s = self.samples[i]
+            q_text = f"{cfg.instruction} {s.question}".strip()  # what the Q-Former reads
+            q_ids, q_mask = self.processor.qformer_inputs(q_text)
+            pv = self._pixel_values(s, rng).to(self.device, self.dtype)
+            tokens.append(self.model.embed_video(pv, q_ids.to(self.device), q_mask.to(self.device)))
+            prompts.append(self.processor.prompt_ids(q_text, TRAIN_PROMPT))
+            answers.append(self._answer_ids(s.answer))
+        ratio = (cfg.mask_ratio if cfg.masking else 0.0)
+        return training_loss(self.model, torch.stack(tokens), prompts, answers, mask_ratio=ratio,
+                             generator=generator, mvm=cfg.masking)
+
+    def train(self, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+        """Run to `total_steps` (from the latest checkpoint with `resume`); `stop_after` ends early after that
+        many steps of this call (a run that is cut off). Returns the final metrics."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._load_latest()
+        (self.out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+        self.model.train()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        done_here, window, t_window = 0, [], time.perf_counter()
+        last: dict[str, Any] = {}
+        while self.step < self.total_steps and (stop_after is None or done_here < stop_after):
+            rng = np.random.default_rng([cfg.seed, 1, self.step])
+            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            torch.manual_seed(int(rng.integers(2**62)))  # dropout, if any
+            self.optimizer.zero_grad(set_to_none=True)
+            parts = []
+            for micro in range(cfg.grad_accum):
+                out = self._micro_step(self._batch_indices(self.step, micro), rng, generator)
+                (out.loss / cfg.grad_accum).backward()
+                parts.append(out)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               cfg.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            done_here += 1
+            loss = sum(p.loss.item() for p in parts) / len(parts)
+            lm = sum(p.lm_loss.item() for p in parts) / len(parts)
+            mvm = [p.mvm_loss.item() for p in parts if p.mvm_loss is not None]
+            window.append(loss)
+            last = {"step": self.step, "loss": round(loss, 6), "lm_loss": round(lm, 6),
+                    "mvm_loss": round(sum(mvm) / len(mvm), 6) if mvm else None, "lr": lr,
+                    "mask_ratio": round(parts[-1].mask_ratio, 4)}
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - t_window
+                last["samples_per_s"] = round(len(window) * cfg.batch_size * cfg.grad_accum / max(elapsed, 1e-9), 2)
+                window, t_window = [], time.perf_counter()
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(last) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **(
+                    {"samples/s": last["samples_per_s"]} if "samples_per_s" in last else {}))
+            if self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self._save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if self.step >= self.total_steps:
+            self.save_model(self.out / "final")
+        else:
+            self._save_checkpoint()
+        return last
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+
+    def _save_checkpoint(self) -> Path:
+        folder = self.out / f"checkpoint-{self.step:07d}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save({"model": {k: v for k, v in self.model.state_dict().items()},
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "step": self.step}, tmp / "state.pt")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)  # a checkpoint is whole or absent
+        for old in sorted(self.out.glob("checkpoint-*[0-9]"))[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def _load_latest(self) -> None:
+        found = sorted(self.out.glob("checkpoint-*[0-9]"))
+        if not found:
+            raise ValueError(f"--resume: no checkpoint in {self.out}")
+        state = torch.load(found[-1] / "state.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():  # drop what was logged after that checkpoint (the run went on, then died)
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    def save_model(self, dst: Path) -> Path:
+        """The trained model in the project's format (LoRA merged): loads in the hf and vLLM engines."""
+        model = self.model
+        if self.config.lora.enabled:
+            merge_lora(model.language_model)
+        model.save_pretrained(dst)
+        self.processor.save_pretrained(dst)
+        write_weights_hash(dst)
+        return dst
+
+
+__all__ = ["Sample", "TRAIN_PROMPT", "Trainer", "apply_freeze", "group_of", "merge_lora"]
