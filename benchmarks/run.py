@@ -26,6 +26,7 @@ SUITES = {
     "feeding": ("benchmarks.feeding", "bench_feeding"),
     "segments": ("benchmarks.segments", "bench_segments"),
     "segment_linearity": ("benchmarks.segments", "bench_segment_linearity"),
+    "training": ("benchmarks.training", "bench_training"),
 }
 
 

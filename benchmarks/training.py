@@ -1,0 +1,35 @@
+"""train_samples_per_s: `stllm-index train`'s throughput on this machine — the tiny model (residual mode, 8
+frames) on 64×64 synthetic-world clips, the recipe's defaults (masking + MVM, 'rand' frames + crops), batch 8,
+30 steps after 5 warm-up steps. No goal is set (the issue asks for the figure)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import Result
+
+
+def bench_training(steps: int = 30, batch_size: int = 8) -> list[Result]:
+    from pipeline.paths import ensure_tiny_model
+    from pipeline.train import load_samples, load_train_config
+    from pipeline.world import synth
+    from stllm.training.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        synth(tmp / "world", 32, seed=0, splits=["train"])
+        config = load_train_config(None, [f"model={ensure_tiny_model()}", f"manifest={tmp / 'world'}",
+                                          f"output={tmp / 'out'}", f"batch_size={batch_size}", "lr=1e-3",
+                                          f"max_steps={steps + 5}", "save_every=1000", "log_every=1000"])
+        samples, _ = load_samples(config)
+        trainer = Trainer(config, samples)
+        trainer.train(stop_after=5, progress=False)  # warm-up (kernels, allocator)
+        t0 = time.perf_counter()
+        trainer.train(stop_after=steps, progress=False)
+        wall = time.perf_counter() - t0
+    return [Result("train_samples_per_s", steps * batch_size / wall, ">= 0", unit="samples/s", detail={
+        "steps": steps, "batch_size": batch_size, "frames": trainer.model.config.num_frames,
+        "video_input": trainer.model.config.video_input, "s_per_step": round(wall / steps, 3),
+        "trainable_params": sum(trainer.trainable.values()), "note": "no goal set by the issue"})]
