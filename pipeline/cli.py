@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval, prompt="qa", max_new_tokens=24)
 
     t = sub.add_parser("train", help="fine-tune a checkpoint on a manifest (the original's recipe by default)")
-    t.add_argument("config", nargs="?", default=None, help="training config YAML (see jobs/train-world.yaml)")
+    t.add_argument("config", nargs="?", default=None, help="training config YAML (see jobs/training/world.yaml)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. lr=1e-4")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output")
     t.add_argument("--no-progress", action="store_true")

@@ -35,10 +35,17 @@ def load_train_config(path: str | os.PathLike | None, overrides: Sequence[str] =
             raise JobError(f"{path}: a training config must be a YAML mapping")
     data = apply_overrides(data, overrides)
     try:
-        return TrainConfig.model_validate(data)
+        config = TrainConfig.model_validate(data)
     except ValidationError as e:
         raise JobError("\n".join(f"{'.'.join(str(x) for x in err['loc']) or '(config)'}: {err['msg']}"
                                  for err in e.errors())) from None
+    if config.model == "tiny":  # the demo's tiny model (random weights): to try the loop anywhere
+        from pipeline.paths import ensure_tiny_model
+
+        config.model = str(ensure_tiny_model())
+    for name in ("model", "manifest", "output"):
+        setattr(config, name, os.path.expanduser(getattr(config, name)))
+    return config
 
 
 def load_samples(config, timeout_s: float = 120.0) -> tuple[list[Any], list[dict[str, str]]]:

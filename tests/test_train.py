@@ -148,3 +148,11 @@ def test_lora_trains_adapters_only_and_merges_into_the_plain_layout(tiny_dir, wo
     k = "language_model.model.layers.0.self_attn.k_proj.weight"
     assert not torch.equal(tuned[q], base[q]) and torch.equal(tuned[k], base[k])  # merged where adapted only
     HFEngine.from_pretrained(str(out / "final"), dtype="float32", device="cpu")
+
+
+def test_the_example_config_parses() -> None:
+    from pathlib import Path
+
+    config = load_train_config(Path(__file__).parent.parent / "jobs" / "training" / "world.yaml", ["max_steps=5"])
+    assert Path(config.model, "config.json").is_file()  # `tiny`: the demo's model, built when missing
+    assert config.freeze == ["vision", "qformer"] and config.masking and config.max_steps == 5

@@ -32,7 +32,7 @@ class LoraConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    model: str = Field(description="the checkpoint folder to start from (project format)")
+    model: str = Field(description="the checkpoint folder to start from (project format; `tiny`: the demo's)")
     manifest: str = Field(description="training manifest: parquet or jsonl with uri, question, answer")
     output: str = Field(description="folder for checkpoints, metrics.jsonl and the final model")
     split: str | None = Field(default="train", description="use manifest rows of this split (null: all rows)")
