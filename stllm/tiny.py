@@ -44,9 +44,14 @@ def train_tiny_sentencepiece(vocab_size: int = 400) -> bytes:
     return train_sentencepiece(_CORPUS * 3, vocab_size)
 
 
-def tiny_config(vocab_size: int, video_input: str = "residual", btadapter_depth: int = 0, **overrides) -> STLLMConfig:
+def tiny_config(vocab_size: int, video_input: str = "residual", btadapter_depth: int = 0, image_size: int = 224,
+                patch_size: int = 14, **overrides) -> STLLMConfig:
+    """The tiny architecture; `image_size`/`patch_size` set the ViT's input and the processor's together (small
+    frames, e.g. 64×64 patch 8, for a model trained on the synthetic world)."""
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
     vision = dict(hidden_size=176, intermediate_size=352, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=224, patch_size=14, layer_norm_eps=1e-6, initializer_range=0.02)
+                  image_size=image_size, patch_size=patch_size, layer_norm_eps=1e-6, initializer_range=0.02)
     qformer = dict(vocab_size=30523, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                    intermediate_size=256, cross_attention_frequency=2, max_position_embeddings=512)
     text = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -54,7 +59,7 @@ def tiny_config(vocab_size: int, video_input: str = "residual", btadapter_depth:
                 bos_token_id=2, eos_token_id=2, pad_token_id=vocab_size - 1, tie_word_embeddings=False)
     kwargs = dict(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=32,
                   video_input=video_input, residual_size=4, residual_hidden_size=32, num_frames=8,
-                  btadapter_depth=btadapter_depth, btadapter_max_frames=64)
+                  btadapter_depth=btadapter_depth, btadapter_max_frames=64, image_size=image_size)
     kwargs.update(overrides)
     return STLLMConfig(**kwargs)
 

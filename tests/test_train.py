@@ -156,3 +156,27 @@ def test_the_example_config_parses() -> None:
     config = load_train_config(Path(__file__).parent.parent / "jobs" / "training" / "world.yaml", ["max_steps=5"])
     assert Path(config.model, "config.json").is_file()  # `tiny`: the demo's model, built when missing
     assert config.freeze == ["vision", "qformer"] and config.masking and config.max_steps == 5
+
+
+def test_a_small_frame_tiny_model_builds_trains_and_answers(tmp_path) -> None:
+    """64×64 frames with 8-pixel patches (the world's own size): ViT and processor agree, the loop runs."""
+    from pipeline.world import synth
+    from stllm.engine import GenerationOptions, VideoRequest
+    from stllm.hf_engine import HFEngine
+    from stllm.tiny import build_tiny
+
+    small = build_tiny(tmp_path / "small", image_size=64, patch_size=8)
+    world = synth(tmp_path / "w", 2, splits=["train"])["manifest"]
+    config = load_train_config(None, [f"model={small}", f"manifest={world}", f"output={tmp_path / 'out'}",
+                                      "max_steps=2", "batch_size=2"])
+    samples, _ = load_samples(config)
+    assert samples[0].frames.shape[1:] == (64, 64, 3)  # decoded at the model's size, not 224
+    Trainer(config, samples).train(progress=False)
+    engine = HFEngine.from_pretrained(str(tmp_path / "out" / "final"), dtype="float32", device="cpu")
+    [res] = engine.generate([VideoRequest("v", samples[0].frames[:8], ["What shape is the object?"], sampled=True)],
+                            GenerationOptions(max_new_tokens=3))
+    assert res.ok
+    from stllm.tiny import tiny_config
+
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        tiny_config(400, image_size=60, patch_size=8)
