@@ -84,6 +84,8 @@ def _stage_on_decoded(clips: Path, out: Path, in_flight: int, batch_size: int, m
 def _half_rates(completed: list[list[float]]) -> tuple[float, float]:
     """videos/s over the first and the second half of a run, from [seconds since the first submit, videos] per
     completed batch."""
+    if len(completed) < 2:
+        raise RuntimeError(f"too few completed batches for a rate: {completed}")
     done, total = 0, sum(n for _, n in completed)
     for t, n in sorted(completed):
         done += n
@@ -91,7 +93,7 @@ def _half_rates(completed: list[list[float]]) -> tuple[float, float]:
             half_t, half = t, done
             break
     end = max(t for t, _ in completed)
-    return half / half_t, (total - half) / (end - half_t)
+    return half / half_t, (total - half) / max(end - half_t, 1e-9)
 
 
 def _engine_alone(clips: Path, n: int, max_seqs: int) -> tuple[float, float]:

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
@@ -19,8 +19,12 @@ from pydantic import ValidationError
 from pipeline.jobs import JobError, apply_overrides
 from pipeline.world import read_manifest
 
+if TYPE_CHECKING:
+    from stllm.training.config import TrainConfig
+    from stllm.training.trainer import Sample
 
-def load_train_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()):
+
+def load_train_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainConfig:
     from stllm.training.config import TrainConfig
 
     data: dict[str, Any] = {}
@@ -48,7 +52,7 @@ def load_train_config(path: str | os.PathLike | None, overrides: Sequence[str] =
     return config
 
 
-def load_samples(config, timeout_s: float = 120.0) -> tuple[list[Any], list[dict[str, str]]]:
+def load_samples(config: TrainConfig, timeout_s: float = 120.0) -> tuple[list[Sample], list[dict[str, str]]]:
     """(samples, skipped clips) of the manifest rows of `config.split`."""
     from pipeline.decode import DecodeError, decode_video
     from pipeline.io.fetch import FetchError, fetched
@@ -76,7 +80,7 @@ def load_samples(config, timeout_s: float = 120.0) -> tuple[list[Any], list[dict
     return samples, skipped
 
 
-def train(config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     from stllm.training.trainer import Trainer
 
     samples, skipped = load_samples(config)

@@ -44,6 +44,9 @@ def synth(out: str | os.PathLike, n: int, seed: int = 0, splits: Sequence[Split]
             raise ValueError(f"split must be one of {SPLITS}, got {s!r}")
     if size % 2:
         raise ValueError(f"size must be even (yuv420p), got {size}")
+    codecs = [c for c in codecs if _encodable(c)]  # a PyAV build without an encoder uses the others
+    if not codecs:
+        raise ValueError("none of the codecs can be encoded by this PyAV build")
     out = Path(out)
     rows: list[dict[str, Any]] = []
     scenes: list[dict[str, Any]] = []
@@ -78,6 +81,16 @@ def synth(out: str | os.PathLike, n: int, seed: int = 0, splits: Sequence[Split]
     return {"clips": dict(counts), "rows": len(rows), "manifest": str(out / "manifest.parquet")}
 
 
+def _encodable(codec: Codec) -> bool:
+    from pipeline.demo_clips import available_encoder
+
+    try:
+        available_encoder(codec)
+        return True
+    except RuntimeError:
+        return False
+
+
 def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     """A training/eval manifest (Parquet or JSONL) as rows."""
     path = Path(path)
@@ -94,7 +107,8 @@ def evaluate(model_dir: str, manifest: str | os.PathLike, *, engine: str = "hf",
              answers_out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Grade a model on a manifest's clips: accuracy per split and question type (rows without `qtype` are
     graded as 'caption' when their question is the caption prompt, else as 'answer')."""
-    from pipeline.decode import DecodeError, decode_video
+    from pipeline.decode import decode_video
+    from pipeline.io.fetch import fetched
     from stllm.configuration_stllm import STLLMConfig
     from stllm.engine import GenerationOptions, VideoRequest
     from stllm.engines import load_engine
@@ -104,16 +118,20 @@ def evaluate(model_dir: str, manifest: str | os.PathLike, *, engine: str = "hf",
     by_clip: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_clip[r["uri"]].append(r)
-    clips = sorted(by_clip)[:limit] if limit else sorted(by_clip)
+    per_split: dict[str, list[str]] = defaultdict(list)
+    for uri in sorted(by_clip):
+        per_split[by_clip[uri][0].get("split") or "all"].append(uri)
+    clips = [u for split in sorted(per_split) for u in per_split[split][:limit]]  # `limit` clips per split
     config = STLLMConfig.from_pretrained(model_dir)
     options = options or GenerationOptions(max_new_tokens=24, prompt=prompt_format("qa"))
     requests, skipped = [], []
     for uri in clips:
         try:
-            video = decode_video(uri, num_frames=config.num_frames, size=config.image_size,
-                                 sampling=config.frame_sampling)
-        except DecodeError as e:
-            skipped.append({"uri": uri, "error": str(e)})
+            with fetched(uri, None) as path:
+                video = decode_video(path, num_frames=config.num_frames, size=config.image_size,
+                                     sampling=config.frame_sampling)
+        except Exception as e:  # noqa: BLE001 — a clip that cannot be read is listed, the others graded
+            skipped.append({"uri": uri, "error": f"{type(e).__name__}: {e}"})
             continue
         requests.append(VideoRequest(uri, video.frames, [r["question"] for r in by_clip[uri]], sampled=True))
     model = load_engine(engine, model_dir, dtype=dtype, device=device)
@@ -124,11 +142,13 @@ def evaluate(model_dir: str, manifest: str | os.PathLike, *, engine: str = "hf",
     reports: dict[str, Report] = defaultdict(Report)
     graded = []
     for req, res in zip(requests, results, strict=True):
-        for r, a in zip(by_clip[req.video_id], res.answers, strict=False):
+        texts = [a.text for a in res.answers] if res.ok else []
+        for qi, r in enumerate(by_clip[req.video_id]):
             qtype = r.get("qtype") or ("caption" if r["question"] == CAPTION_PROMPT else "answer")
-            ok = reports[r.get("split") or "all"].add(qtype, a.text, r["answer"])
+            answer = texts[qi] if qi < len(texts) else ""  # a failed request's questions count as wrong
+            ok = reports[r.get("split") or "all"].add(qtype, answer, r["answer"])
             graded.append({"uri": req.video_id, "split": r.get("split"), "qtype": qtype, "question": r["question"],
-                           "truth": r["answer"], "answer": a.text, "right": ok})
+                           "truth": r["answer"], "answer": answer, "right": ok, "error": res.error})
     if answers_out:
         with open(answers_out, "w") as f:
             for g in graded:

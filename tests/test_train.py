@@ -180,3 +180,16 @@ def test_a_small_frame_tiny_model_builds_trains_and_answers(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="multiple of patch_size"):
         tiny_config(400, image_size=60, patch_size=8)
+
+
+def test_a_fresh_run_refuses_an_output_holding_another_run(tiny_dir, world, tmp_path) -> None:
+    out = tmp_path / "out"
+    config = _config(tiny_dir, world, out, "max_steps=1")
+    samples, _ = load_samples(config)
+    Trainer(config, samples).train(progress=False)
+    with pytest.raises(ValueError, match="earlier run"):
+        Trainer(config, samples).train(progress=False)
+    other = _config(tiny_dir, world, tmp_path / "o2", "max_steps=4", "save_every=2")
+    Trainer(other, samples).train(stop_after=2, progress=False)
+    with pytest.raises(ValueError, match="data order would differ"):
+        Trainer(_config(tiny_dir, world, tmp_path / "o2", "max_steps=4", "batch_size=2"), samples).train(resume=True)

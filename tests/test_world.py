@@ -109,3 +109,8 @@ def test_eval_grades_a_real_model_on_every_question(tmp_path, tiny_dir) -> None:
         (s, q) for s in ("heldout", "unseen") for q in ("caption", "colour", "shape", "direction", "size")}
     for g in graded:
         assert g["right"] == answer_is_right(g["qtype"], g["answer"], g["truth"])
+
+
+def test_multi_word_truths_are_graded_by_their_words() -> None:
+    assert answer_is_right("answer", "A red car, parked.", "a red car")
+    assert not answer_is_right("answer", "a red", "a red car")

@@ -433,7 +433,9 @@ def decode_inline(data: Source, num_frames: int, size: int | None, decoder: Deco
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     progress("probe")
-    # The probe (PyAV reads the headers, ~1-2 ms) runs on the resize pool while decord opens the file.
+    # The probe (PyAV reads the headers, ~1-2 ms) runs on the resize pool while decord opens the file; decord
+    # reads no frame before the probe accepted the file (an open that crashes decord on garbage would kill
+    # the worker: reported as a worker DecodeError, the job goes on).
     probing = _resize_pool().submit(probe, data)
     used, first_error = decoder, None
     result = None

@@ -40,9 +40,12 @@ def crop_box(height: int, width: int, scale: tuple[float, float], rng: np.random
 
 
 def augment_clip(frames: np.ndarray, num_frames: int, size: int, rng: np.random.Generator,
-                 scale: tuple[float, float] | None = (0.5, 1.0)) -> torch.Tensor:
-    """Decoded uint8 (N, H, W, 3) → 'rand'-sampled, cropped, resized uint8 (T, size, size, 3)."""
-    picked = torch.from_numpy(np.ascontiguousarray(frames[rand_indices(len(frames), num_frames, rng)]))
+                 scale: tuple[float, float] | None = (0.5, 1.0), indices: list[int] | None = None) -> torch.Tensor:
+    """Decoded uint8 (N, H, W, 3) → 'rand'-sampled (or the given `indices`), cropped, resized uint8
+    (T, size, size, 3)."""
+    if indices is None:
+        indices = rand_indices(len(frames), num_frames, rng)
+    picked = torch.from_numpy(np.ascontiguousarray(frames[indices]))
     x = picked.permute(0, 3, 1, 2).float()  # (T, 3, H, W)
     h, w = x.shape[-2:]
     if scale is not None:

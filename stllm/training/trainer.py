@@ -30,7 +30,16 @@ from stllm.training.config import TrainConfig
 from stllm.training.objective import training_loss
 from stllm.transforms import resize_crop
 
-TRAIN_PROMPT = prompt_format("qa")  # the original trains without system text: "###Human: … ###Assistant: "
+TRAIN_PROMPT = prompt_format("qa")
+_ORDER_STREAM, _STEP_STREAM = 11, 13  # distinct tags: numpy's seed sequences ignore trailing zeros
+
+
+def _logged_step(line: str) -> int:
+    """A metrics line's step; a half-written last line (the run was killed mid-write) counts as after all."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # the original trains without system text: "###Human: … ###Assistant: "
 
 
 @dataclass
@@ -107,7 +116,9 @@ class Trainer:
         self.out = Path(config.output)
         self.device, self.dtype = _device_dtype(config)
         self.processor = STLLMProcessor.from_pretrained(config.model)
-        model = STLLMForConditionalGeneration.from_pretrained(config.model, dtype=self.dtype)
+        # fp32 master weights (and optimizer state); bf16 only inside autocast, as the HF Trainer's bf16=True:
+        # in pure bf16 an lr-2e-5 update is below the weights' resolution and rounds away.
+        model = STLLMForConditionalGeneration.from_pretrained(config.model, dtype=torch.float32)
         if config.lora.enabled:  # adapters injected in place: the model keeps its layout (and its maths)
             from peft import LoraConfig as PeftLora
             from peft import inject_adapter_in_model
@@ -133,6 +144,8 @@ class Trainer:
                           if config.lr_schedule == "cosine" else
                           get_constant_schedule_with_warmup(self.optimizer, warmup))
         self.step = 0
+        self._saved_step = -1
+        self._started = False
 
     # ---- data ------------------------------------------------------------------------------------------
 
@@ -140,14 +153,15 @@ class Trainer:
         """The samples of micro-batch `micro` of optimizer step `step` (0-based): epochs are seeded permutations."""
         per_step = self.config.batch_size * self.config.grad_accum
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.samples))
+        order = np.random.default_rng([self.config.seed, _ORDER_STREAM, epoch]).permutation(len(self.samples))
         start = within * per_step + micro * self.config.batch_size
         return [int(order[(start + i) % len(order)]) for i in range(self.config.batch_size)]
 
     def _pixel_values(self, sample: Sample, rng: np.random.Generator) -> torch.Tensor:
         cfg, size = self.config, self.model.config.image_size
         if cfg.frame_sampling == "rand" or cfg.crop_scale is not None:
-            frames = augment_clip(sample.frames, self.model.config.num_frames, size, rng, cfg.crop_scale)
+            indices = None if cfg.frame_sampling == "rand" else self.processor.sample_indices(len(sample.frames))
+            frames = augment_clip(sample.frames, self.model.config.num_frames, size, rng, cfg.crop_scale, indices)
         else:
             frames = torch.from_numpy(resize_crop(self.processor.sample(sample.frames), size))
         return normalize_frames(frames, self.processor.pixel_mean, self.processor.pixel_std)
@@ -165,7 +179,7 @@ class Trainer:
             s = self.samples[i]
             q_text = f"{cfg.instruction} {s.question}".strip()  # what the Q-Former reads
             q_ids, q_mask = self.processor.qformer_inputs(q_text)
-            pv = self._pixel_values(s, rng).to(self.device, self.dtype)
+            pv = self._pixel_values(s, rng).to(self.device)
             tokens.append(self.model.embed_video(pv, q_ids.to(self.device), q_mask.to(self.device)))
             prompts.append(self.processor.prompt_ids(q_text, TRAIN_PROMPT))
             answers.append(self._answer_ids(s.answer))
@@ -180,6 +194,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self._load_latest()
+        elif not self._started and (list(self.out.glob("checkpoint-*")) or (self.out / "metrics.jsonl").exists()):
+            raise ValueError(f"{self.out} holds an earlier run: --resume it, or give another output")
+        self._started = True
         (self.out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
         self.model.train()
         bar = None
@@ -190,13 +207,14 @@ class Trainer:
         done_here, window, t_window = 0, [], time.perf_counter()
         last: dict[str, Any] = {}
         while self.step < self.total_steps and (stop_after is None or done_here < stop_after):
-            rng = np.random.default_rng([cfg.seed, 1, self.step])
+            rng = np.random.default_rng([cfg.seed, _STEP_STREAM, self.step])
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
             torch.manual_seed(int(rng.integers(2**62)))  # dropout, if any
             self.optimizer.zero_grad(set_to_none=True)
             parts = []
             for micro in range(cfg.grad_accum):
-                out = self._micro_step(self._batch_indices(self.step, micro), rng, generator)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+                    out = self._micro_step(self._batch_indices(self.step, micro), rng, generator)
                 (out.loss / cfg.grad_accum).backward()
                 parts.append(out)
             if cfg.max_grad_norm:
@@ -230,7 +248,7 @@ class Trainer:
             bar.close()
         if self.step >= self.total_steps:
             self.save_model(self.out / "final")
-        else:
+        elif self._saved_step != self.step:
             self._save_checkpoint()
         return last
 
@@ -241,11 +259,12 @@ class Trainer:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        torch.save({"model": {k: v for k, v in self.model.state_dict().items()},
-                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step}, tmp / "state.pt")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "step": self.step, "run": self._run_facts()},
+                   tmp / "state.pt")
         shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)  # a checkpoint is whole or absent
+        os.replace(tmp, folder)  # a checkpoint is whole or absent (the older ones stay until it is)
+        self._saved_step = self.step
         for old in sorted(self.out.glob("checkpoint-*[0-9]"))[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return folder
@@ -254,15 +273,23 @@ class Trainer:
         found = sorted(self.out.glob("checkpoint-*[0-9]"))
         if not found:
             raise ValueError(f"--resume: no checkpoint in {self.out}")
-        state = torch.load(found[-1] / "state.pt", map_location=self.device, weights_only=False)
+        state = torch.load(found[-1] / "state.pt", map_location="cpu", weights_only=False)
+        if state.get("run") != self._run_facts():
+            raise ValueError(f"--resume: {found[-1]} was written by a run with {state.get('run')}, this one has "
+                             f"{self._run_facts()}: the data order would differ")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():  # drop what was logged after that checkpoint (the run went on, then died)
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= self.step]
             metrics.write_text("".join(line + "\n" for line in kept))
+
+    def _run_facts(self) -> dict[str, int]:
+        """What fixes the data order and the schedule: a resumed run must have the same."""
+        return {"samples": len(self.samples), "batch_size": self.config.batch_size,
+                "grad_accum": self.config.grad_accum, "total_steps": self.total_steps, "seed": self.config.seed}
 
     def save_model(self, dst: Path) -> Path:
         """The trained model in the project's format (LoRA merged): loads in the hf and vLLM engines."""

@@ -16,13 +16,14 @@ def normalise(text: str) -> str:
 
 
 def answer_is_right(qtype: str, answer: str, truth: str) -> bool:
-    """Captions must match exactly (after `normalise`); a one-word answer counts when its FIRST word is the
-    truth ('left', 'left.', 'Left, slowly' are right; 'it moves left' is not: no credit for listing options)."""
+    """Captions must match exactly (after `normalise`); another answer counts when it STARTS with the truth's
+    words ('left', 'left.', 'Left, slowly' are right for 'left'; 'it moves left' is not: no credit for
+    listing options)."""
     got = normalise(answer)
     if qtype == "caption":
         return got == normalise(truth)
-    words = got.split()
-    return bool(words) and words[0] == normalise(truth)
+    want = normalise(truth).split()
+    return bool(want) and got.split()[: len(want)] == want
 
 
 @dataclass
