@@ -92,7 +92,7 @@ def test_every_codec_decodes_the_right_frames(video_fixtures, codec: str) -> Non
 
 
 def test_keyframe_runs_cut_only_between_gops() -> None:
-    from pipeline.decode.decoders import keyframe_runs
+    from pipeline.decode.decord_runs import keyframe_runs
 
     wanted = list(range(1, 200, 8))  # decoding ~200 frames, resizing 25 (≈ 100 frames' worth)
     runs = keyframe_runs(wanted, [0, 50, 100, 150], parts=2)
@@ -117,7 +117,7 @@ def test_runs_decoded_side_by_side_give_the_same_frames(tmp_path, monkeypatch) -
     assert len(decord.VideoReader(str(path)).get_key_indices()) >= 10
     monkeypatch.setattr(decoders, "_PARTS", 2)
     calls: list[int] = []
-    monkeypatch.setattr(decoders, "_read_runs", lambda *a, _f=decoders._read_runs: (calls.append(len(a[2])), _f(*a)))
+    monkeypatch.setattr(decoders, "read_runs", lambda *a, _f=decoders.read_runs: (calls.append(len(a[2])), _f(*a)))
     split = decode_video_inline(path.read_bytes(), 16, size=32)
     assert calls == [2]
     monkeypatch.setattr(decoders, "_PARTS", 1)

@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.decode.decoders import DecodeError, FrameCollector, Source, open_source, probe, short_message
+from pipeline.decode.decoders import probe
+from pipeline.decode.frames import DecodeError, FrameCollector, Source, open_source, short_message
 from stllm.frame_sampling import FrameSampling, frame_indices
 
 SegmentMode = Literal["whole", "fixed", "shots"]

@@ -25,15 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.decode.decoders import (
-    DecodedVideo,
-    DecodeError,
-    Decoder,
-    DecodeTimeout,
-    Source,
-    decode_inline,
-    short_message,
-)
+from pipeline.decode.decoders import DecodedVideo, Decoder, decode_inline
+from pipeline.decode.frames import DecodeError, DecodeTimeout, Source, short_message
 from stllm.frame_sampling import FrameSampling
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root

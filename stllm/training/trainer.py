@@ -28,7 +28,6 @@ from stllm.prompts import prompt_format
 from stllm.training.augment import augment_clip
 from stllm.training.config import TrainConfig
 from stllm.training.objective import training_loss
-from stllm.transforms import resize_crop
 
 TRAIN_PROMPT = prompt_format("qa")
 _ORDER_STREAM, _STEP_STREAM = 11, 13  # distinct tags: numpy's seed sequences ignore trailing zeros
@@ -159,11 +158,10 @@ class Trainer:
 
     def _pixel_values(self, sample: Sample, rng: np.random.Generator) -> torch.Tensor:
         cfg, size = self.config, self.model.config.image_size
-        if cfg.frame_sampling == "rand" or cfg.crop_scale is not None:
-            indices = None if cfg.frame_sampling == "rand" else self.processor.sample_indices(len(sample.frames))
-            frames = augment_clip(sample.frames, self.model.config.num_frames, size, rng, cfg.crop_scale, indices)
-        else:
-            frames = torch.from_numpy(resize_crop(self.processor.sample(sample.frames), size))
+        if cfg.frame_sampling == "original" and cfg.crop_scale is None:  # the evaluation path, exactly
+            return self.processor.pixel_values(self.processor.sample(sample.frames))
+        indices = None if cfg.frame_sampling == "rand" else self.processor.sample_indices(len(sample.frames))
+        frames = augment_clip(sample.frames, self.model.config.num_frames, size, rng, cfg.crop_scale, indices)
         return normalize_frames(frames, self.processor.pixel_mean, self.processor.pixel_std)
 
     def _answer_ids(self, answer: str) -> list[int]:
