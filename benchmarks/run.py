@@ -27,6 +27,7 @@ SUITES = {
     "segments": ("benchmarks.segments", "bench_segments"),
     "segment_linearity": ("benchmarks.segments", "bench_segment_linearity"),
     "training": ("benchmarks.training", "bench_training"),
+    "world": ("benchmarks.world", "bench_world"),
 }
 
 

@@ -8,10 +8,11 @@
   stllm-index similar INDEX VIDEO    visually similar videos (exact copies left out)
   stllm-index export INDEX --to DIR  a curated subset as a fine-tuning manifest (parquet, jsonl, webdataset)
   stllm-index serve INDEX            a read-only web page to search and browse an index
-  stllm-index demo                   the offline demo: tiny random model, generated clips, CPU
+  stllm-index demo                   the offline demo: the shipped world model on synthetic clips, CPU
   stllm-index synth OUT --n N        synthetic-world clips with their truth (manifest.parquet/.jsonl)
   stllm-index eval MODEL MANIFEST    a model's accuracy per split and question type on such clips
   stllm-index train CONFIG.yaml      fine-tune with the original's recipe (masking + MVM) on a manifest
+  stllm-index demo-model             rebuild the shipped world model from scratch (make demo-model)
 """
 
 from __future__ import annotations
@@ -86,14 +87,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from pipeline.decode import DecodeError, decode_video
-    from pipeline.paths import ensure_tiny_model
+    from pipeline.paths import ensure_tiny_model, resolve_model_path
     from stllm.configuration_stllm import STLLMConfig
     from stllm.engine import VideoRequest
     from stllm.engines import load_engine
 
     t0 = time.perf_counter()
     options = _generation_options(args)  # bad flags fail before anything loads
-    model_dir = Path(args.model) if args.model else ensure_tiny_model()
+    model_dir = Path(resolve_model_path(args.model)) if args.model else ensure_tiny_model()
     if not args.model:
         print(f"(no --model given: using the tiny RANDOM demo model at {model_dir}; answers are noise)",
               file=terminal("err"))
@@ -101,8 +102,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     sampling = args.frame_sampling or config.frame_sampling
     try:  # the video first: a bad file fails before the engine starts
         data = Path(args.video).read_bytes()
-        video = decode_video(data, num_frames=args.frames or config.num_frames, timeout_s=args.decode_timeout,
-                             sampling=sampling)
+        video = decode_video(data, num_frames=args.frames or config.num_frames, size=config.image_size,
+                             timeout_s=args.decode_timeout, sampling=sampling)
     except OSError as e:
         raise ValueError(f"cannot read {args.video}: {e.strerror or e}") from None
     except DecodeError as e:
@@ -137,6 +138,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
     return run_demo(workdir=Path(args.workdir) if args.workdir else None)
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from pipeline.paths import world_model_dir
+    from pipeline.world_model import WorldRecipe, build_demo_model
+
+    t0 = time.perf_counter()
+    recipe = WorldRecipe(video_input=args.video_input, stage2_overrides=args.set or [])
+    dst = Path(args.out) if args.out else world_model_dir()
+    report = build_demo_model(args.workdir, dst, recipe, progress=not args.no_progress, stage1=args.stage1)
+    out = terminal()
+    print(f"model: {dst} ({time.perf_counter() - t0:.0f}s: {json.dumps(report['times'])})", file=out)
+    for split, rep in report["eval"].items():
+        cells = "  ".join(f"{q} {acc:.2f}" for q, acc in rep["accuracy"].items())
+        print(f"  {split:8s} {cells}", file=out)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -238,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer one question about one video")
     a.add_argument("video")
     a.add_argument("question")
-    a.add_argument("--model", help="converted checkpoint folder (default: the tiny random demo model)")
+    a.add_argument("--model", help="converted checkpoint folder, or 'world' (the shipped synthetic-world model); "
+                                   "default: the tiny random demo model")
     a.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     a.add_argument("--frames", type=int, default=None, help="frames to sample (default: the model's)")
     a.add_argument("--frame-sampling", choices=["original", "midpoint"], default=None,
@@ -300,7 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="offline demo on generated clips with the tiny random model")
+    dm = sub.add_parser("demo-model", help="rebuild the shipped synthetic-world model from scratch (make demo-model)")
+    dm.add_argument("--workdir", default="runs/demo-model", help="clips, stage folders and logs")
+    dm.add_argument("--out", default=None, help="where the model goes (default: the shipped stllm/world/demo_model)")
+    dm.add_argument("--video-input", choices=["all", "mean", "residual"], default="residual")
+    dm.add_argument("--stage1", default=None, help="reuse this pretrained vision tower instead of stage 1")
+    dm.add_argument("--set", action="append", metavar="KEY=VALUE", help="stage-2 (world.yaml) override")
+    dm.add_argument("--no-progress", action="store_true")
+    dm.set_defaults(func=cmd_demo_model)
+
+    d = sub.add_parser("demo", help="offline demo: synthetic-world clips indexed with the shipped world model")
     d.add_argument("--workdir", default=None)
     d.set_defaults(func=cmd_demo)
     return p

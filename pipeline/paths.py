@@ -46,8 +46,18 @@ def ensure_tiny_model(path: Path | None = None) -> Path:
     return path
 
 
+def world_model_dir() -> Path:
+    """The synthetic world's trained model that ships with the package (`make demo-model` rebuilds it)."""
+    import stllm.world
+
+    return Path(stllm.world.__file__).resolve().parent / "demo_model"
+
+
 def resolve_model_path(path: str) -> str:
-    """`tiny` means the deterministic tiny random demo model, built on first use on each node."""
+    """`tiny` means the deterministic tiny random demo model, built on first use on each node; `world` the
+    shipped synthetic-world model."""
+    if path == "world":
+        return str(world_model_dir())
     return str(ensure_tiny_model()) if path == "tiny" else path
 
 

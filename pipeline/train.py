@@ -43,10 +43,9 @@ def load_train_config(path: str | os.PathLike | None, overrides: Sequence[str] =
     except ValidationError as e:
         raise JobError("\n".join(f"{'.'.join(str(x) for x in err['loc']) or '(config)'}: {err['msg']}"
                                  for err in e.errors())) from None
-    if config.model == "tiny":  # the demo's tiny model (random weights): to try the loop anywhere
-        from pipeline.paths import ensure_tiny_model
+    from pipeline.paths import resolve_model_path
 
-        config.model = str(ensure_tiny_model())
+    config.model = resolve_model_path(config.model)  # tiny: the demo's random model; world: the shipped one
     for name in ("model", "manifest", "output"):
         setattr(config, name, os.path.expanduser(getattr(config, name)))
     return config
@@ -61,7 +60,8 @@ def load_samples(config: TrainConfig, timeout_s: float = 120.0) -> tuple[list[Sa
 
     size = STLLMConfig.from_pretrained(config.model).image_size
     rows = [r for r in read_manifest(config.manifest)
-            if config.split is None or r.get("split") in (None, config.split)]
+            if (config.split is None or r.get("split") in (None, config.split))
+            and (config.qtypes is None or r.get("qtype") in config.qtypes)]
     frames: dict[str, Any] = {}
     skipped: list[dict[str, str]] = []
     samples = []

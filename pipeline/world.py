@@ -35,8 +35,12 @@ for _name in ATTRIBUTES:
 
 
 def synth(out: str | os.PathLike, n: int, seed: int = 0, splits: Sequence[Split] = SPLITS,
-          codecs: Sequence[Codec] = CODECS, n_frames: int = 16, fps: int = 8, size: int = 64) -> dict[str, Any]:
-    """Write `n` clips per split under `out` with their truth; returns {split: clips} and the manifest paths."""
+          codecs: Sequence[Codec] = CODECS, n_frames: int = 16, fps: int = 8, size: int = 64,
+          reversed_pairs: bool = False) -> dict[str, Any]:
+    """Write `n` clips per split under `out` with their truth; returns {split: clips} and the manifest paths.
+    `reversed_pairs`: each `train` scene also as its clip played backwards (`Scene.reversed`, the opposite
+    direction): the two hold the same frames in opposite order, so only temporal order tells them apart — the
+    strongest teacher of the direction question."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     for s in splits:
@@ -51,8 +55,10 @@ def synth(out: str | os.PathLike, n: int, seed: int = 0, splits: Sequence[Split]
     rows: list[dict[str, Any]] = []
     scenes: list[dict[str, Any]] = []
     for split in splits:
-        for i in range(n):
-            scene = sample_scene(seed, split, i, n_frames=n_frames, fps=fps, size=(size, size))
+        drawn = [sample_scene(seed, split, i, n_frames=n_frames, fps=fps, size=(size, size)) for i in range(n)]
+        if reversed_pairs and split == "train":
+            drawn = [s for scene in drawn for s in (scene, scene.reversed())]
+        for i, scene in enumerate(drawn):
             codec = codecs[i % len(codecs)]
             path = (out / "clips" / split / scene.clip_id).with_suffix(_SUFFIX[codec])
             encode_frames(path, codec, render(scene), (size, size), fps)

@@ -122,14 +122,17 @@ class STLLMVisualEncoder:
         qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ViT features (T, 1 + P, C) + the question's Q-Former tokens (Lq,) or (1, Lq) → per-frame tokens
-        (T, Q, D). The question is repeated for every frame, as the original does."""
+        (T, Q, D). The question is repeated for every frame, as the original does; (T, Lq) ids give each frame
+        its own (padded) text — frames of different clips in one forward, as vision pretraining does."""
         t, p = vision_features.shape[:2]
         device = vision_features.device
-        ids = qformer_input_ids.to(device, torch.long).reshape(1, -1).expand(t, -1)
-        if qformer_attention_mask is None:
-            text_mask = torch.ones_like(ids)
-        else:
-            text_mask = qformer_attention_mask.to(device, torch.long).reshape(1, -1).expand(t, -1)
+
+        def per_frame(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device, torch.long)
+            return x if x.ndim == 2 and x.shape[0] == t else x.reshape(1, -1).expand(t, -1)
+
+        ids = per_frame(qformer_input_ids)
+        text_mask = torch.ones_like(ids) if qformer_attention_mask is None else per_frame(qformer_attention_mask)
         queries = self.query_tokens.expand(t, -1, -1)
         mask = torch.cat([torch.ones(t, queries.shape[1], dtype=torch.long, device=device), text_mask], 1)
         out = self.qformer(

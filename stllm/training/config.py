@@ -36,6 +36,8 @@ class TrainConfig(_Strict):
     manifest: str = Field(description="training manifest: parquet or jsonl with uri, question, answer")
     output: str = Field(description="folder for checkpoints, metrics.jsonl and the final model")
     split: str | None = Field(default="train", description="use manifest rows of this split (null: all rows)")
+    qtypes: list[str] | None = Field(default=None, description="use only rows of these question types (the "
+                                     "manifest's qtype column; null: every row)")
     freeze: list[FreezeGroup] = Field(default_factory=lambda: ["vision", "qformer"],
                                       description="parameter groups kept fixed")
     lr: float = Field(default=2e-5, gt=0)

@@ -197,6 +197,7 @@ class Trainer:
         self._started = True
         (self.out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
         self.model.train()
+        self._frozen_modules_eval()
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -249,6 +250,15 @@ class Trainer:
         elif self._saved_step != self.step:
             self._save_checkpoint()
         return last
+
+    def _frozen_modules_eval(self) -> None:
+        """Frozen towers run in eval mode, as the original's `disabled_train`: no Q-Former dropout noise on
+        features that cannot learn from it (and train-time tokens equal the inference ones)."""
+        frozen = set(self.config.freeze)
+        if "vision" in frozen:
+            self.model.vision_model.eval()
+        if "qformer" in frozen:
+            self.model.qformer.eval()
 
     # ---- checkpoints -----------------------------------------------------------------------------------
 
