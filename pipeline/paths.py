@@ -47,7 +47,7 @@ def ensure_tiny_model(path: Path | None = None) -> Path:
 
 
 def world_model_dir() -> Path:
-    """The synthetic world's trained model that ships with the package (`make demo-model` rebuilds it)."""
+    """Where `make demo-model` puts the synthetic world's trained model (none ships yet: see the README)."""
     import stllm.world
 
     return Path(stllm.world.__file__).resolve().parent / "demo_model"
@@ -55,8 +55,10 @@ def world_model_dir() -> Path:
 
 def resolve_model_path(path: str) -> str:
     """`tiny` means the deterministic tiny random demo model, built on first use on each node; `world` the
-    shipped synthetic-world model."""
+    synthetic-world model `make demo-model` trained."""
     if path == "world":
+        if not (world_model_dir() / "config.json").exists():
+            raise FileNotFoundError(f"no world model at {world_model_dir()}: `make demo-model` trains one")
         return str(world_model_dir())
     return str(ensure_tiny_model()) if path == "tiny" else path
 

@@ -76,7 +76,8 @@ def load_samples(config: TrainConfig, timeout_s: float = 120.0) -> tuple[list[Sa
                 frames[uri] = None
                 skipped.append({"uri": uri, "error": f"{type(e).__name__}: {e}"})
         if frames[uri] is not None and r.get("answer"):
-            samples.append(Sample(frames[uri], r["question"], r["answer"], uri))
+            times = config.repeat.get(r.get("qtype") or "", 1)
+            samples.extend(Sample(frames[uri], r["question"], r["answer"], uri) for _ in range(times))
     return samples, skipped
 
 

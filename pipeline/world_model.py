@@ -2,9 +2,9 @@
 
 1. `synth` the clips: a training set, and held-out + unseen-combination sets from their own seed streams;
 2. stage 1 (`stllm.world.pretrain`): the vision tower (ViT, ln_vision, Q-Former, projection) on rendered frames;
-3. stage 2 (`stllm-index train`), ViT and Q-Former frozen as in the original, the LLM + projection +
-   global-local MLP + MVM decoder trained: 2a the temporal question alone (`jobs/training/world-temporal.yaml`,
-   which says why), then 2b every question with the seed's dynamic masking + MVM loss (`world.yaml`);
+3. stage 2 (`stllm-index train` with `jobs/training/world.yaml`): ST-LLM fine-tuning on the clips, ViT and
+   Q-Former frozen as in the original, the LLM + projection + global-local MLP + MVM decoder trained with the
+   seed's dynamic masking + MVM loss (the direction question asked 4× as often: the yaml says why);
 4. `eval` on the held-out and unseen clips in the hf engine; the folder, `recipe.json` and `eval.json` go to
    `dst` (the shipped copy is `stllm/world/demo_model/`).
 """
@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stllm.world.pretrain import PretrainConfig
 
-_CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "training"
-TEMPORAL_CONFIG, STAGE2_CONFIG = _CONFIGS / "world-temporal.yaml", _CONFIGS / "world.yaml"
+PRETRAINED_PREFIXES = ("vision_model.", "qformer.", "query_tokens", "language_projection.")
+STAGE2_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "training" / "world.yaml"
 
 
 class WorldRecipe(BaseModel):
@@ -36,21 +36,17 @@ class WorldRecipe(BaseModel):
     reversed_pairs: bool = True
     eval_clips: int = Field(default=100, ge=1, description="per evaluation split (heldout, unseen)")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    temporal_overrides: list[str] = Field(default_factory=list, description="--set overrides of stage 2a")
     stage2_overrides: list[str] = Field(default_factory=list, description="--set overrides of world.yaml")
 
 
 def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe | None = None,
-                     progress: bool = True, stage1: str | Path | None = None, fresh_llm: bool = False
-                     ) -> dict[str, Any]:
+                     progress: bool = True, stage1: str | Path | None = None) -> dict[str, Any]:
     """Run the recipe in `workdir`; the trained folder lands in `dst`. `stage1`: reuse the pretrained vision
-    tower of a folder (stage 1's, or a trained model: stage 2 leaves it as it was) instead of running stage 1;
-    `fresh_llm`: with it, the LLM, global-local MLP and MVM decoder start from the recipe's random init again
-    (the projection is kept: stage 1 trains it)."""
+    tower (ViT, Q-Former, projection) of a folder — stage 1's, or a trained model's (stage 2 keeps the ViT and
+    Q-Former as they were) — instead of running stage 1; the rest starts from the recipe's init."""
     from pipeline.train import load_train_config, train
     from pipeline.world import evaluate, synth
     from stllm.modeling_stllm import STLLMForConditionalGeneration
-    from stllm.processing_stllm import STLLMProcessor
     from stllm.world.model import build_world_model, save_world_model
     from stllm.world.pretrain import VisionPretrainer
 
@@ -75,44 +71,33 @@ def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe |
         stage1_report["unseen_frames"] = pretrainer.evaluate(split="unseen")
         stage1 = save_world_model(model, processor, work / "stage1")
         (work / "stage1.json").write_text(json.dumps(stage1_report, indent=2))
-    else:  # the frozen vision tower of another run, with this recipe's video-input mode
-        model = STLLMForConditionalGeneration.from_pretrained(stage1)
-        model.config.video_input = recipe.video_input
-        if fresh_llm:
-            init, _ = build_world_model(seed=recipe.seed, video_input=recipe.video_input)
-            fresh = {k: v for k, v in init.state_dict().items()
-                     if k.startswith(("language_model.", "global_", "mvm_decoder."))}
-            model.load_state_dict(fresh, strict=False)
-        stage1 = save_world_model(model, STLLMProcessor.from_pretrained(stage1), work / "stage1")
+    else:  # the vision tower of another run (stage 1's, or a trained model's: stage 2 keeps it) + a fresh LLM
+        model, processor = build_world_model(seed=recipe.seed, video_input=recipe.video_input)
+        trained = STLLMForConditionalGeneration.from_pretrained(stage1).state_dict()
+        model.load_state_dict({k: v for k, v in trained.items() if k.startswith(PRETRAINED_PREFIXES)}, strict=False)
+        stage1 = save_world_model(model, processor, work / "stage1")
     times["stage1_s"] = time.perf_counter() - t
 
-    start = stage1
-    reports: dict[str, Any] = {}
-    for name, yaml_file, extra in (("stage2a", TEMPORAL_CONFIG, recipe.temporal_overrides),
-                                   ("stage2b", STAGE2_CONFIG, recipe.stage2_overrides)):
-        t = time.perf_counter()
-        out = work / name
-        shutil.rmtree(out, ignore_errors=True)
-        config = load_train_config(yaml_file, [f"model={start}", f"manifest={work / 'data' / 'train'}",
-                                               f"output={out}", f"seed={recipe.seed}", *extra])
-        rep = train(config, progress=progress)
-        reports[name] = {"config": config.model_dump(), **{k: rep[k] for k in ("samples", "skipped", "steps")}}
-        start = out / "final"
-        times[f"{name}_s"] = time.perf_counter() - t
-
     t = time.perf_counter()
+    out = work / "stage2"
+    shutil.rmtree(out, ignore_errors=True)
+    config = load_train_config(STAGE2_CONFIG, [f"model={stage1}", f"manifest={work / 'data' / 'train'}",
+                                               f"output={out}", f"seed={recipe.seed}", *recipe.stage2_overrides])
+    stage2_report = train(config, progress=progress)
+    times["stage2_s"] = time.perf_counter() - t
+    start = out / "final"
+
     t = time.perf_counter()
     report = evaluate(str(start), work / "data" / "eval")
     times["eval_s"] = time.perf_counter() - t
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(start, dst)
-    (dst / "recipe.json").write_text(json.dumps({"recipe": recipe.model_dump(), "stage1": recipe.pretrain.model_dump(),
-                                                 **{k: v["config"] for k, v in reports.items()}}, indent=2))
-    result = {"stage1": stage1_report, **{k: {x: v[x] for x in ("samples", "skipped", "steps")}
-                                          for k, v in reports.items()},
+    (dst / "recipe.json").write_text(json.dumps({"recipe": recipe.model_dump(), "stage2": config.model_dump()},
+                                                indent=2))
+    result = {"stage1": stage1_report, "stage2": {k: stage2_report[k] for k in ("samples", "skipped", "steps")},
               "eval": report["splits"], "times": {k: round(v, 1) for k, v in times.items()}}
     (dst / "eval.json").write_text(json.dumps(result, indent=2))
     return result
 
 
-__all__ = ["STAGE2_CONFIG", "TEMPORAL_CONFIG", "WorldRecipe", "build_demo_model"]
+__all__ = ["STAGE2_CONFIG", "WorldRecipe", "build_demo_model"]

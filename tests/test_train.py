@@ -127,6 +127,17 @@ def test_invalid_configs_are_rejected_before_any_work(tiny_dir, tmp_path) -> Non
         load_train_config(None, [*base, "lora={enabled: true}", "freeze=[llm]"])
     with pytest.raises(JobError, match="manifest"):
         load_train_config(None, [f"model={tiny_dir}", f"output={tmp_path}"])
+    with pytest.raises(JobError, match="repeat.direction must be >= 1"):
+        load_train_config(None, [*base, "repeat={direction: 0}"])
+
+
+def test_question_types_can_be_chosen_and_repeated(tiny_dir, world, tmp_path) -> None:
+    every, _ = load_samples(_config(tiny_dir, world, tmp_path))
+    some, _ = load_samples(_config(tiny_dir, world, tmp_path, "qtypes=[direction, colour]", "repeat={direction: 3}"))
+    n_clips = len({s.uri for s in every})
+    assert len(every) == 5 * n_clips  # caption + 4 questions per clip
+    questions = [s.question for s in some]
+    assert len(some) == 4 * n_clips and questions.count("Which way does the object move?") == 3 * n_clips
 
 
 def test_lora_trains_adapters_only_and_merges_into_the_plain_layout(tiny_dir, world, tmp_path) -> None:

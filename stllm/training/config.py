@@ -38,6 +38,8 @@ class TrainConfig(_Strict):
     split: str | None = Field(default="train", description="use manifest rows of this split (null: all rows)")
     qtypes: list[str] | None = Field(default=None, description="use only rows of these question types (the "
                                      "manifest's qtype column; null: every row)")
+    repeat: dict[str, int] = Field(default_factory=dict, description="question type → times each of its rows "
+                                   "is used per epoch (e.g. {direction: 4}: a hard question asked more often)")
     freeze: list[FreezeGroup] = Field(default_factory=lambda: ["vision", "qformer"],
                                       description="parameter groups kept fixed")
     lr: float = Field(default=2e-5, gt=0)
@@ -71,6 +73,9 @@ class TrainConfig(_Strict):
     def _check(self) -> TrainConfig:
         if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must be 0 < low <= high <= 1, got {self.crop_scale}")
+        for qtype, times in self.repeat.items():
+            if times < 1:
+                raise ValueError(f"repeat.{qtype} must be >= 1, got {times}")
         if self.lora.enabled and "llm" in self.freeze:
             raise ValueError("lora.enabled trains adapters on the LLM: remove 'llm' from freeze")
         return self

@@ -30,6 +30,9 @@ from stllm.tokenizers import (
 from stllm.world.scenes import CAPTION_PROMPT, COLOURS, DIRECTIONS, QUESTIONS, SHAPES, SIZES, SPEEDS
 
 WORLD_IMAGE_SIZE, WORLD_PATCH_SIZE = 64, 8
+# 4 LLaMA layers of 2 heads (head_dim 64, which vLLM's CPU kernels serve): with 2 layers the heads that compare
+# frames (direction) and those that read the question and the content competed, and neither was learned.
+WORLD_LLM_LAYERS = 4
 
 
 def world_corpus() -> list[str]:
@@ -71,6 +74,7 @@ def build_world_model(seed: int = 0, video_input: str = "residual", patch_size: 
         tokenizer = load_llama_tokenizer(tmp)
     config = tiny_config(len(tokenizer), video_input=video_input, image_size=WORLD_IMAGE_SIZE,
                          patch_size=patch_size)
+    config.text_config.num_hidden_layers = WORLD_LLM_LAYERS
     torch.manual_seed(seed)
     model = STLLMForConditionalGeneration(config)
     with torch.no_grad():
