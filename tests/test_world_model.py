@@ -106,7 +106,7 @@ def test_the_recipe_runs_every_stage_and_records_itself(tmp_path):
     recipe = WorldRecipe(train_clips=3, eval_clips=2, pretrain=PretrainConfig(steps=2, batch_size=4),
                          stage2_overrides=["max_steps=2", "batch_size=2", "save_every=100"])
     report = build_demo_model(tmp_path / "work", tmp_path / "model", recipe, progress=False)
-    assert report["stage2"]["steps"] == 2 and report["stage2"]["samples"] == 3 * 2 * (4 + 4)  # pairs × (4 questions + direction ×4)
+    assert report["stage2"]["steps"] == 2 and report["stage2"]["samples"] == 3 * 2 * (4 + 4)  # pairs × 4 + direction ×4
     assert set(report["eval"]) == {"heldout", "unseen"} and "heldout_frames" in report["stage1"]
     recorded = json.loads((tmp_path / "model" / "recipe.json").read_text())
     assert recorded["stage2"]["repeat"] == {"direction": 4} and recorded["stage2"]["freeze"] == ["vision", "qformer"]
