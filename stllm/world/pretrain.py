@@ -29,7 +29,6 @@ from stllm.world.render import chroma_420, render
 from stllm.world.scenes import CAPTION_PROMPT, COLOURS, QUESTIONS, SHAPES, SIZES, sample_scene
 
 _SEED_OFFSET = 1 << 20  # pretraining scenes come from seeds no `synth` run of a small seed uses
-PRETRAINED_GROUPS = ("vision", "qformer", "projection")
 
 
 class PretrainConfig(BaseModel):
@@ -171,4 +170,4 @@ class VisionPretrainer:
         return acc
 
 
-__all__ = ["FrameHeads", "PRETRAINED_GROUPS", "PretrainConfig", "VisionPretrainer", "frame_batch"]
+__all__ = ["FrameHeads", "PretrainConfig", "VisionPretrainer", "frame_batch"]
