@@ -8,11 +8,11 @@
   stllm-index similar INDEX VIDEO    visually similar videos (exact copies left out)
   stllm-index export INDEX --to DIR  a curated subset as a fine-tuning manifest (parquet, jsonl, webdataset)
   stllm-index serve INDEX            a read-only web page to search and browse an index
-  stllm-index demo                   the offline demo: tiny random model, generated clips, CPU
+  stllm-index demo                   the offline demo: the shipped world model on synthetic clips, CPU
   stllm-index synth OUT --n N        synthetic-world clips with their truth (manifest.parquet/.jsonl)
   stllm-index eval MODEL MANIFEST    a model's accuracy per split and question type on such clips
   stllm-index train CONFIG.yaml      fine-tune with the original's recipe (masking + MVM) on a manifest
-  stllm-index demo-model             the synthetic-world model from scratch: vision pretraining + fine-tuning
+  stllm-index demo-model             rebuild the shipped world model from scratch (make demo-model)
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer one question about one video")
     a.add_argument("video")
     a.add_argument("question")
-    a.add_argument("--model", help="converted checkpoint folder, or 'world' (the model `make demo-model` trained); "
+    a.add_argument("--model", help="converted checkpoint folder, or 'world' (the shipped synthetic-world model); "
                                    "default: the tiny random demo model")
     a.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     a.add_argument("--frames", type=int, default=None, help="frames to sample (default: the model's)")
@@ -318,17 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    dm = sub.add_parser("demo-model", help="train the synthetic-world model from scratch (make demo-model)")
+    dm = sub.add_parser("demo-model", help="rebuild the shipped synthetic-world model from scratch (make demo-model)")
     dm.add_argument("--workdir", default="runs/demo-model", help="clips, stage folders and logs")
-    dm.add_argument("--out", default=None, help="where the model goes (default: stllm/world/demo_model, which the "
-                                                 "alias `world` names)")
+    dm.add_argument("--out", default=None, help="where the model goes (default: the shipped stllm/world/demo_model)")
     dm.add_argument("--video-input", choices=["all", "mean", "residual"], default="residual")
     dm.add_argument("--stage1", default=None, help="reuse this pretrained vision tower instead of stage 1")
-    dm.add_argument("--set", action="append", metavar="KEY=VALUE", help="stage-2 (world.yaml) override")
+    dm.add_argument("--set", action="append", metavar="KEY=VALUE", help="stage-2b/2c (world.yaml) override")
     dm.add_argument("--no-progress", action="store_true")
     dm.set_defaults(func=cmd_demo_model)
 
-    d = sub.add_parser("demo", help="offline demo on generated clips with the tiny random model")
+    d = sub.add_parser("demo", help="offline demo: synthetic-world clips indexed with the shipped world model")
     d.add_argument("--workdir", default=None)
     d.set_defaults(func=cmd_demo)
     return p

@@ -47,7 +47,7 @@ def ensure_tiny_model(path: Path | None = None) -> Path:
 
 
 def world_model_dir() -> Path:
-    """Where `make demo-model` puts the synthetic world's trained model (none ships yet: see the README)."""
+    """The synthetic world's trained model that ships with the package (`make demo-model` rebuilds it)."""
     import stllm.world
 
     return Path(stllm.world.__file__).resolve().parent / "demo_model"
@@ -55,10 +55,8 @@ def world_model_dir() -> Path:
 
 def resolve_model_path(path: str) -> str:
     """`tiny` means the deterministic tiny random demo model, built on first use on each node; `world` the
-    synthetic-world model `make demo-model` trained."""
+    shipped synthetic-world model."""
     if path == "world":
-        if not (world_model_dir() / "config.json").exists():
-            raise FileNotFoundError(f"no world model at {world_model_dir()}: `make demo-model` trains one")
         return str(world_model_dir())
     return str(ensure_tiny_model()) if path == "tiny" else path
 

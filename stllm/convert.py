@@ -292,7 +292,7 @@ def convert_checkpoint(
     max_shard_size: str = "5GB",
 ) -> Path:
     """SRC (released layout) → DST (project safetensors folder + config + both tokenizers + weights hash)."""
-    from stllm.loading import write_weights_hash
+    from stllm.loading import save_model_folder
     from stllm.processing_stllm import STLLMProcessor
     from stllm.tokenizers import build_qformer_tokenizer, load_llama_tokenizer
 
@@ -323,13 +323,10 @@ def convert_checkpoint(
         target = getattr(torch, dtype)
         state_dict = {k: v.to(target) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
-    dst = Path(dst)
-    model.save_pretrained(dst, max_shard_size=max_shard_size)
     qtok = build_qformer_tokenizer(qformer_tokenizer, online=from_hub)
     if len(qtok) != config.qformer_config.vocab_size:
         raise ValueError(f"Q-Former tokenizer has {len(qtok)} tokens but the Q-Former's word embeddings have "
                          f"{config.qformer_config.vocab_size}")
-    STLLMProcessor(config, tokenizer, qtok).save_pretrained(dst)
-    write_weights_hash(dst)
+    dst = save_model_folder(model, STLLMProcessor(config, tokenizer, qtok), dst, max_shard_size=max_shard_size)
     log.info("converted %s → %s (%d tensors)", src_path, dst, len(state_dict))
     return dst

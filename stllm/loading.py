@@ -47,6 +47,17 @@ def write_weights_hash(path: str | os.PathLike) -> str:
     return digest
 
 
+def save_model_folder(model: STLLMForConditionalGeneration, processor: STLLMProcessor,
+                      dst: str | os.PathLike, max_shard_size: str | int = "5GB") -> Path:
+    """A model folder in the project's format: safetensors + config, both tokenizers, the weights' hash — what
+    both engines load. The one writer of such folders (tiny, world, training, convert)."""
+    dst = Path(dst)
+    model.save_pretrained(dst, max_shard_size=max_shard_size)
+    processor.save_pretrained(dst)
+    write_weights_hash(dst)
+    return dst
+
+
 def weights_hash(path: str | os.PathLike) -> str:
     """The folder's recorded weights hash; computed (not written: the folder may be read-only) when a folder
     predates the record."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from stllm.configuration_stllm import STLLMConfig
-from stllm.loading import write_weights_hash
+from stllm.loading import save_model_folder
 from stllm.modeling_stllm import STLLMForConditionalGeneration
 from stllm.processing_stllm import STLLMProcessor
 from stllm.prompts import DEFAULT_SYSTEM_PROMPT
@@ -96,8 +96,4 @@ def build_tiny_model(
 def build_tiny(dst: str | os.PathLike, seed: int = 0, **kwargs) -> Path:
     """Write a tiny model in the project's format (safetensors + config + both tokenizers)."""
     model, processor, _ = build_tiny_model(seed=seed, **kwargs)
-    dst = Path(dst)
-    model.save_pretrained(dst)
-    processor.save_pretrained(dst)
-    write_weights_hash(dst)
-    return dst
+    return save_model_folder(model, processor, dst)

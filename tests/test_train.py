@@ -204,3 +204,20 @@ def test_a_fresh_run_refuses_an_output_holding_another_run(tiny_dir, world, tmp_
     Trainer(other, samples).train(stop_after=2, progress=False)
     with pytest.raises(ValueError, match="data order would differ"):
         Trainer(_config(tiny_dir, world, tmp_path / "o2", "max_steps=4", "batch_size=2"), samples).train(resume=True)
+
+
+def test_the_batched_video_tokens_equal_one_clip_at_a_time(tiny_dir, world, tmp_path) -> None:
+    config = _config(tiny_dir, world, tmp_path / "out", "max_steps=1")
+    samples, _ = load_samples(config)
+    trainer = Trainer(config, samples)
+    trainer.model.eval()
+    rng = np.random.default_rng(0)
+    picked = [samples[i] for i in (0, 1, 5, 9)]  # different clips and questions (Q-Former texts of other lengths)
+    pvs = [trainer._pixel_values(s, rng) for s in picked]
+    q_inputs = [trainer.processor.qformer_inputs(s.question) for s in picked]
+    assert len({ids.shape[1] for ids, _ in q_inputs}) > 1
+    with torch.no_grad():
+        batched = trainer._video_tokens(pvs, q_inputs)
+        single = [trainer.model.embed_video(pv, ids, m) for pv, (ids, m) in zip(pvs, q_inputs, strict=True)]
+    for b, s in zip(batched, single, strict=True):
+        torch.testing.assert_close(b, s, atol=1e-5, rtol=1e-4)

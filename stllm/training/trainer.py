@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from stllm.loading import write_weights_hash
+from stllm.loading import save_model_folder
 from stllm.modeling_stllm import STLLMForConditionalGeneration
 from stllm.processing_stllm import STLLMProcessor, normalize_frames
 from stllm.prompts import prompt_format
@@ -172,18 +173,35 @@ class Trainer:
 
     def _micro_step(self, indices: list[int], rng: np.random.Generator, generator: torch.Generator) -> Any:
         cfg = self.config
-        tokens, prompts, answers = [], [], []
+        pvs, q_inputs, prompts, answers = [], [], [], []
         for i in indices:
             s = self.samples[i]
             q_text = f"{cfg.instruction} {s.question}".strip()  # what the Q-Former reads
-            q_ids, q_mask = self.processor.qformer_inputs(q_text)
-            pv = self._pixel_values(s, rng).to(self.device)
-            tokens.append(self.model.embed_video(pv, q_ids.to(self.device), q_mask.to(self.device)))
+            q_inputs.append(self.processor.qformer_inputs(q_text))
+            pvs.append(self._pixel_values(s, rng))
             prompts.append(self.processor.prompt_ids(q_text, TRAIN_PROMPT))
             answers.append(self._answer_ids(s.answer))
         ratio = (cfg.mask_ratio if cfg.masking else 0.0)
+        tokens = self._video_tokens(pvs, q_inputs)
         return training_loss(self.model, torch.stack(tokens), prompts, answers, mask_ratio=ratio,
                              generator=generator, mvm=cfg.masking)
+
+    def _video_tokens(self, pvs: list[torch.Tensor], q_inputs: list[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> list[torch.Tensor]:
+        """Each sample's visual tokens (L, D). Clips of one frame count go through the ViT and the Q-Former in
+        one forward each, every frame reading its own clip's (padded) question."""
+        t = pvs[0].shape[0]
+        if any(pv.shape[0] != t for pv in pvs):  # clips shorter than num_frames: one at a time
+            return [self.model.embed_video(pv.to(self.device), ids.to(self.device), m.to(self.device))
+                    for pv, (ids, m) in zip(pvs, q_inputs, strict=True)]
+        feats = self.model.get_vision_features(torch.cat(pvs).to(self.device), num_frames=t)
+        width = max(ids.shape[1] for ids, _ in q_inputs)
+        pad = self.processor.qformer_tokenizer.pad_token_id or 0
+        q_ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad) for ids, _ in q_inputs])
+        q_mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for _, m in q_inputs])
+        frame_tokens = self.model.get_frame_tokens(feats, q_ids.repeat_interleave(t, 0).to(self.device),
+                                                   q_mask.repeat_interleave(t, 0).to(self.device))
+        return [self.model.get_video_tokens(ft) for ft in frame_tokens.split(t)]
 
     def train(self, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
         """Run to `total_steps` (from the latest checkpoint with `resume`); `stop_after` ends early after that
@@ -304,10 +322,7 @@ class Trainer:
         model = self.model
         if self.config.lora.enabled:
             merge_lora(model.language_model)
-        model.save_pretrained(dst)
-        self.processor.save_pretrained(dst)
-        write_weights_hash(dst)
-        return dst
+        return save_model_folder(model, self.processor, dst)
 
 
 __all__ = ["Sample", "TRAIN_PROMPT", "Trainer", "apply_freeze", "group_of", "merge_lora"]

@@ -87,13 +87,9 @@ def build_world_model(seed: int = 0, video_input: str = "residual", patch_size: 
 
 def save_world_model(model: STLLMForConditionalGeneration, processor: STLLMProcessor,
                      dst: str | os.PathLike) -> Path:
-    from stllm.loading import write_weights_hash
+    from stllm.loading import save_model_folder
 
-    dst = Path(dst)
-    model.save_pretrained(dst)
-    processor.save_pretrained(dst)
-    write_weights_hash(dst)
-    return dst
+    return save_model_folder(model, processor, dst)
 
 
 __all__ = ["WORLD_IMAGE_SIZE", "WORLD_PATCH_SIZE", "build_world_model", "save_world_model",
