@@ -166,7 +166,8 @@ def test_the_example_config_parses() -> None:
 
     config = load_train_config(Path(__file__).parent.parent / "jobs" / "training" / "world.yaml", ["max_steps=5"])
     assert Path(config.model, "config.json").is_file()  # `tiny`: the demo's model, built when missing
-    assert config.freeze == ["vision", "qformer"] and config.masking and config.max_steps == 5
+    assert config.freeze == ["vision", "qformer"] and config.max_steps == 5
+    assert not config.masking and config.repeat == {"direction": 4}  # the world recipe trains without masking
 
 
 def test_a_small_frame_tiny_model_builds_trains_and_answers(tmp_path) -> None:
