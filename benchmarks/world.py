@@ -1,16 +1,16 @@
 """The paper's claim on a toy scale, with the synthetic world's ground truth.
 
 The first run trains stage 1 of the recipe (the vision tower; or `WORLD_STAGE1` names a folder to take it from);
-every run then trains stage 2 (2a, 2b, 2c) from that same vision tower with a fresh LLM (`WORLD_BENCH_STEPS`
-shortens 2b and 2c); accuracy is measured on held-out clips from fresh seeds. Each run takes ~20 min on 2 cores:
+every run then trains stage 2 (2a–2d) from that same vision tower with a fresh LLM (`WORLD_BENCH_STEPS`
+shortens 2b, 2c and 2d); accuracy is measured on held-out clips from fresh seeds. Each run takes ~20 min on 2 cores:
 `python -m benchmarks.world RUN` trains one (residual, all, mean: the recipe; residual-masking: with the seed's
-masking + MVM in 2b/2c) into `WORLD_BENCH_CACHE` (default benchmarks/world-runs), so runs can go side by side;
+masking + MVM in 2b–2d) into `WORLD_BENCH_CACHE` (default benchmarks/world-runs), so runs can go side by side;
 the suite uses the runs found there.
 
 - `temporal_accuracy_all_vs_mean`: video_input all, residual and mean. Mean pooling is invariant to time
   reversal, so it can at best tell the axis of motion (≤ 0.55 on four directions); all frame tokens in the LLM
   (and the global-local residual input) can tell left from right. Value: direction accuracy of `all` minus `mean`.
-- `mvm_masking_effect`: residual with vs without dynamic masking + MVM (stages 2b/2c): held-out accuracy, and
+- `mvm_masking_effect`: residual with vs without dynamic masking + MVM (stages 2b–2d): held-out accuracy, and
   accuracy when the clip is sampled at fewer (4) or more (16) frames than in training (8). Value: mean accuracy
   over the three frame counts with masking minus without.
 """
@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Result
 
-STEPS = os.environ.get("WORLD_BENCH_STEPS")  # stage 2's steps (default: the recipe's)
+STEPS = os.environ.get("WORLD_BENCH_STEPS")  # steps of each world.yaml stage (default: the recipe's)
 TRAIN_CLIPS, EVAL_CLIPS = 600, 100
 
 
 def _train_and_eval(work: Path, mode: str, masking: bool, stage1: Path | None,
                     frame_counts: tuple[int, ...] = (8,)) -> dict[str, Any]:
-    import shutil
-
     from pipeline.world_model import WorldRecipe, build_demo_model
 
     recipe = WorldRecipe(video_input=mode, train_clips=TRAIN_CLIPS, eval_clips=EVAL_CLIPS,
@@ -49,8 +48,6 @@ def _train_and_eval(work: Path, mode: str, masking: bool, stage1: Path | None,
 def grade_frames(model: Path, eval_data: Path, frame_counts: tuple[int, ...],
                  report: dict[str, Any] | None = None) -> dict[int, dict[str, float]]:
     """Held-out accuracy of `model` with its clips sampled at each of `frame_counts` frames (trained at 8)."""
-    import shutil
-
     from pipeline.world import evaluate
 
     out = {8: report["eval"]["heldout"]["accuracy"]} if report else {}
@@ -72,6 +69,11 @@ RUNS = {"residual": ("residual", False), "all": ("all", False), "mean": ("mean",
 CACHE = Path(os.environ.get("WORLD_BENCH_CACHE", Path(__file__).parent / "world-runs"))
 
 
+def _frame_counts(name: str) -> tuple[int, ...]:
+    """Residual runs are also graded at fewer and more frames than trained with (the masking argument)."""
+    return (4, 8, 16) if RUNS[name][0] == "residual" else (8,)
+
+
 def run_one(name: str, stage1: Path | None = None) -> dict[str, Any]:
     """Train and grade one run of the suite; the result is kept in `CACHE/name.json`."""
     mode, masking = RUNS[name]
@@ -79,9 +81,8 @@ def run_one(name: str, stage1: Path | None = None) -> dict[str, Any]:
     if stage1 is None and (CACHE / "stage1" / "config.json").exists():
         stage1 = CACHE / "stage1"
     with tempfile.TemporaryDirectory() as tmp:
-        result = _train_and_eval(Path(tmp), mode, masking, stage1,
-                                 frame_counts=(4, 8, 16) if mode == "residual" else (8,))
-    result["stage2b_steps"] = STEPS or "recipe"
+        result = _train_and_eval(Path(tmp), mode, masking, stage1, frame_counts=_frame_counts(name))
+    result["stage2_steps"] = STEPS or "recipe"
     CACHE.mkdir(parents=True, exist_ok=True)
     (CACHE / f"{name}.json").write_text(json.dumps(result, indent=2))
     return result
@@ -91,10 +92,8 @@ def bench_world() -> list[Result]:
     runs = {}
     for name in RUNS:
         cached = CACHE / f"{name}.json"
-        if cached.exists() and json.loads(cached.read_text()).get("stage2b_steps") == (STEPS or "recipe"):
-            runs[name] = json.loads(cached.read_text())
-        else:
-            runs[name] = run_one(name)
+        found = json.loads(cached.read_text()) if cached.exists() else {}
+        runs[name] = found if found.get("stage2_steps") == (STEPS or "recipe") else run_one(name)
         runs[name]["accuracy_by_frames"] = {int(k): v for k, v in runs[name]["accuracy_by_frames"].items()}
     direction = {m: runs[m]["accuracy_by_frames"][8]["direction"] for m in ("all", "residual", "mean")}
     temporal = Result(
@@ -121,9 +120,8 @@ if __name__ == "__main__":
 
     if sys.argv[1] == "--from-model":  # a run of the recipe made elsewhere: RUN MODEL_DIR EVAL_DATA
         name, model_dir, data = sys.argv[2:5]
-        graded = {"accuracy_by_frames": grade_frames(Path(model_dir), Path(data),
-                                                     (4, 8, 16) if RUNS[name][0] == "residual" else (8,)),
-                  "stage2b_steps": STEPS or "recipe", "model": model_dir}
+        graded = {"accuracy_by_frames": grade_frames(Path(model_dir), Path(data), _frame_counts(name)),
+                  "stage2_steps": STEPS or "recipe", "model": model_dir}
         CACHE.mkdir(parents=True, exist_ok=True)
         (CACHE / f"{name}.json").write_text(json.dumps(graded, indent=2))
         print(name, json.dumps(graded["accuracy_by_frames"]))

@@ -73,8 +73,9 @@ def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe |
     Q-Former as they were) — instead of running stage 1; the rest starts from the recipe's init."""
     from pipeline.train import load_train_config, train
     from pipeline.world import evaluate, synth
+    from stllm.loading import save_model_folder
     from stllm.modeling_stllm import STLLMForConditionalGeneration
-    from stllm.world.model import build_world_model, save_world_model
+    from stllm.world.model import build_world_model
     from stllm.world.pretrain import VisionPretrainer
 
     recipe = recipe or WorldRecipe()
@@ -96,13 +97,13 @@ def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe |
         stage1_report["last"] = pretrainer.train(log=work / "pretrain.jsonl", progress=progress)
         stage1_report["heldout_frames"] = pretrainer.evaluate(split="heldout")
         stage1_report["unseen_frames"] = pretrainer.evaluate(split="unseen")
-        stage1 = save_world_model(model, processor, work / "stage1")
+        stage1 = save_model_folder(model, processor, work / "stage1")
         (work / "stage1.json").write_text(json.dumps(stage1_report, indent=2))
     else:  # the vision tower of another run (stage 1's, or a trained model's: stage 2 keeps it) + a fresh LLM
         model, processor = build_world_model(seed=recipe.seed, video_input=recipe.video_input)
         trained = STLLMForConditionalGeneration.from_pretrained(stage1).state_dict()
         model.load_state_dict({k: v for k, v in trained.items() if k.startswith(PRETRAINED_PREFIXES)}, strict=False)
-        stage1 = save_world_model(model, processor, work / "stage1")
+        stage1 = save_model_folder(model, processor, work / "stage1")
     times["stage1_s"] = time.perf_counter() - t
 
     start, stage2 = stage1, {}

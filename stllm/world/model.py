@@ -11,9 +11,7 @@ steps we can afford; sin-cos gives every patch its place from step 0). Training 
 from __future__ import annotations
 
 import itertools
-import os
 import tempfile
-from pathlib import Path
 
 import torch
 
@@ -85,12 +83,5 @@ def build_world_model(seed: int = 0, video_input: str = "residual", patch_size: 
     return model, STLLMProcessor(config, tokenizer, build_qformer_tokenizer())
 
 
-def save_world_model(model: STLLMForConditionalGeneration, processor: STLLMProcessor,
-                     dst: str | os.PathLike) -> Path:
-    from stllm.loading import save_model_folder
-
-    return save_model_folder(model, processor, dst)
-
-
-__all__ = ["WORLD_IMAGE_SIZE", "WORLD_PATCH_SIZE", "build_world_model", "save_world_model",
+__all__ = ["WORLD_IMAGE_SIZE", "WORLD_PATCH_SIZE", "build_world_model",
            "sincos_position_embedding", "world_corpus"]
