@@ -439,3 +439,51 @@ def test_vector_index_is_maintained_then_retrained_when_its_stats_say_so(tmp_pat
     assert first >= 2 and set(trained[:first]) == {"updated"}
     hit = search(str(tmp_path / "lance"), "videos", vector=table.to_arrow()["caption_embedding"][7].as_py(), k=1)
     assert hit[0]["video_id"] == table.to_arrow()["video_id"][7].as_py()
+
+
+class _LostAnswerS3:
+    """The real S3 file system, but the first `fail` uploads raise after (`landed`) or instead of reaching the
+    server — what a stalled server does to pyarrow's CompleteMultipartUpload (its retry gets NoSuchUpload though
+    the object is in place). Simulated: a real stall cannot be timed to hit one request."""
+
+    def __init__(self, fs, fail: int, landed: bool):
+        self.fs, self.fail, self.landed, self.uploads = fs, fail, landed, 0
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def open_output_stream(self, path):
+        import contextlib
+
+        self.uploads += 1
+        if self.uploads > self.fail:
+            return self.fs.open_output_stream(path)
+
+        @contextlib.contextmanager
+        def failing():
+            if self.landed:
+                with self.fs.open_output_stream(path) as f:
+                    yield f
+            else:
+                yield pa.BufferOutputStream()
+            raise OSError("AWS Error NO_SUCH_UPLOAD during CompleteMultipartUpload operation")
+        return failing()
+
+
+def test_s3_writes_survive_a_lost_completion_answer(s3_server, monkeypatch) -> None:
+    from pipeline.io import sinks
+
+    monkeypatch.setattr(sinks.time, "sleep", lambda s: None)
+    bucket = s3_server.bucket("lost")
+    fs, root = sinks.filesystem(f"s3://{bucket}/x", s3_server.options())
+    landed = _LostAnswerS3(fs, fail=1, landed=True)  # in place: no second upload
+    sinks.write_atomic(landed, f"{root}/a.json", b"one")
+    assert landed.uploads == 1 and fs.open_input_stream(f"{root}/a.json").read() == b"one"
+    lost = _LostAnswerS3(fs, fail=2, landed=False)  # never arrived: uploaded again, as a whole
+    sinks.write_parquet(lost, f"{root}/b.parquet", _table(_rows(2)))
+    assert lost.uploads == 3
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(f"{root}/b.parquet", filesystem=fs).num_rows == 2
+    with pytest.raises(OSError, match="NO_SUCH_UPLOAD"):  # a store that never takes it: the error, not a loss
+        sinks.write_atomic(_LostAnswerS3(fs, fail=9, landed=False), f"{root}/c.json", b"three")

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import posixpath
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -95,16 +96,50 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def write_atomic(fs: pafs.FileSystem, inner: str, data: bytes) -> None:
+def write_atomic(fs: pafs.FileSystem, inner: str, data: bytes, attempts: int = 3) -> None:
     """Write a small file so that readers see the old content or the new, never a part: a temp file renamed
-    into place locally; one PUT on S3 (atomic already)."""
-    s3 = not isinstance(fs, pafs.LocalFileSystem)
-    fs.create_dir(posixpath.dirname(inner) if s3 else os.path.dirname(inner), recursive=True)
-    tmp = inner if s3 else f"{inner}.tmp-{uuid.uuid4().hex[:6]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    if tmp != inner:
+    into place locally; on S3 an upload (atomic already), tried again as a whole when it fails.
+
+    Why the retry: pyarrow uploads in parts, and a server that stalls (paused, overloaded) may apply a
+    CompleteMultipartUpload whose answer the client no longer waits for; the client's own retry then gets
+    NoSuchUpload although the object is in place. What the store holds decides, not the error."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(os.path.dirname(inner), recursive=True)
+        tmp = f"{inner}.tmp-{uuid.uuid4().hex[:6]}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
         fs.move(tmp, inner)
+        return
+    fs.create_dir(posixpath.dirname(inner), recursive=True)
+    for attempt in range(attempts):
+        try:
+            with fs.open_output_stream(inner) as f:
+                f.write(data)
+            return
+        except OSError:
+            if _holds(fs, inner, data):
+                return
+            if attempt == attempts - 1:
+                raise
+            log.warning("upload of %s failed; trying again (%d/%d)", inner, attempt + 2, attempts)
+            time.sleep(2.0 * (attempt + 1))
+
+
+def _holds(fs: pafs.FileSystem, inner: str, data: bytes) -> bool:
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read() == data
+    except OSError:
+        return False
+
+
+def write_parquet(fs: pafs.FileSystem, inner: str, table: pa.Table) -> None:
+    """A whole Parquet file through `write_atomic` (built in memory: parts are one commit's rows)."""
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomic(fs, inner, sink.getvalue().to_pybytes())
 
 
 # ---------------------------------------------------------------- Parquet

@@ -40,7 +40,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.io.sinks import check_existing, filesystem, open_table, write_atomic
+from pipeline.io.sinks import check_existing, filesystem, open_table, write_atomic, write_parquet
 from pipeline.io.sources import S3Options
 
 log = logging.getLogger(__name__)
@@ -184,12 +184,12 @@ class TableStore:
                 keep = pc.invert(_key_mask(table, held, self.key_column))
                 table = table.filter(keep)
                 if table.num_rows:
-                    pq.write_table(table, self._path(STAGING, old + ".rewrite.staged"), filesystem=self.fs)
+                    write_parquet(self.fs, self._path(STAGING, old + ".rewrite.staged"), table)
                     journal["rewrite"].append(old)
                 else:
                     journal["remove"].append(old)
             if upserts is not None:
-                pq.write_table(upserts, self._path(STAGING, part + ".staged"), filesystem=self.fs)
+                write_parquet(self.fs, self._path(STAGING, part + ".staged"), upserts)
             crash_point("staged")
             write_atomic(self.fs, self._path(JOURNAL, txn + ".json"), json.dumps(journal).encode())
             crash_point("journaled")
