@@ -1,12 +1,11 @@
 """`make demo-model`: the synthetic world's model rebuilt from scratch with the recorded recipe and seeds.
 
 1. `synth` the clips: a training set, and held-out + unseen-combination sets from their own seed streams;
-2. stage 1 (`stllm.world.pretrain`): the vision tower (ViT, ln_vision, Q-Former, projection) on rendered frames;
-3. stage 2 (`stllm-index train`): ST-LLM fine-tuning on the clips, ViT and Q-Former frozen as in the original,
-   the LLM + projection + global-local MLP + MVM decoder trained: 2a the temporal question alone, without
-   masking (`jobs/training/world-temporal.yaml` says why), then 2b, 2c and 2d every question (`world.yaml`, the
-   direction question asked 4× as often; without the seed's masking + MVM — the yaml says why), 2d colour and
-   shape asked 3×;
+2. stage 1, the pretrained parts, each on its own: the vision tower (`stllm.world.pretrain`: ViT, ln_vision,
+   Q-Former, projection on rendered frames — the stand-in for EVA-CLIP/BLIP-2) and the LLM (stage 1b,
+   `stllm.world.language`: the world's transcripts without video — the stand-in for Vicuna);
+3. stage 2 (`stllm-index train` with `jobs/training/world.yaml`): ST-LLM fine-tuning on the clips, ViT and
+   Q-Former frozen as in the original, the LLM + projection + global-local MLP + MVM decoder trained;
 4. `eval` on the held-out and unseen clips in the hf engine; the folder, `recipe.json` and `eval.json` go to
    `dst` (the shipped copy is `stllm/world/demo_model/`).
 """
@@ -21,11 +20,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from stllm.world.language import LanguageConfig
 from stllm.world.pretrain import PretrainConfig
 
 PRETRAINED_PREFIXES = ("vision_model.", "qformer.", "query_tokens", "language_projection.")
 _CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "training"
-TEMPORAL_CONFIG, STAGE2_CONFIG = _CONFIGS / "world-temporal.yaml", _CONFIGS / "world.yaml"
+STAGE2_CONFIG = _CONFIGS / "world.yaml"
 
 
 class Stage2Step(BaseModel):
@@ -39,13 +39,7 @@ class Stage2Step(BaseModel):
 
 
 def _default_stage2() -> list[Stage2Step]:
-    return [Stage2Step(name="stage2a", config="world-temporal.yaml"),
-            Stage2Step(name="stage2b", config="world.yaml"),
-            # a second cosine cycle: after 2b colour and shape were still being learned (0.10 / 0.58 held out)
-            Stage2Step(name="stage2c", config="world.yaml", overrides=["max_steps=800"]),
-            # after 2a the model must relearn that the question matters (colour and shape differ by one word)
-            Stage2Step(name="stage2d", config="world.yaml",
-                       overrides=["max_steps=600", "repeat={colour: 3, shape: 3, direction: 2}"])]
+    return [Stage2Step(name="stage2", config="world.yaml")]
 
 
 class WorldRecipe(BaseModel):
@@ -59,11 +53,10 @@ class WorldRecipe(BaseModel):
     reversed_pairs: bool = True
     eval_clips: int = Field(default=100, ge=1, description="per evaluation split (heldout, unseen)")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
     stage2: list[Stage2Step] = Field(default_factory=_default_stage2)
-    temporal_overrides: list[str] = Field(default_factory=list,
-                                          description="--set overrides of the world-temporal.yaml steps")
     stage2_overrides: list[str] = Field(default_factory=list,
-                                        description="--set overrides of the world.yaml steps (after their own)")
+                                        description="--set overrides of every stage-2 step (after its own)")
 
 
 def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe | None = None,
@@ -75,6 +68,7 @@ def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe |
     from pipeline.world import evaluate, synth
     from stllm.loading import save_model_folder
     from stllm.modeling_stllm import STLLMForConditionalGeneration
+    from stllm.world.language import answer_type_mass, pretrain_language
     from stllm.world.model import build_world_model
     from stllm.world.pretrain import VisionPretrainer
 
@@ -106,11 +100,17 @@ def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe |
         stage1 = save_model_folder(model, processor, work / "stage1")
     times["stage1_s"] = time.perf_counter() - t
 
+    t = time.perf_counter()  # stage 1b: the fresh LLM learns the world's language (stllm/world/language.py)
+    (work / "language.jsonl").unlink(missing_ok=True)
+    stage1_report["language"] = pretrain_language(model, processor, recipe.language, log=work / "language.jsonl")
+    stage1_report["language_answer_type_mass"] = answer_type_mass(model, processor)
+    stage1 = save_model_folder(model, processor, work / "stage1b")
+    times["stage1b_s"] = time.perf_counter() - t
+
     start, stage2 = stage1, {}
     for step in recipe.stage2:
         name, yaml_file = step.name, _CONFIGS / step.config
-        extra = [*step.overrides, *(recipe.temporal_overrides if yaml_file == TEMPORAL_CONFIG
-                                    else recipe.stage2_overrides)]
+        extra = [*step.overrides, *recipe.stage2_overrides]
         t = time.perf_counter()
         out = work / name
         shutil.rmtree(out, ignore_errors=True)
@@ -135,4 +135,4 @@ def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe |
     return result
 
 
-__all__ = ["STAGE2_CONFIG", "TEMPORAL_CONFIG", "Stage2Step", "WorldRecipe", "build_demo_model"]
+__all__ = ["STAGE2_CONFIG", "Stage2Step", "WorldRecipe", "build_demo_model"]

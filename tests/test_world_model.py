@@ -105,30 +105,52 @@ def test_vision_pretraining_trains_the_vision_tower_only_and_learns():
     assert not torch.equal(model.vision_model.embeddings.patch_embedding.weight, vit_before)
 
 
+def test_language_pretraining_teaches_the_question_and_trains_the_llm_only():
+    """Stage 1b: without video the LLM learns which kind of word answers which question (it could not before)."""
+    from stllm.world.language import LanguageConfig, answer_type_mass, pretrain_language, world_transcripts
+
+    pairs = world_transcripts()
+    assert (QUESTIONS["colour"], "red") in pairs and (QUESTIONS["colour"], "circle") not in pairs
+    assert sum(q == QUESTIONS["shape"] for q, _ in pairs) == len(SHAPES)
+    model, processor = build_world_model(seed=2)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("language_model.")}
+    before = answer_type_mass(model, processor)
+    report = pretrain_language(model, processor, LanguageConfig(steps=120, batch_size=32, lr=2e-3))
+    after = answer_type_mass(model, processor)
+    assert all(v < 0.6 for v in before.values()), before
+    assert all(v > 0.9 for v in after.values()), after  # "colour" and "shape" differ by one word: both read
+    assert report["step"] == 120 and all(p.requires_grad for p in model.parameters())
+    for k, v in model.state_dict().items():
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+
+
 def test_rendering_a_subset_of_frames_equals_those_frames():
     scene = sample_scene(0, "train", 3)
     np.testing.assert_array_equal(render(scene, [0, 5, 15]), render(scene)[[0, 5, 15]])
 
 
 def test_the_recipe_runs_every_stage_and_records_itself(tmp_path):
-    """`make demo-model`'s wiring at toy size: synth → stage 1 → stage 2a → 2b → eval → a folder that loads."""
-    from pipeline.world_model import WorldRecipe, build_demo_model
+    """`make demo-model`'s wiring at toy size: synth → stage 1 → 1b → stage 2 → eval → a folder that loads."""
+    from pipeline.world_model import Stage2Step, WorldRecipe, build_demo_model
     from stllm.engines import load_engine
+    from stllm.world.language import LanguageConfig
 
     recipe = WorldRecipe(train_clips=3, eval_clips=2, pretrain=PretrainConfig(steps=2, batch_size=4),
-                         temporal_overrides=["max_steps=1", "batch_size=2"],
+                         language=LanguageConfig(steps=3, batch_size=4),
+                         stage2=[Stage2Step(name="stage2", config="world.yaml"),
+                                 Stage2Step(name="more", config="world.yaml", overrides=["repeat={}"])],
                          stage2_overrides=["max_steps=2", "batch_size=2", "save_every=100"])
     report = build_demo_model(tmp_path / "work", tmp_path / "model", recipe, progress=False)
-    assert report["stage2a"]["steps"] == 1 and report["stage2a"]["samples"] == 3 * 2  # direction rows only
-    for stage in ("stage2b", "stage2c"):  # the recipe's overrides come after a step's own (2c: max_steps=800)
-        assert report[stage]["steps"] == 2 and report[stage]["samples"] == 3 * 2 * (4 + 4)  # pairs × (4 + 3 extra)
-    assert report["stage2d"]["samples"] == 3 * 2 * (5 + 2 + 2 + 1)  # 5 questions; colour, shape 3×, direction 2×
+    assert report["stage2"]["steps"] == 2 and report["stage2"]["samples"] == 3 * 2 * (5 + 3)  # pairs × (direction 4×)
+    assert report["more"]["samples"] == 3 * 2 * 5  # a step's own overrides, then the recipe's
     assert set(report["eval"]) == {"heldout", "unseen"} and "heldout_frames" in report["stage1"]
+    assert report["stage1"]["language"]["step"] == 3 and set(report["stage1"]["language_answer_type_mass"]) == {
+        "colour", "shape", "size", "direction"}
     recorded = json.loads((tmp_path / "model" / "recipe.json").read_text())
-    assert recorded["stage2a"]["qtypes"] == ["direction"] and not recorded["stage2a"]["masking"]
-    assert recorded["stage2b"]["repeat"] == {"direction": 4} and not recorded["stage2b"]["masking"]
-    assert recorded["stage2b"]["freeze"] == ["vision", "qformer"] and recorded["stage2c"]["max_steps"] == 2
-    assert recorded["recipe"]["pretrain"]["steps"] == 2
+    assert recorded["stage2"]["repeat"] == {"direction": 4} and not recorded["stage2"]["masking"]
+    assert recorded["stage2"]["freeze"] == ["vision", "qformer"] and recorded["stage2"]["max_steps"] == 2
+    assert recorded["recipe"]["pretrain"]["steps"] == 2 and recorded["recipe"]["language"]["steps"] == 3
     engine = load_engine("hf", str(tmp_path / "model"), device="cpu")
     try:
         from stllm.engine import GenerationOptions, VideoRequest
