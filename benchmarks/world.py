@@ -1,16 +1,17 @@
 """The paper's claim on a toy scale, with the synthetic world's ground truth.
 
 The first run trains stage 1 of the recipe (the vision tower; or `WORLD_STAGE1` names a folder to take it from);
-every run then trains stage 2 (2a–2d) from that same vision tower with a fresh LLM (`WORLD_BENCH_STEPS`
-shortens 2b, 2c and 2d); accuracy is measured on held-out clips from fresh seeds. Each run takes ~20 min on 2 cores:
+every run then trains stage 1b (the LLM's language) and stage 2 from that same vision tower with a fresh LLM
+(`WORLD_BENCH_STEPS` shortens stage 2); accuracy is measured on held-out clips from fresh seeds. Each run takes
+~10 min on one core:
 `python -m benchmarks.world RUN` trains one (residual, all, mean: the recipe; residual-masking: with the seed's
-masking + MVM in 2b–2d) into `WORLD_BENCH_CACHE` (default benchmarks/world-runs), so runs can go side by side;
+masking + MVM in stage 2) into `WORLD_BENCH_CACHE` (default benchmarks/world-runs), so runs can go side by side;
 the suite uses the runs found there.
 
 - `temporal_accuracy_all_vs_mean`: video_input all, residual and mean. Mean pooling is invariant to time
   reversal, so it can at best tell the axis of motion (≤ 0.55 on four directions); all frame tokens in the LLM
   (and the global-local residual input) can tell left from right. Value: direction accuracy of `all` minus `mean`.
-- `mvm_masking_effect`: residual with vs without dynamic masking + MVM (stages 2b–2d): held-out accuracy, and
+- `mvm_masking_effect`: residual with vs without dynamic masking + MVM (stage 2): held-out accuracy, and
   accuracy when the clip is sampled at fewer (4) or more (16) frames than in training (8). Value: mean accuracy
   over the three frame counts with masking minus without.
 """

@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default=None, help="where the model goes (default: the shipped stllm/world/demo_model)")
     dm.add_argument("--video-input", choices=["all", "mean", "residual"], default="residual")
     dm.add_argument("--stage1", default=None, help="reuse this pretrained vision tower instead of stage 1")
-    dm.add_argument("--set", action="append", metavar="KEY=VALUE", help="stage-2b/2c (world.yaml) override")
+    dm.add_argument("--set", action="append", metavar="KEY=VALUE", help="stage-2 (world.yaml) override")
     dm.add_argument("--no-progress", action="store_true")
     dm.set_defaults(func=cmd_demo_model)
 

@@ -82,19 +82,67 @@ def load_samples(config: TrainConfig, timeout_s: float = 120.0) -> tuple[list[Sa
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train in this process, or with `config.workers` > 1 in that many Ray Train workers (`train_worker`)."""
+    if config.workers > 1:
+        return _train_with_ray(config, resume)
+    return train_worker(config, resume, progress)
+
+
+def train_worker(config: TrainConfig, resume: bool = False, progress: bool = True, rank: int = 0,
+                 world_size: int = 1) -> dict[str, Any]:
+    """One training process: every rank decodes the manifest (samples are indexed the same way on all)."""
     from stllm.training.trainer import Trainer
 
     samples, skipped = load_samples(config)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "skipped.jsonl", "w") as f:
-        for s in skipped:
-            f.write(json.dumps(s) + "\n")
-    trainer = Trainer(config, samples)
+    if rank == 0:
+        with open(out / "skipped.jsonl", "w") as f:
+            for s in skipped:
+                f.write(json.dumps(s) + "\n")
+    trainer = Trainer(config, samples, rank=rank, world_size=world_size)
     last = trainer.train(resume=resume, progress=progress)
-    return {"samples": len(samples), "skipped": len(skipped), "steps": trainer.step,
-            "total_steps": trainer.total_steps, "trainable": trainer.trainable, "last": last,
-            "model": str(out / "final") if trainer.step >= trainer.total_steps else None}
+    report = {"samples": len(samples), "skipped": len(skipped), "steps": trainer.step,
+              "total_steps": trainer.total_steps, "trainable": trainer.trainable, "last": last,
+              "model": str(out / "final") if trainer.step >= trainer.total_steps else None}
+    if rank == 0:
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
-__all__ = ["load_samples", "load_train_config", "train"]
+def _ray_worker_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
+    from stllm.training.config import TrainConfig
+
+    ctx = ray.train.get_context()
+    train_worker(TrainConfig.model_validate(loop_config["config"]), loop_config["resume"], progress=False,
+                 rank=ctx.get_world_rank(), world_size=ctx.get_world_size())
+
+
+def _train_with_ray(config: TrainConfig, resume: bool) -> dict[str, Any]:
+    """Ray Train's TorchTrainer starts the workers and their process group (gloo on CPU, NCCL on GPUs); the
+    cluster is `RAY_ADDRESS` or a local one."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    use_gpu = config.device == "cuda" or (config.device == "auto" and bool(ray.cluster_resources().get("GPU")))
+    # workers start in folders of their own: local paths go to them absolute
+    config = config.model_copy(update={k: os.path.abspath(getattr(config, k)) for k in ("model", "manifest", "output")
+                                       if "://" not in getattr(config, k)})
+    out = Path(config.output)
+    trainer = TorchTrainer(_ray_worker_loop, train_loop_config={"config": config.model_dump(), "resume": resume},
+                           scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
+                           run_config=RunConfig(name="train", storage_path=str(out / "ray")))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return json.loads((out / "report.json").read_text())  # rank 0's
+
+
+__all__ = ["load_samples", "load_train_config", "train", "train_worker"]

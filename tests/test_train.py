@@ -167,7 +167,7 @@ def test_the_example_config_parses() -> None:
     config = load_train_config(Path(__file__).parent.parent / "jobs" / "training" / "world.yaml", ["max_steps=5"])
     assert Path(config.model, "config.json").is_file()  # `tiny`: the demo's model, built when missing
     assert config.freeze == ["vision", "qformer"] and config.max_steps == 5
-    assert not config.masking and config.repeat == {"direction": 4}  # the world recipe trains without masking
+    assert config.masking and config.repeat == {"direction": 4}  # the seed's objective, direction 4×
 
 
 def test_a_small_frame_tiny_model_builds_trains_and_answers(tmp_path) -> None:
@@ -222,3 +222,38 @@ def test_the_batched_video_tokens_equal_one_clip_at_a_time(tiny_dir, world, tmp_
         single = [trainer.model.embed_video(pv, ids, m) for pv, (ids, m) in zip(pvs, q_inputs, strict=True)]
     for b, s in zip(batched, single, strict=True):
         torch.testing.assert_close(b, s, atol=1e-5, rtol=1e-4)
+
+
+def test_two_ray_train_workers_take_the_one_process_step(tiny_dir, world, tmp_path) -> None:
+    """Data parallel through Ray Train (2 CPU workers, gloo): each rank takes half of every batch and the
+    gradients are averaged, so with deterministic inputs (no masking, the evaluation frames, answers of equal
+    length) the weights after 3 steps equal one process's; rank 0 alone writes, and the folder loads."""
+    from pathlib import Path
+
+    import ray
+
+    from pipeline.train import train
+    from stllm.hf_engine import HFEngine
+
+    sets = ("max_steps=3", "masking=false", "frame_sampling=original", "crop_scale=null", "qtypes=[colour]",
+            "save_every=2")
+    one = train(_config(tiny_dir, world, tmp_path / "one", *sets), progress=False)
+    try:
+        two = train(_config(tiny_dir, world, tmp_path / "two", *sets, "workers=2"), progress=False)
+    finally:
+        ray.shutdown()
+    assert one["steps"] == two["steps"] == 3 and two["samples"] == one["samples"] == 8
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "two"))
+    start = load_file(Path(tiny_dir) / "model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a if k.startswith("language_model."))  # it trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4)
+    lines = _metrics(tmp_path / "two")
+    assert [m["step"] for m in lines] == [1, 2, 3]  # one writer
+    assert [round(m["loss"], 4) for m in lines] == [round(m["loss"], 4) for m in _metrics(tmp_path / "one")]
+    assert [p.name for p in (tmp_path / "two").glob("checkpoint-*")] == ["checkpoint-0000002"]
+    HFEngine.from_pretrained(str(tmp_path / "two" / "final"), dtype="float32", device="cpu")
+    with pytest.raises(Exception, match="multiple of workers"):
+        _config(tiny_dir, world, tmp_path / "three", "batch_size=3", "workers=2")

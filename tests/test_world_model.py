@@ -21,9 +21,9 @@ from stllm.world.render import chroma_420, render
 from stllm.world.scenes import COLOURS, DIRECTIONS, QUESTIONS, SHAPES, SIZES, SPEEDS, sample_scene
 
 GOALS = {"colour": 0.95, "shape": 0.95, "direction": 0.90}  # issue 10, held-out clips from fresh seeds
-# What the shipped model reaches (its eval.json: colour 0.48, shape 0.52, size 1.00, direction 1.00, caption
-# 0.45 on 100 held-out clips): colour and shape are below the goal (README), so they are held to above chance.
-FLOORS = {"direction": 0.90, "size": 0.90, "colour": 0.30, "shape": 0.38, "caption": 0.25}
+# Beside the goals, size and captions (exact match of the whole sentence, no goal) are held to what the shipped
+# model shows with a margin (its eval.json on 100 held-out clips; README).
+FLOORS = {**GOALS, "size": 0.90, "caption": 0.50}
 FRESH_SEED = 4242  # a seed `make demo-model` never trains or evaluates on
 
 
@@ -148,7 +148,7 @@ def test_the_recipe_runs_every_stage_and_records_itself(tmp_path):
     assert report["stage1"]["language"]["step"] == 3 and set(report["stage1"]["language_answer_type_mass"]) == {
         "colour", "shape", "size", "direction"}
     recorded = json.loads((tmp_path / "model" / "recipe.json").read_text())
-    assert recorded["stage2"]["repeat"] == {"direction": 4} and not recorded["stage2"]["masking"]
+    assert recorded["stage2"]["repeat"] == {"direction": 4} and recorded["stage2"]["masking"]
     assert recorded["stage2"]["freeze"] == ["vision", "qformer"] and recorded["stage2"]["max_steps"] == 2
     assert recorded["recipe"]["pretrain"]["steps"] == 2 and recorded["recipe"]["language"]["steps"] == 3
     engine = load_engine("hf", str(tmp_path / "model"), device="cpu")
@@ -169,11 +169,10 @@ def test_shipped_model_is_small_and_says_how_it_was_made():
     weights = folder / "model.safetensors"
     assert weights.stat().st_size <= 25 * 2**20
     recipe = json.loads((folder / "recipe.json").read_text())
-    assert recipe["recipe"]["seed"] == 0 and recipe["stage2b"]["freeze"] == ["vision", "qformer"]
-    assert recipe["stage2a"]["qtypes"] == ["direction"] and recipe["stage2c"]["max_steps"] == 800
+    assert recipe["recipe"]["seed"] == 0 and recipe["stage2"]["freeze"] == ["vision", "qformer"]
+    assert recipe["recipe"]["language"]["steps"] > 0 and recipe["recipe"]["pretrain"]["steps"] > 0
     recorded = json.loads((folder / "eval.json").read_text())["eval"]["heldout"]["accuracy"]
     assert all(recorded[q] >= g for q, g in FLOORS.items()), recorded
-    assert recorded["direction"] >= GOALS["direction"]  # the temporal goal is met; colour and shape not yet
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(default=10, ge=1)
     seed: int = 0
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    workers: int = Field(default=1, ge=1, description="data-parallel training processes (Ray Train; one GPU each "
+                         "where there are GPUs): each takes batch_size / workers samples of every step")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -76,6 +78,8 @@ class TrainConfig(_Strict):
         for qtype, times in self.repeat.items():
             if times < 1:
                 raise ValueError(f"repeat.{qtype} must be >= 1, got {times}")
+        if self.batch_size % self.workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of workers ({self.workers})")
         if self.lora.enabled and "llm" in self.freeze:
             raise ValueError("lora.enabled trains adapters on the LLM: remove 'llm' from freeze")
         return self

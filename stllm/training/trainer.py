@@ -4,6 +4,11 @@ every N steps and `resume`, metrics in `metrics.jsonl`, a progress bar; the fina
 Determinism (so a resumed run continues the same loss curve): the sample order of epoch e is a permutation
 seeded by (seed, e); the frames, crop, mask ratio and kept tokens of optimizer step s are drawn from
 generators seeded by (seed, s). A checkpoint holds the weights, the optimizer, the scheduler and the step.
+
+Data parallel (`workers` > 1, started by `pipeline.train` through Ray Train, which sets up torch.distributed):
+rank r takes every `world_size`-th sample of each micro-batch and draws its random choices from (seed, s, r);
+the gradients are averaged over the ranks before clipping, so every rank takes the same step. Rank 0 alone
+writes metrics, checkpoints and the final model; every rank resumes from them (one machine, or shared storage).
 """
 
 from __future__ import annotations
@@ -108,11 +113,12 @@ def _device_dtype(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, samples: Sequence[Sample]):
+    def __init__(self, config: TrainConfig, samples: Sequence[Sample], rank: int = 0, world_size: int = 1):
         if not samples:
             raise ValueError("no training samples (every sample failed to decode, or the manifest is empty)")
         self.config = config
         self.samples = list(samples)
+        self.rank, self.world_size = rank, world_size
         self.out = Path(config.output)
         self.device, self.dtype = _device_dtype(config)
         self.processor = STLLMProcessor.from_pretrained(config.model)
@@ -183,8 +189,17 @@ class Trainer:
             answers.append(self._answer_ids(s.answer))
         ratio = (cfg.mask_ratio if cfg.masking else 0.0)
         tokens = self._video_tokens(pvs, q_inputs)
-        return training_loss(self.model, torch.stack(tokens), prompts, answers, mask_ratio=ratio,
-                             generator=generator, mvm=cfg.masking)
+        out = training_loss(self.model, torch.stack(tokens), prompts, answers, mask_ratio=ratio,
+                            generator=generator, mvm=cfg.masking)
+        if self.world_size > 1:  # the LM loss is a mean over answer tokens: weigh this rank's by its share of them
+            import torch.distributed as dist
+
+            counts = torch.tensor(float(sum(len(a) for a in answers)), device=self.device)
+            local = counts.item()
+            dist.all_reduce(counts)
+            out.lm_loss = out.lm_loss * (local * self.world_size / counts.item())  # averaged over ranks: exact
+            out.loss = out.lm_loss + (out.mvm_loss if out.mvm_loss is not None else 0)
+        return out
 
     def _video_tokens(self, pvs: list[torch.Tensor], q_inputs: list[tuple[torch.Tensor, torch.Tensor]]
                       ) -> list[torch.Tensor]:
@@ -208,32 +223,38 @@ class Trainer:
         many steps of this call (a run that is cut off). Returns the final metrics."""
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
+        main = self.rank == 0
         if resume:
             self._load_latest()
-        elif not self._started and (list(self.out.glob("checkpoint-*")) or (self.out / "metrics.jsonl").exists()):
+        elif main and not self._started and (list(self.out.glob("checkpoint-*"))
+                                             or (self.out / "metrics.jsonl").exists()):
             raise ValueError(f"{self.out} holds an earlier run: --resume it, or give another output")
         self._started = True
-        (self.out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
+        if main:
+            (self.out / "train_config.json").write_text(cfg.model_dump_json(indent=2))
         self.model.train()
         self._frozen_modules_eval()
         bar = None
-        if progress:
+        if progress and main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         done_here, window, t_window = 0, [], time.perf_counter()
         last: dict[str, Any] = {}
         while self.step < self.total_steps and (stop_after is None or done_here < stop_after):
-            rng = np.random.default_rng([cfg.seed, _STEP_STREAM, self.step])
+            rng = np.random.default_rng([cfg.seed, _STEP_STREAM, self.step, self.rank])  # rank 0: (seed, s)
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
             torch.manual_seed(int(rng.integers(2**62)))  # dropout, if any
             self.optimizer.zero_grad(set_to_none=True)
             parts = []
             for micro in range(cfg.grad_accum):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-                    out = self._micro_step(self._batch_indices(self.step, micro), rng, generator)
+                    shard = self._batch_indices(self.step, micro)[self.rank::self.world_size]
+                    out = self._micro_step(shard, rng, generator)
                 (out.loss / cfg.grad_accum).backward()
                 parts.append(out)
+            if self.world_size > 1:
+                self._average_gradients()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                cfg.max_grad_norm)
@@ -242,32 +263,53 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             done_here += 1
-            loss = sum(p.loss.item() for p in parts) / len(parts)
-            lm = sum(p.lm_loss.item() for p in parts) / len(parts)
-            mvm = [p.mvm_loss.item() for p in parts if p.mvm_loss is not None]
+            loss, lm, mvm = self._step_losses(parts)
             window.append(loss)
             last = {"step": self.step, "loss": round(loss, 6), "lm_loss": round(lm, 6),
-                    "mvm_loss": round(sum(mvm) / len(mvm), 6) if mvm else None, "lr": lr,
+                    "mvm_loss": round(mvm, 6) if mvm is not None else None, "lr": lr,
                     "mask_ratio": round(parts[-1].mask_ratio, 4)}
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - t_window
                 last["samples_per_s"] = round(len(window) * cfg.batch_size * cfg.grad_accum / max(elapsed, 1e-9), 2)
                 window, t_window = [], time.perf_counter()
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(last) + "\n")
+            if main:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(last) + "\n")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **(
                     {"samples/s": last["samples_per_s"]} if "samples_per_s" in last else {}))
-            if self.step % cfg.save_every == 0 and self.step < self.total_steps:
+            if main and self.step % cfg.save_every == 0 and self.step < self.total_steps:
                 self._save_checkpoint()
         if bar is not None:
             bar.close()
-        if self.step >= self.total_steps:
+        if main and self.step >= self.total_steps:
             self.save_model(self.out / "final")
-        elif self._saved_step != self.step:
+        elif main and self._saved_step != self.step:
             self._save_checkpoint()
         return last
+
+    def _average_gradients(self) -> None:
+        import torch.distributed as dist
+
+        for p in self.model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world_size
+
+    def _step_losses(self, parts: list[Any]) -> tuple[float, float, float | None]:
+        """(loss, LM loss, MVM loss or None) of a step: the mean over its micro-batches and the ranks."""
+        mvm = [p.mvm_loss.detach() for p in parts if p.mvm_loss is not None]
+        values = torch.stack([torch.stack([p.loss.detach() for p in parts]).mean(),
+                              torch.stack([p.lm_loss.detach() for p in parts]).mean(),
+                              torch.stack(mvm).mean() if mvm else torch.zeros((), device=parts[0].loss.device)])
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(values)
+            values /= self.world_size
+        loss, lm, m = values.float().tolist()
+        return loss, lm, (m if mvm else None)
 
     def _frozen_modules_eval(self) -> None:
         """Frozen towers run in eval mode, as the original's `disabled_train`: no Q-Former dropout noise on
@@ -308,14 +350,15 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         metrics = self.out / "metrics.jsonl"
-        if metrics.exists():  # drop what was logged after that checkpoint (the run went on, then died)
+        if self.rank == 0 and metrics.exists():  # drop what was logged after that checkpoint (the run died later)
             kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= self.step]
             metrics.write_text("".join(line + "\n" for line in kept))
 
     def _run_facts(self) -> dict[str, int]:
         """What fixes the data order and the schedule: a resumed run must have the same."""
-        return {"samples": len(self.samples), "batch_size": self.config.batch_size,
-                "grad_accum": self.config.grad_accum, "total_steps": self.total_steps, "seed": self.config.seed}
+        facts = {"samples": len(self.samples), "batch_size": self.config.batch_size,
+                 "grad_accum": self.config.grad_accum, "total_steps": self.total_steps, "seed": self.config.seed}
+        return facts | ({"workers": self.world_size} if self.world_size > 1 else {})  # each rank draws its own
 
     def save_model(self, dst: Path) -> Path:
         """The trained model in the project's format (LoRA merged): loads in the hf and vLLM engines."""
