@@ -106,7 +106,7 @@ def test_vision_pretraining_trains_the_vision_tower_only_and_learns():
 
 
 def test_language_pretraining_teaches_the_question_and_trains_the_llm_only():
-    """Stage 1b: without video the LLM learns which kind of word answers which question (it could not before)."""
+    """The language stage: without video the LLM learns which kind of word answers which question."""
     from stllm.world.language import LanguageConfig, answer_type_mass, pretrain_language, world_transcripts
 
     pairs = world_transcripts()
@@ -131,25 +131,28 @@ def test_rendering_a_subset_of_frames_equals_those_frames():
 
 
 def test_the_recipe_runs_every_stage_and_records_itself(tmp_path):
-    """`make demo-model`'s wiring at toy size: synth → stage 1 → 1b → stage 2 → eval → a folder that loads."""
+    """`make demo-model`'s wiring at toy size: synth → stage 1 → 2a → language → 2b → eval → a folder that loads."""
     from pipeline.world_model import Stage2Step, WorldRecipe, build_demo_model
     from stllm.engines import load_engine
     from stllm.world.language import LanguageConfig
 
+    with pytest.raises(ValueError, match="names no stage-2 step"):
+        WorldRecipe(stage2=[Stage2Step(name="only", config="world.yaml")])
     recipe = WorldRecipe(train_clips=3, eval_clips=2, pretrain=PretrainConfig(steps=2, batch_size=4),
                          language=LanguageConfig(steps=3, batch_size=4),
-                         stage2=[Stage2Step(name="stage2", config="world.yaml"),
-                                 Stage2Step(name="more", config="world.yaml", overrides=["repeat={}"])],
                          stage2_overrides=["max_steps=2", "batch_size=2", "save_every=100"])
     report = build_demo_model(tmp_path / "work", tmp_path / "model", recipe, progress=False)
-    assert report["stage2"]["steps"] == 2 and report["stage2"]["samples"] == 3 * 2 * (5 + 3)  # pairs × (direction 4×)
-    assert report["more"]["samples"] == 3 * 2 * 5  # a step's own overrides, then the recipe's
+    assert report["stage2a"]["steps"] == 2 and report["stage2a"]["samples"] == 3 * 2  # direction rows only
+    assert report["stage2b"]["steps"] == 2 and report["stage2b"]["samples"] == 3 * 2 * (5 + 3)  # direction 4×
     assert set(report["eval"]) == {"heldout", "unseen"} and "heldout_frames" in report["stage1"]
     assert report["stage1"]["language"]["step"] == 3 and set(report["stage1"]["language_answer_type_mass"]) == {
         "colour", "shape", "size", "direction"}
+    assert (tmp_path / "work" / "language" / "config.json").is_file()
     recorded = json.loads((tmp_path / "model" / "recipe.json").read_text())
-    assert recorded["stage2"]["repeat"] == {"direction": 4} and recorded["stage2"]["masking"]
-    assert recorded["stage2"]["freeze"] == ["vision", "qformer"] and recorded["stage2"]["max_steps"] == 2
+    assert recorded["stage2a"]["qtypes"] == ["direction"] and not recorded["stage2a"]["masking"]
+    assert recorded["stage2b"]["repeat"] == {"direction": 4} and recorded["stage2b"]["masking"]
+    assert recorded["stage2b"]["freeze"] == ["vision", "qformer"] and recorded["stage2b"]["max_steps"] == 2
+    assert recorded["stage2b"]["model"] == str(tmp_path / "work" / "language")  # 2b starts from the language stage
     assert recorded["recipe"]["pretrain"]["steps"] == 2 and recorded["recipe"]["language"]["steps"] == 3
     engine = load_engine("hf", str(tmp_path / "model"), device="cpu")
     try:
@@ -169,7 +172,8 @@ def test_shipped_model_is_small_and_says_how_it_was_made():
     weights = folder / "model.safetensors"
     assert weights.stat().st_size <= 25 * 2**20
     recipe = json.loads((folder / "recipe.json").read_text())
-    assert recipe["recipe"]["seed"] == 0 and recipe["stage2"]["freeze"] == ["vision", "qformer"]
+    assert recipe["recipe"]["seed"] == 0 and recipe["stage2b"]["freeze"] == ["vision", "qformer"]
+    assert recipe["stage2a"]["qtypes"] == ["direction"] and recipe["stage2b"]["masking"]
     assert recipe["recipe"]["language"]["steps"] > 0 and recipe["recipe"]["pretrain"]["steps"] > 0
     recorded = json.loads((folder / "eval.json").read_text())["eval"]["heldout"]["accuracy"]
     assert all(recorded[q] >= g for q, g in FLOORS.items()), recorded
