@@ -5,9 +5,9 @@
    the stand-in for EVA-CLIP/BLIP-2 pretraining);
 3. stage 2 (`stllm-index train` with `jobs/training/world.yaml`): ST-LLM fine-tuning on the clips, ViT and
    Q-Former frozen as in the original, the LLM + projection + global-local MLP + MVM decoder trained: 2a the
-   direction question alone (`TEMPORAL_OVERRIDES` say why), then stage 1b (`stllm.world.language`: the LLM
-   learns the world's language from its transcripts, without video — the stand-in for Vicuna's pretraining),
-   then 2b every question with the seed's objective (dynamic masking + MVM);
+   direction question alone (`TEMPORAL_OVERRIDES` say why), then the language stage (`stllm.world.language`: a
+   fresh LLM around 2a's projection learns the world's language from its transcripts, without video — the
+   stand-in for Vicuna's pretraining), then 2b every question with the seed's objective (masking + MVM);
 4. `eval` on the held-out and unseen clips in the hf engine; the folder, `recipe.json` and `eval.json` go to
    `dst` (the shipped copy is `stllm/world/demo_model/`).
 """
@@ -40,10 +40,12 @@ class Stage2Step(BaseModel):
     overrides: list[str] = Field(default_factory=list)
 
 
-# Stage 2a: the direction question alone, without masking, from the fresh LLM. A clip and its reverse hold the same
+# Stage 2a: the direction question alone, without masking, from a fresh LLM. A clip and its reverse hold the same
 # frames, so while attention is spread evenly there is no gradient towards temporal order: mixed with the other
-# questions the LLM stayed on that plateau (ln 2) for 1,000–1,500 steps, and so it did after learning the
-# language first; from a fresh LLM, alone, it leaves it after ~300 steps (measured).
+# questions the LLM stayed on that plateau (ln 2) for 1,000–1,500 steps, and so did an LLM that had learned the
+# language first; a fresh one, alone, leaves it after ~300 steps (measured). What 2b keeps of 2a is the
+# projection it trained: the language stage starts a fresh LLM around it — on 2a's own LLM it wiped the direction
+# skill (held-out 0.93 → 0.17) and 2b then stayed on a plateau; around 2a's projection, 2b learns every question.
 TEMPORAL_OVERRIDES = ["qtypes=[direction]", "repeat={}", "lr=3e-3", "lr_schedule=constant", "warmup_ratio=0",
                       "masking=false", "max_steps=500"]
 
@@ -79,6 +81,17 @@ class WorldRecipe(BaseModel):
         return self
 
 
+def fresh_llm_around(folder: str | Path, recipe: WorldRecipe) -> tuple[Any, Any]:
+    """The recipe's untrained model with the vision tower, Q-Former and projection of `folder`."""
+    from stllm.modeling_stllm import STLLMForConditionalGeneration
+    from stllm.world.model import build_world_model
+
+    model, processor = build_world_model(seed=recipe.seed, video_input=recipe.video_input)
+    trained = STLLMForConditionalGeneration.from_pretrained(folder).state_dict()
+    model.load_state_dict({k: v for k, v in trained.items() if k.startswith(PRETRAINED_PREFIXES)}, strict=False)
+    return model, processor
+
+
 def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe | None = None,
                      progress: bool = True, stage1: str | Path | None = None) -> dict[str, Any]:
     """Run the recipe in `workdir`; the trained folder lands in `dst`. `stage1`: reuse the pretrained vision
@@ -87,8 +100,6 @@ def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe |
     from pipeline.train import load_train_config, train
     from pipeline.world import evaluate, synth
     from stllm.loading import save_model_folder
-    from stllm.modeling_stllm import STLLMForConditionalGeneration
-    from stllm.processing_stllm import STLLMProcessor
     from stllm.world.language import answer_type_mass, pretrain_language
     from stllm.world.model import build_world_model
     from stllm.world.pretrain import VisionPretrainer
@@ -115,17 +126,15 @@ def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe |
         stage1 = save_model_folder(model, processor, work / "stage1")
         (work / "stage1.json").write_text(json.dumps(stage1_report, indent=2))
     else:  # the vision tower of another run (stage 1's, or a trained model's: stage 2 keeps it) + a fresh LLM
-        model, processor = build_world_model(seed=recipe.seed, video_input=recipe.video_input)
-        trained = STLLMForConditionalGeneration.from_pretrained(stage1).state_dict()
-        model.load_state_dict({k: v for k, v in trained.items() if k.startswith(PRETRAINED_PREFIXES)}, strict=False)
+        model, processor = fresh_llm_around(stage1, recipe)
         stage1 = save_model_folder(model, processor, work / "stage1")
     times["stage1_s"] = time.perf_counter() - t
 
     def language(start: Path) -> Path:
-        """The language stage (stllm/world/language.py): the LLM learns the world's language, without video."""
+        """The language stage (stllm/world/language.py): a fresh LLM around `start`'s vision tower and projection
+        learns the world's language, without video."""
         t = time.perf_counter()
-        model = STLLMForConditionalGeneration.from_pretrained(start)
-        processor = STLLMProcessor.from_pretrained(start)
+        model, processor = fresh_llm_around(start, recipe)
         (work / "language.jsonl").unlink(missing_ok=True)
         stage1_report["language"] = pretrain_language(model, processor, recipe.language, log=work / "language.jsonl")
         stage1_report["language_answer_type_mass"] = answer_type_mass(model, processor)
