@@ -126,6 +126,8 @@ def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe |
         stage1 = save_model_folder(model, processor, work / "stage1")
         (work / "stage1.json").write_text(json.dumps(stage1_report, indent=2))
     else:  # the vision tower of another run (stage 1's, or a trained model's: stage 2 keeps it) + a fresh LLM
+        reused = Path(stage1).parent / "stage1.json"  # that run's stage-1 report, where it left one
+        stage1_report.update(json.loads(reused.read_text()) if reused.is_file() else {})
         model, processor = fresh_llm_around(stage1, recipe)
         stage1 = save_model_folder(model, processor, work / "stage1")
     times["stage1_s"] = time.perf_counter() - t
