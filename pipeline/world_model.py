@@ -43,11 +43,12 @@ class Stage2Step(BaseModel):
 # Stage 2a: the direction question alone, without masking, from a fresh LLM. A clip and its reverse hold the same
 # frames, so while attention is spread evenly there is no gradient towards temporal order: mixed with the other
 # questions the LLM stayed on that plateau (ln 2) for 1,000–1,500 steps, and so did an LLM that had learned the
-# language first; a fresh one, alone, leaves it after ~300 steps (measured). What 2b keeps of 2a is the
+# language first; a fresh one, alone, leaves it after 300–450 steps, or later: the same run on one thread
+# instead of two was still on it at 500 — hence 1,500 steps (measured). What 2b keeps of 2a is the
 # projection it trained: the language stage starts a fresh LLM around it — on 2a's own LLM it wiped the direction
 # skill (held-out 0.93 → 0.17) and 2b then stayed on a plateau; around 2a's projection, 2b learns every question.
 TEMPORAL_OVERRIDES = ["qtypes=[direction]", "repeat={}", "lr=3e-3", "lr_schedule=constant", "warmup_ratio=0",
-                      "masking=false", "max_steps=500"]
+                      "masking=false", "max_steps=1500"]
 
 
 def _default_stage2() -> list[Stage2Step]:

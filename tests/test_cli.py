@@ -82,6 +82,14 @@ def test_demo_twice_succeeds_and_says_nothing_was_new(tmp_path):
     first = _cli("demo", timeout=600, env=env)
     assert first.returncode == 0, first.stderr
     assert "indexed" in first.stdout and "nothing new" not in first.stdout
+    # the shipped world model describes its clips: captions graded against the truth, a search finds what it asks
+    import re
+
+    text = " ".join(first.stdout.split())
+    right = re.search(r"(\d+)/8 captions exactly right", text)
+    assert right and int(right.group(1)) >= 6, text
+    query = re.search(r"search \(full text: '([a-z]+) ([a-z]+)'\) (\{.*?\})", text)
+    assert query and f"{query.group(1)} {query.group(2)}" in query.group(3), text
     again = _cli("demo", timeout=600, env=env)
     assert again.returncode == 0, again.stderr
     assert "nothing new: all 8 clips were already indexed" in " ".join(again.stdout.split())
