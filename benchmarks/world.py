@@ -34,13 +34,13 @@ TRAIN_CLIPS, EVAL_CLIPS = 600, 100
 
 def _train_and_eval(work: Path, mode: str, masking: bool, stage1: Path | None,
                     frame_counts: tuple[int, ...] = (8,)) -> dict[str, Any]:
-    from pipeline.world_model import TEMPORAL_OVERRIDES, Stage2Step, WorldRecipe, build_demo_model
+    from pipeline.world_model import WorldRecipe, build_demo_model
 
-    last = Stage2Step(name="stage2b", config="world.yaml", overrides=[f"masking={str(masking).lower()}",
-                                                                      *([f"max_steps={STEPS}"] if STEPS else [])])
+    steps = WorldRecipe().stage2  # the recipe's 2a and 2b; masking (and WORLD_BENCH_STEPS) in 2b only
+    last = steps[-1].model_copy(update={"overrides": [*steps[-1].overrides, f"masking={str(masking).lower()}",
+                                                      *([f"max_steps={STEPS}"] if STEPS else [])]})
     recipe = WorldRecipe(video_input=mode, train_clips=TRAIN_CLIPS, eval_clips=EVAL_CLIPS,
-                         stage2=[Stage2Step(name="stage2a", config="world.yaml", overrides=TEMPORAL_OVERRIDES), last],
-                         stage2_overrides=["save_every=100000"])
+                         stage2=[*steps[:-1], last], stage2_overrides=["save_every=100000"])
     model = work / "model"
     report = build_demo_model(work, model, recipe, progress=False, stage1=stage1)
     if stage1 is None:  # the next runs reuse this vision tower

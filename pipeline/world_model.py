@@ -27,7 +27,6 @@ from stllm.world.pretrain import PretrainConfig
 
 PRETRAINED_PREFIXES = ("vision_model.", "qformer.", "query_tokens", "language_projection.")
 _CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "training"
-STAGE2_CONFIG = _CONFIGS / "world.yaml"
 
 
 class Stage2Step(BaseModel):
@@ -176,4 +175,4 @@ def build_demo_model(workdir: str | Path, dst: str | Path, recipe: WorldRecipe |
     return result
 
 
-__all__ = ["STAGE2_CONFIG", "TEMPORAL_OVERRIDES", "Stage2Step", "WorldRecipe", "build_demo_model"]
+__all__ = ["TEMPORAL_OVERRIDES", "Stage2Step", "WorldRecipe", "build_demo_model"]
