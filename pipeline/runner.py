@@ -114,8 +114,12 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
         return ds.map_batches(
             ModelStage if rt.model_batches_in_flight > 1 else OneBatchModelStage, batch_format="pandas",
             batch_size=rt.batch_size,
+            # Ray runs an actor's calls one at a time unless told otherwise, and a call holds one bundle (often
+            # one batch): the calls themselves must overlap (actor concurrency, as Ray Data LLM sets it), with
+            # as many more queued behind them so the next batch is already there when one finishes.
             compute=ActorPoolStrategy(size=rt.model_pool_size,
-                                      max_tasks_in_flight_per_actor=rt.model_batches_in_flight),
+                                      max_concurrent_calls_per_actor=rt.model_batches_in_flight,
+                                      max_tasks_in_flight_per_actor=2 * rt.model_batches_in_flight),
             num_gpus=rt.num_gpus_per_actor,
             num_cpus=rt.model_cpus,
             fn_constructor_kwargs=dict(
@@ -123,6 +127,7 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
                 caption_prompt=job.caption_prompt, questions=list(job.questions),
                 options=job.generation_options(), engine_kwargs=job.model.engine_kwargs,
                 embedder=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
+                batches_in_flight=rt.model_batches_in_flight,
             ),
             # A model actor that died (or exited because its engine broke) is restarted, its batch retried.
             ray_remote_args_fn=restarts,

@@ -207,7 +207,7 @@ class ModelStage:
 
     def __init__(self, engine: str, model_path: str, dtype: str | None, device: str, caption_prompt: str,
                  questions: list[str], options: Any, engine_kwargs: dict[str, Any] | None = None,
-                 embedder: dict[str, Any] | None = None):
+                 embedder: dict[str, Any] | None = None, batches_in_flight: int = 4):
         from pipeline.paths import resolve_model_path
         from stllm.engines import load_engine
 
@@ -217,6 +217,9 @@ class ModelStage:
         self.options = options  # stllm.engine.GenerationOptions
         self._cpu0: float | None = None
         self.embed = EmbedStage(**embedder) if embedder is not None else None
+        # Ray Data may hand over more batches than that (each call runs a few of its bundle's batches at once):
+        # the rest wait here, not in the engine's queue.
+        self._slots = asyncio.Semaphore(batches_in_flight)
         if self.engine.kind == "vllm":
             # The model runs in vLLM's own worker processes; what runs here (the text embedder, beside the
             # engine's steps) takes one thread, so it does not fight the engine's worker for its cores.
@@ -251,7 +254,8 @@ class ModelStage:
         visual: list[list[float] | None] = [None] * len(batch)
         errors = {f: list(batch[f]) for f in ERROR_FIELDS}
         try:
-            results = await asyncio.wrap_future(self.engine.submit(requests, self.options)) if requests else []
+            async with self._slots:
+                results = await asyncio.wrap_future(self.engine.submit(requests, self.options)) if requests else []
         except Exception as e:  # noqa: BLE001 — a broken batch fails its rows, not the job
             self._exit_if_engine_broke(e)
             results = []
