@@ -96,11 +96,34 @@ def _half_rates(completed: list[list[float]]) -> tuple[float, float]:
     return half / half_t, (total - half) / max(end - half_t, 1e-9)
 
 
-def _engine_alone(clips: Path, n: int, max_seqs: int) -> tuple[float, float]:
-    """videos/s of the engine given the videos' requests in one call (decoded beforehand): (cold, warm) — the
-    first n/2 on a fresh engine, then the other n/2."""
+def _warm_half_cpu(marks: list[list[float]], completed: list[list[float]]) -> dict[str, float]:
+    """CPU seconds per video over the stage's second half, split: the actor (vLLM's front end, our batches,
+    the embedder), its engine processes (vLLM's engine core and worker), and everything else (Ray, the driver).
+    `marks`: [s, actor, engine, machine] per finished batch, from the actor."""
+    done, total, half_t = 0, sum(n for _, n in completed), 0.0
+    for t, n in sorted(completed):
+        done += n
+        if done >= total / 2:
+            half_t = t
+            break
+    first = min(marks, key=lambda m: abs(m[0] - half_t))
+    last = marks[-1]
+    videos = total - done
+    own, engine, machine = (last[i] - first[i] for i in (1, 2, 3))
+    return _per_video({"own": own, "children": engine, "others": machine - own - engine}, videos)
+
+
+def _per_video(split: dict[str, float], videos: int) -> dict[str, float]:
+    names = {"own": "front_ms", "children": "engine_procs_ms", "others": "others_ms"}
+    return {names[k]: round(1000 * v / max(videos, 1), 2) for k, v in split.items()}
+
+
+def _engine_alone(clips: Path, n: int, max_seqs: int) -> tuple[float, float, dict[str, float]]:
+    """videos/s of the engine given the videos' requests in one call (decoded beforehand): (cold, warm, CPU ms
+    per video of the warm call) — the first n/2 on a fresh engine, then the other n/2."""
     from pipeline.decode import decode_video
     from pipeline.paths import ensure_tiny_model
+    from pipeline.proc_cpu import cpu_snapshot, cpu_split
     from stllm.engine import GenerationOptions, VideoRequest
     from stllm.vllm.engine import VLLMEngine
 
@@ -114,11 +137,13 @@ def _engine_alone(clips: Path, n: int, max_seqs: int) -> tuple[float, float]:
         rates = []
         for half in (reqs[: n // 2], reqs[n // 2:]):
             engine.llm.collective_rpc("stllm_clear_vit_cache")
+            before = cpu_snapshot()
             t0 = time.perf_counter()
             results = engine.generate(half, opts)
             rates.append(len(half) / (time.perf_counter() - t0))
+            cpu = _per_video(cpu_split(before, cpu_snapshot()), len(half))
             assert all(r.ok for r in results)
-        return rates[0], rates[1]
+        return rates[0], rates[1], cpu
     finally:
         engine.close()
 
@@ -131,7 +156,7 @@ def bench_feeding(videos: int = 96, batch_size: int = 4, max_seqs: int = 32) -> 
         clips.mkdir()
         for p in sorted(twice.glob("*.mp4"))[:videos]:
             os.link(p, clips / p.name)
-        cold_alone, alone = _engine_alone(twice, 2 * videos, max_seqs)
+        cold_alone, alone, alone_cpu = _engine_alone(twice, 2 * videos, max_seqs)
         before = _pipeline_stats(clips, tmp / "one", 1, batch_size, max_seqs)
         after = _pipeline_stats(clips, tmp / "many", 8, batch_size, max_seqs)
         ready = _stage_on_decoded(twice, tmp / "ready", 8, batch_size, max_seqs)
@@ -152,5 +177,8 @@ def bench_feeding(videos: int = 96, batch_size: int = 4, max_seqs: int = 32) -> 
             "stage_busy_fraction_inputs_ready": ready["busy_fraction"],
             "stage_inflight_mean_over_max": ready["inflight_mean_over_max"],
             "stage_actor_cpu_s": ready.get("actor_cpu_s"),
+            # CPU ms per video, warm: who took the cores (2 here) — the engine alone vs the stage's second half
+            "cpu_ms_per_video_engine_alone": alone_cpu,
+            "cpu_ms_per_video_stage": _warm_half_cpu(ready["cpu_marks"], ready["completed"]),
             "in_pipeline_ratio": round(videos / after["active_s"] / alone, 3)}),
     ]

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io.listing import SEGMENT, WORK
+from pipeline.proc_cpu import descendants, machine_busy_s, process_cpu_s
 from pipeline.redact import redact
 from schemas import flatten_answers
 
@@ -216,6 +217,9 @@ class ModelStage:
         self.prompts = [caption_prompt, *questions]
         self.options = options  # stllm.engine.GenerationOptions
         self._cpu0: float | None = None
+        self._first_call = 0.0
+        self._engine_pids: list[int] | None = None
+        self._cpu_marks: list[list[float]] = []
         self.embed = EmbedStage(**embedder) if embedder is not None else None
         # Ray Data may hand over more batches than that (each call runs a few of its bundle's batches at once):
         # the rest wait here, not in the engine's queue.
@@ -236,7 +240,7 @@ class ModelStage:
         t0 = time.perf_counter()
         if self._cpu0 is None:
             t = os.times()
-            self._cpu0 = t.user + t.system
+            self._cpu0, self._first_call = t.user + t.system, t0
         # A batch holding an error row turns the others' None into NaN: test with isna, not `is None`.
         kinds = batch["kind"] if "kind" in batch else pd.Series([WORK] * len(batch))
         todo = [i for i in range(len(batch))
@@ -294,6 +298,14 @@ class ModelStage:
             # this actor's own CPU since its first batch (the engine's processes are apart): what it takes from them
             t = os.times()
             stats["actor_cpu_s"] = round(t.user + t.system - (self._cpu0 or 0.0), 3)
+            # and, per finished batch, [s since the first call, this actor's, its engine processes', the
+            # machine's CPU seconds]: where a window's cores went (the benchmark takes the second half)
+            if self._engine_pids is None:
+                self._engine_pids = descendants(os.getpid())
+            cpu = [process_cpu_s(p) for p in (os.getpid(), *self._engine_pids)]
+            self._cpu_marks.append([round(time.perf_counter() - self._first_call, 4), cpu[0], sum(cpu[1:]),
+                                    machine_busy_s()])
+            stats["cpu_marks"] = self._cpu_marks
             with open(os.path.join(folder, f"engine-{os.getpid()}.json"), "w") as f:
                 json.dump(stats, f)
 
