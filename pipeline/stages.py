@@ -27,6 +27,7 @@ import pandas as pd
 from pipeline.io.listing import SEGMENT, WORK
 from pipeline.proc_cpu import descendants, machine_busy_s, process_cpu_s
 from pipeline.redact import redact
+from pipeline.text_batcher import TextBatcher
 from schemas import flatten_answers
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,8 @@ class ModelStage:
         # Ray Data may hand over more batches than that (each call runs a few of its bundle's batches at once):
         # the rest wait here, not in the engine's queue.
         self._slots = asyncio.Semaphore(batches_in_flight)
+        self._on_engine = 0  # batches handed to the engine and not answered yet
+        self.peak_on_engine = 0
         if self.engine.kind == "vllm":
             # The model runs in vLLM's own worker processes; what runs here (the text embedder, beside the
             # engine's steps) takes one thread, so it does not fight the engine's worker for its cores.
@@ -259,7 +262,13 @@ class ModelStage:
         errors = {f: list(batch[f]) for f in ERROR_FIELDS}
         try:
             async with self._slots:
-                results = await asyncio.wrap_future(self.engine.submit(requests, self.options)) if requests else []
+                self._on_engine += 1
+                self.peak_on_engine = max(self.peak_on_engine, self._on_engine)
+                try:
+                    results = (await asyncio.wrap_future(self.engine.submit(requests, self.options))
+                               if requests else [])
+                finally:
+                    self._on_engine -= 1
         except Exception as e:  # noqa: BLE001 — a broken batch fails its rows, not the job
             self._exit_if_engine_broke(e)
             results = []
@@ -286,7 +295,8 @@ class ModelStage:
         out["model_calls"] = calls  # rows the engine ran for (copies reuse a result: the count stays per content)
         out["model_s"] = (time.perf_counter() - t0) / max(len(batch), 1)
         if self.embed is not None:
-            out = await asyncio.to_thread(self.embed, out)  # off the event loop: other batches go on meanwhile
+            # on the embedder's thread, other batches go on meanwhile; it waits for their text while there is some
+            out = await self.embed.embed(out, more_coming=self._on_engine > 0)
         self._write_stats()
         _release_freed_memory()
         return out
@@ -294,7 +304,9 @@ class ModelStage:
     def _write_stats(self) -> None:
         """With STLLM_ENGINE_STATS_DIR set (benchmarks), each model actor keeps its engine's stats there."""
         folder = os.environ.get("STLLM_ENGINE_STATS_DIR")
-        if folder and (stats := self.engine.stats()):
+        if folder:
+            stats = self.engine.stats() or {}  # the hf engine measures nothing itself
+            stats["stage_peak_batches_on_engine"] = self.peak_on_engine
             # this actor's own CPU since its first batch (the engine's processes are apart): what it takes from them
             t = os.times()
             stats["actor_cpu_s"] = round(t.user + t.system - (self._cpu0 or 0.0), 3)
@@ -306,6 +318,8 @@ class ModelStage:
             self._cpu_marks.append([round(time.perf_counter() - self._first_call, 4), cpu[0], sum(cpu[1:]),
                                     machine_busy_s()])
             stats["cpu_marks"] = self._cpu_marks
+            if self.embed is not None and (b := self.embed.batcher) is not None:
+                stats["text_embedder"] = {"calls": b.calls, "texts": b.texts, "cpu_s": round(b.cpu_s, 3)}
             with open(os.path.join(folder, f"engine-{os.getpid()}.json"), "w") as f:
                 json.dump(stats, f)
 
@@ -331,22 +345,47 @@ class OneBatchModelStage(ModelStage):
 
 class EmbedStage:
     """sentence-transformers embeddings of each caption (and the answers' text for search); run by
-    `ModelStage` in its actor, or on its own as a Ray Data callable."""
+    `ModelStage` in its actor (`embed`: the texts of every batch waiting are encoded together, on one thread),
+    or on its own as a Ray Data callable."""
 
     def __init__(self, model: str, batch_size: int = 32, device: str = "cpu"):
         from pipeline.embedder import load_text_embedder
 
         self.model = load_text_embedder(model, device=device)
         self.batch_size = batch_size
+        self.batcher: TextBatcher | None = None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         t0 = time.perf_counter()
-        ok = [isinstance(c, str) for c in batch["caption"]]  # rows with a result (not errors, copies, tallies)
-        texts = [c for c, k in zip(batch["caption"], ok, strict=True) if k]
-        emb = iter(self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                     convert_to_numpy=True, show_progress_bar=False)) if texts else iter(())
+        texts = self._texts(batch)
+        return self._with_embeddings(batch, self.encode(texts), t0)
+
+    async def embed(self, batch: pd.DataFrame, more_coming: bool = False) -> pd.DataFrame:
+        """`__call__` for an actor working on several batches at once: the texts of every batch waiting are
+        encoded in one call; `more_coming` (other batches are still on the engine) lets it wait a moment for
+        theirs."""
+        t0 = time.perf_counter()
+        if self.batcher is None:
+            self.batcher = TextBatcher(self.encode, min_texts=self.batch_size)
+        vectors = await asyncio.wrap_future(self.batcher.submit(self._texts(batch), more_coming=more_coming))
+        return self._with_embeddings(batch, vectors, t0)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 0), np.float32)
+        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+
+    @staticmethod
+    def _texts(batch: pd.DataFrame) -> list[str]:
+        return [c for c in batch["caption"] if isinstance(c, str)]  # rows with a result (not errors, copies)
+
+    @staticmethod
+    def _with_embeddings(batch: pd.DataFrame, vectors: np.ndarray, t0: float) -> pd.DataFrame:
+        ok = [isinstance(c, str) for c in batch["caption"]]
+        emb = iter(vectors)
         out = batch.copy()
-        out["caption_embedding"] = [next(emb).astype(np.float32).tolist() if k else None for k in ok]
+        out["caption_embedding"] = [next(emb).tolist() if k else None for k in ok]
         out["answers_text"] = [flatten_answers(list(a)) if k and a is not None else None
                                for a, k in zip(batch["answers"], ok, strict=True)]
         out["embed_s"] = (time.perf_counter() - t0) / max(len(batch), 1)

@@ -1,0 +1,118 @@
+"""The model stage keeps its engine fed: several batches on the engine at once, also when Ray Data hands the
+actor one batch per call, and the text of several batches embedded in one call (the real MiniLM embedder)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.demo_clips import make_test_video
+from pipeline.embedder import load_text_embedder
+from pipeline.text_batcher import TextBatcher
+
+TEXTS = [f"a {c} {s} moves {d}" for c in ("red", "blue", "green") for s in ("circle", "square")
+         for d in ("left", "up")]
+
+
+@pytest.fixture(scope="module")
+def encode():
+    model = load_text_embedder()
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True,
+                            show_progress_bar=False).astype(np.float32)
+
+    return encode
+
+
+def test_text_arriving_while_more_is_coming_is_encoded_in_one_call(encode):
+    batcher = TextBatcher(encode, min_texts=12, max_wait_s=5.0)
+    try:
+        parts = [TEXTS[i:i + 3] for i in range(0, 12, 3)]
+        futures = []
+        for i, part in enumerate(parts):  # batches finishing one by one, the last says nothing more is coming
+            futures.append(batcher.submit(part, more_coming=i < len(parts) - 1))
+            time.sleep(0.05)
+        got = [f.result(timeout=60) for f in futures]
+        assert batcher.calls == 1 and batcher.texts == 12
+        for part, vectors in zip(parts, got, strict=True):  # each submit gets its own rows, in order
+            assert vectors.shape == (3, 384)
+            np.testing.assert_allclose(vectors, encode(part), atol=1e-5)
+    finally:
+        batcher.close()
+
+
+def test_nothing_more_coming_is_encoded_at_once_and_close_drains(encode):
+    batcher = TextBatcher(encode, min_texts=32, max_wait_s=30.0)
+    t0 = time.monotonic()
+    assert batcher.submit(TEXTS[:2]).result(timeout=60).shape == (2, 384)
+    assert time.monotonic() - t0 < 10  # did not wait the 30 s for more
+    waiting = batcher.submit(TEXTS[2:4], more_coming=True)  # would wait up to 30 s for more text...
+    batcher.close()  # ...but close embeds it now
+    assert waiting.done() and waiting.result().shape == (2, 384)
+    assert batcher.submit(TEXTS[:1]).exception() is not None  # closed
+
+
+def test_a_failed_encode_fails_its_submits_only(encode):
+    calls = {"n": 0}
+
+    def flaky(texts: list[str]) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory")
+        return encode(texts)
+
+    batcher = TextBatcher(flaky, min_texts=4, max_wait_s=5.0)
+    try:
+        first = [batcher.submit(TEXTS[:2], more_coming=True), batcher.submit(TEXTS[2:4], more_coming=True)]
+        assert all(isinstance(f.exception(timeout=60), RuntimeError) for f in first)
+        np.testing.assert_allclose(batcher.submit(TEXTS[4:6]).result(timeout=60), encode(TEXTS[4:6]), atol=1e-5)
+    finally:
+        batcher.close()
+
+
+def test_the_model_actor_overlaps_batches_when_its_input_is_ready(tmp_path: Path, monkeypatch, encode):
+    """Decoded rows already materialised: Ray Data gives each call of the model actor one small bundle (here
+    one batch). Unless the actor's calls overlap, the engine sees one batch at a time."""
+    import pandas as pd
+    import ray
+
+    from pipeline.io.listing import iter_work
+    from pipeline.jobs import load_job
+    from pipeline.runner import init_ray, model_facts, stage_ops, work_plan
+
+    src = tmp_path / "src"
+    for i in range(8):
+        make_test_video(src / f"clip{i}.mp4", "h264", n_frames=12, size=(64, 48), seed=400 + i)
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    monkeypatch.setenv("STLLM_ENGINE_STATS_DIR", str(stats))
+    out = tmp_path / "out"
+    job = load_job(None, [f"source.uri={src}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lancedb",
+                          f"output.manifest_dir={out}/runs", "runtime.decode_cpus=0.5", "runtime.model_cpus=0.5",
+                          "runtime.batch_size=2", "runtime.decode_batch_size=2", "runtime.model_batches_in_flight=3",
+                          "model.max_new_tokens=4"])
+    ray.shutdown()
+    init_ray(None, job)
+    try:
+        facts = model_facts(job)
+        ops = stage_ops(job, facts)
+        plan = work_plan(job, job.config_hash(facts["checkpoint_id"]))
+        rows = [r for block in iter_work(plan) for r in block.to_dict("records") if r["kind"] == "work"]
+        decoded = ops["decode"](ray.data.from_items(rows)).materialize()
+        result: pd.DataFrame = ops["model"](decoded).to_pandas()
+    finally:
+        ray.shutdown()
+    assert len(result) == 8 and result["error_stage"].isna().all()
+    assert all(isinstance(c, str) for c in result["caption"])
+    # the embeddings made several batches at a time are those of each caption alone
+    np.testing.assert_allclose(np.stack(result["caption_embedding"].map(np.asarray)), encode(list(result["caption"])),
+                               atol=1e-5)
+    [path] = stats.glob("engine-*.json")
+    peak = json.loads(path.read_text())["stage_peak_batches_on_engine"]
+    assert 2 <= peak <= 3, peak  # several batches at once, never more than runtime.model_batches_in_flight
+
