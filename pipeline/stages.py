@@ -221,9 +221,11 @@ class ModelStage:
         self._first_call = 0.0
         self._engine_pids: list[int] | None = None
         self._cpu_marks: list[list[float]] = []
-        self.embed = EmbedStage(**embedder) if embedder is not None else None
-        # Ray Data may hand over more batches than that (each call runs a few of its bundle's batches at once):
-        # the rest wait here, not in the engine's queue.
+        # the embedder waits for the text of at most half of the batches in flight (see TextBatcher)
+        self.embed = (EmbedStage(**embedder, batches_together=max(1, batches_in_flight // 2))
+                      if embedder is not None else None)
+        # Ray Data may hand over more than `batches_in_flight` batches (each call runs a few of its bundle's
+        # batches at once): the rest wait here, not in the engine's queue.
         self._slots = asyncio.Semaphore(batches_in_flight)
         self._on_engine = 0  # batches handed to the engine and not answered yet
         self.peak_on_engine = 0
@@ -348,11 +350,12 @@ class EmbedStage:
     `ModelStage` in its actor (`embed`: the texts of every batch waiting are encoded together, on one thread),
     or on its own as a Ray Data callable."""
 
-    def __init__(self, model: str, batch_size: int = 32, device: str = "cpu"):
+    def __init__(self, model: str, batch_size: int = 32, device: str = "cpu", batches_together: int = 4):
         from pipeline.embedder import load_text_embedder
 
         self.model = load_text_embedder(model, device=device)
         self.batch_size = batch_size
+        self.batches_together = batches_together
         self.batcher: TextBatcher | None = None
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -366,7 +369,7 @@ class EmbedStage:
         theirs."""
         t0 = time.perf_counter()
         if self.batcher is None:
-            self.batcher = TextBatcher(self.encode, min_texts=self.batch_size)
+            self.batcher = TextBatcher(self.encode, min_texts=self.batch_size, max_submits=self.batches_together)
         vectors = await asyncio.wrap_future(self.batcher.submit(self._texts(batch), more_coming=more_coming))
         return self._with_embeddings(batch, vectors, t0)
 

@@ -4,8 +4,10 @@ The model actor finishes batches one by one while several are on the engine. Eac
 captions on a thread of its own meant small matrix products, side by side: MiniLM-L6 on one thread costs ~5 ms
 of CPU per caption 4 at a time against ~3 ms 32 at a time, and two embedding threads competed with vLLM's
 worker on a small machine. Here one thread takes what was submitted; while the submitters say more text is on
-its way (other batches are still on the engine) it waits for it, up to `min_texts` texts or `max_wait_s`,
-then encodes everything in one call. Each submit's future gets its own rows back.
+its way (other batches are still on the engine) it waits for it, up to `min_texts` texts, `max_submits`
+submits or `max_wait_s`, then encodes everything in one call. Each submit's future gets its own rows back.
+A submit waiting here holds its batch (and its Ray task) back, so the model actor waits for at most half of
+the batches it works on: the other half keeps the engine fed.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ class _Submitted:
 
 
 class TextBatcher:
-    def __init__(self, encode: Encode, min_texts: int = 32, max_wait_s: float = 0.5):
+    def __init__(self, encode: Encode, min_texts: int = 32, max_submits: int = 4, max_wait_s: float = 0.2):
         self._encode = encode
         self._min_texts = min_texts
+        self._max_submits = max_submits  # each waiting submit holds a batch back from its stage's next step
         self._max_wait_s = max_wait_s
         self._queue: queue.Queue[_Submitted | None] = queue.Queue()
         self.calls = 0  # encode calls so far, the texts they took, and this thread's CPU seconds in them
@@ -68,7 +71,8 @@ class TextBatcher:
                 try:  # what is already there joins this call
                     item = self._queue.get_nowait()
                 except queue.Empty:
-                    enough = sum(len(w.texts) for w in waiting) >= self._min_texts
+                    enough = (sum(len(w.texts) for w in waiting) >= self._min_texts
+                              or len(waiting) >= self._max_submits)
                     if enough or not waiting[-1].more_coming:
                         break
                     try:

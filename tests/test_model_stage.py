@@ -30,7 +30,7 @@ def encode():
 
 
 def test_text_arriving_while_more_is_coming_is_encoded_in_one_call(encode):
-    batcher = TextBatcher(encode, min_texts=12, max_wait_s=5.0)
+    batcher = TextBatcher(encode, min_texts=12, max_submits=8, max_wait_s=5.0)
     try:
         parts = [TEXTS[i:i + 3] for i in range(0, 12, 3)]
         futures = []
@@ -42,6 +42,19 @@ def test_text_arriving_while_more_is_coming_is_encoded_in_one_call(encode):
         for part, vectors in zip(parts, got, strict=True):  # each submit gets its own rows, in order
             assert vectors.shape == (3, 384)
             np.testing.assert_allclose(vectors, encode(part), atol=1e-5)
+    finally:
+        batcher.close()
+
+
+def test_waiting_stops_at_max_submits(encode):
+    """Each submit waiting holds a batch back: after `max_submits` the batcher stops waiting for more text."""
+    batcher = TextBatcher(encode, min_texts=100, max_submits=2, max_wait_s=30.0)
+    try:
+        t0 = time.monotonic()
+        futures = [batcher.submit(TEXTS[i:i + 2], more_coming=True) for i in range(0, 4, 2)]
+        assert all(f.result(timeout=60).shape == (2, 384) for f in futures)
+        assert time.monotonic() - t0 < 10  # not the 30 s it would wait for 100 texts
+        assert batcher.calls == 1 and batcher.texts == 4
     finally:
         batcher.close()
 
@@ -66,7 +79,7 @@ def test_a_failed_encode_fails_its_submits_only(encode):
             raise RuntimeError("out of memory")
         return encode(texts)
 
-    batcher = TextBatcher(flaky, min_texts=4, max_wait_s=5.0)
+    batcher = TextBatcher(flaky, min_texts=4, max_submits=8, max_wait_s=5.0)
     try:
         first = [batcher.submit(TEXTS[:2], more_coming=True), batcher.submit(TEXTS[2:4], more_coming=True)]
         assert all(isinstance(f.exception(timeout=60), RuntimeError) for f in first)
