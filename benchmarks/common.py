@@ -74,20 +74,7 @@ def _pss(pid: int) -> int:
 
 def tree_rss_bytes(pid: int | None = None) -> int:
     """Memory of a process and all its descendants (Ray's processes included): the sum of their PSS."""
+    from pipeline.proc_stats import descendants
+
     pid = pid or os.getpid()
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        total += _pss(p)
-        stack.extend(children.get(p, []))
-    return total
+    return sum(_pss(p) for p in (pid, *descendants(pid)))

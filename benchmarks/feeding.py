@@ -127,7 +127,7 @@ def _engine_alone(clips: Path, n: int, max_seqs: int) -> tuple[float, float, dic
     per video of the warm call) — the first n/2 on a fresh engine, then the other n/2."""
     from pipeline.decode import decode_video
     from pipeline.paths import ensure_tiny_model
-    from pipeline.proc_cpu import cpu_snapshot, cpu_split
+    from pipeline.proc_stats import cpu_snapshot, cpu_split
     from stllm.engine import GenerationOptions, VideoRequest
     from stllm.vllm.engine import VLLMEngine
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io.listing import SEGMENT, WORK
-from pipeline.proc_cpu import descendants, machine_busy_s, process_cpu_s
+from pipeline.proc_stats import descendants, machine_busy_s, process_cpu_s
 from pipeline.redact import redact
 from pipeline.text_batcher import TextBatcher
 from schemas import flatten_answers

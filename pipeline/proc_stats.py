@@ -1,4 +1,4 @@
-"""CPU time by process, from /proc (Linux): what the benchmarks use to say where a stage's cores went."""
+"""CPU time and process trees, from /proc (Linux): what the benchmarks use to say where the cores and memory went."""
 
 from __future__ import annotations
 
