@@ -118,10 +118,22 @@ def test_the_model_actor_overlaps_batches_when_its_input_is_ready(tmp_path: Path
         rows = [r for block in iter_work(plan) for r in block.to_dict("records") if r["kind"] == "work"]
         decoded = ops["decode"](ray.data.from_items(rows)).materialize()
         result: pd.DataFrame = ops["model"](decoded).to_pandas()
+        inputs = decoded.take_all()
     finally:
         ray.shutdown()
     assert len(result) == 8 and result["error_stage"].isna().all()
-    assert all(isinstance(c, str) for c in result["caption"])
+    # the answers of batches run side by side are those of one synchronous call on the same frames (greedy)
+    from pipeline.paths import resolve_model_path
+    from stllm.engine import VideoRequest
+    from stllm.engines import load_engine
+
+    engine = load_engine("hf", resolve_model_path(facts["path"]), dtype=job.model.dtype, device="cpu")
+    requests = [VideoRequest(r["video_id"], np.frombuffer(r["frames"], np.uint8).reshape(r["frames_shape"]),
+                             [job.caption_prompt, *job.questions], sampled=True) for r in inputs]
+    alone = {r.video_id: r for r in engine.generate(requests, job.generation_options())}
+    for _, row in result.iterrows():
+        assert row["caption"] == alone[row["video_id"]].answers[0].text
+        assert [a["answer"] for a in row["answers"]] == [a.text for a in alone[row["video_id"]].answers[1:]]
     # the embeddings made several batches at a time are those of each caption alone
     np.testing.assert_allclose(np.stack(result["caption_embedding"].map(np.asarray)), encode(list(result["caption"])),
                                atol=1e-5)
