@@ -368,9 +368,12 @@ class EmbedStage:
         encoded in one call; `more_coming` (other batches are still on the engine) lets it wait a moment for
         theirs."""
         t0 = time.perf_counter()
+        texts = self._texts(batch)
+        if not texts:  # errors and copies only: nothing to wait for
+            return self._with_embeddings(batch, np.zeros((0, 0), np.float32), t0)
         if self.batcher is None:
             self.batcher = TextBatcher(self.encode, min_texts=self.batch_size, max_submits=self.batches_together)
-        vectors = await asyncio.wrap_future(self.batcher.submit(self._texts(batch), more_coming=more_coming))
+        vectors = await asyncio.wrap_future(self.batcher.submit(texts, more_coming=more_coming))
         return self._with_embeddings(batch, vectors, t0)
 
     def encode(self, texts: list[str]) -> np.ndarray:

@@ -38,6 +38,8 @@ class TextBatcher:
         self._max_submits = max_submits  # each waiting submit holds a batch back from its stage's next step
         self._max_wait_s = max_wait_s
         self._queue: queue.Queue[_Submitted | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
         self.calls = 0  # encode calls so far, the texts they took, and this thread's CPU seconds in them
         self.texts = 0
         self.cpu_s = 0.0
@@ -48,58 +50,93 @@ class TextBatcher:
         """A future of the texts' embeddings, (len(texts), dim) float32. `more_coming`: more text will be
         submitted soon, worth waiting for (at most `max_wait_s`)."""
         future: Future = Future()
-        if not self._thread.is_alive():
-            future.set_exception(RuntimeError("the text batcher is closed"))
-        else:
-            self._queue.put(_Submitted(list(texts), more_coming, future))
+        with self._lock:  # nothing is queued behind close()'s end marker
+            if not self._closed:
+                self._queue.put(_Submitted(list(texts), more_coming, future))
+                return future
+        future.set_exception(RuntimeError("the text batcher is closed"))
         return future
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Embed what was submitted, then stop."""
-        self._queue.put(None)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(None)
         self._thread.join(timeout_s)
 
     def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            waiting = [item]
-            deadline = time.monotonic() + self._max_wait_s
-            stopping = False
+        try:
+            while self._next_call():
+                pass
+        finally:  # whatever ended the loop, no submit is left waiting forever
+            with self._lock:
+                self._closed = True
             while True:
-                try:  # what is already there joins this call
+                try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
-                    enough = (sum(len(w.texts) for w in waiting) >= self._min_texts
-                              or len(waiting) >= self._max_submits)
-                    if enough or not waiting[-1].more_coming:
-                        break
-                    try:
-                        item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
-                    except queue.Empty:
-                        break
-                if item is None:
-                    stopping = True
                     break
-                waiting.append(item)
-            self._run(waiting)
-            if stopping:
-                return
+                if item is not None and item.future.set_running_or_notify_cancel():
+                    item.future.set_exception(RuntimeError("the text batcher stopped"))
+
+    def _next_call(self) -> bool:
+        """Take the next group of submits and encode it; False once close() was called and all is done."""
+        item = self._queue.get()
+        if item is None:
+            return False
+        waiting = [item]
+        deadline = time.monotonic() + self._max_wait_s
+        while True:
+            try:  # what is already there joins this call
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                enough = (sum(len(w.texts) for w in waiting) >= self._min_texts
+                          or len(waiting) >= self._max_submits)
+                if enough or not waiting[-1].more_coming:
+                    break
+                try:
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                except queue.Empty:
+                    break
+            if item is None:
+                self._run(waiting)
+                return False
+            waiting.append(item)
+        self._run(waiting)
+        return True
 
     def _run(self, waiting: list[_Submitted]) -> None:
+        # a submit whose caller gave up (its future cancelled) is left out; the others can no longer be cancelled
+        waiting = [w for w in waiting if w.future.set_running_or_notify_cancel()]
         texts = [t for w in waiting for t in w.texts]
         cpu0 = time.thread_time()
         try:
             vectors = self._encode(texts) if texts else np.zeros((0, 0), np.float32)
-        except BaseException as e:  # noqa: BLE001 — the submits of this call fail; later ones are tried again
-            for w in waiting:
-                w.future.set_exception(e)
+        except BaseException as e:  # noqa: BLE001
+            if len(waiting) > 1:  # one bad batch must not fail the others it was grouped with: each alone
+                for w in waiting:
+                    self._run_alone(w)
+            elif waiting:
+                waiting[0].future.set_exception(e)
             return
-        self.calls += 1
-        self.texts += len(texts)
-        self.cpu_s += time.thread_time() - cpu0
+        self._count(len(texts), cpu0)
         start = 0
         for w in waiting:
             w.future.set_result(vectors[start:start + len(w.texts)])
             start += len(w.texts)
+
+    def _run_alone(self, w: _Submitted) -> None:
+        cpu0 = time.thread_time()
+        try:
+            vectors = self._encode(w.texts) if w.texts else np.zeros((0, 0), np.float32)
+        except BaseException as e:  # noqa: BLE001
+            w.future.set_exception(e)
+            return
+        self._count(len(w.texts), cpu0)
+        w.future.set_result(vectors)
+
+    def _count(self, texts: int, cpu0: float) -> None:
+        self.calls += 1
+        self.texts += texts
+        self.cpu_s += time.thread_time() - cpu0

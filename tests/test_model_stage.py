@@ -70,20 +70,23 @@ def test_nothing_more_coming_is_encoded_at_once_and_close_drains(encode):
     assert batcher.submit(TEXTS[:1]).exception() is not None  # closed
 
 
-def test_a_failed_encode_fails_its_submits_only(encode):
-    calls = {"n": 0}
-
-    def flaky(texts: list[str]) -> np.ndarray:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("out of memory")
+def test_a_bad_batch_fails_alone_and_a_cancelled_one_is_left_out(encode):
+    def picky(texts: list[str]) -> np.ndarray:
+        if "BAD" in texts:
+            raise ValueError("cannot embed BAD")
         return encode(texts)
 
-    batcher = TextBatcher(flaky, min_texts=4, max_submits=8, max_wait_s=5.0)
+    batcher = TextBatcher(picky, min_texts=100, max_submits=8, max_wait_s=5.0)
     try:
-        first = [batcher.submit(TEXTS[:2], more_coming=True), batcher.submit(TEXTS[2:4], more_coming=True)]
-        assert all(isinstance(f.exception(timeout=60), RuntimeError) for f in first)
-        np.testing.assert_allclose(batcher.submit(TEXTS[4:6]).result(timeout=60), encode(TEXTS[4:6]), atol=1e-5)
+        # grouped in one call that fails: each is tried alone, only the bad one fails
+        good, bad = batcher.submit(TEXTS[:2], more_coming=True), batcher.submit(["BAD"], more_coming=False)
+        np.testing.assert_allclose(good.result(timeout=60), encode(TEXTS[:2]), atol=1e-5)
+        assert isinstance(bad.exception(timeout=60), ValueError)
+        # a submit whose caller gave up while the batcher waited is skipped; the thread goes on
+        gone = batcher.submit(TEXTS[2:4], more_coming=True)
+        assert gone.cancel()
+        assert batcher.submit(TEXTS[4:6]).result(timeout=60).shape == (2, 384)
+        assert gone.cancelled() and batcher.texts == 2 + 2
     finally:
         batcher.close()
 
