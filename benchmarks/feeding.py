@@ -85,17 +85,22 @@ def _stage_on_decoded(clips: Path, out: Path, in_flight: int, batch_size: int, m
     return {**json.loads(Path(path).read_text()), "rows": rows}
 
 
-def _half_rates(completed: list[list[float]]) -> tuple[float, float]:
-    """videos/s over the first and the second half of a run, from [seconds since the first submit, videos] per
-    completed batch."""
+def _half_point(completed: list[list[float]]) -> tuple[float, int, int]:
+    """(seconds, videos done, videos in all) at the batch that completes the first half of a run, from
+    [seconds since the first submit, videos] per completed batch."""
     if len(completed) < 2:
         raise RuntimeError(f"too few completed batches for a rate: {completed}")
     done, total = 0, sum(n for _, n in completed)
     for t, n in sorted(completed):
         done += n
         if done >= total / 2:
-            half_t, half = t, done
-            break
+            return t, done, total
+    raise AssertionError("unreachable: the last batch completes the run")
+
+
+def _half_rates(completed: list[list[float]]) -> tuple[float, float]:
+    """videos/s over the first and the second half of a run."""
+    half_t, half, total = _half_point(completed)
     end = max(t for t, _ in completed)
     return half / half_t, (total - half) / max(end - half_t, 1e-9)
 
@@ -104,17 +109,11 @@ def _warm_half_cpu(marks: list[list[float]], completed: list[list[float]]) -> di
     """CPU seconds per video over the stage's second half, split: the actor (vLLM's front end, our batches,
     the embedder), its engine processes (vLLM's engine core and worker), and everything else (Ray, the driver).
     `marks`: [s, actor, engine, machine] per finished batch, from the actor."""
-    done, total, half_t = 0, sum(n for _, n in completed), 0.0
-    for t, n in sorted(completed):
-        done += n
-        if done >= total / 2:
-            half_t = t
-            break
+    half_t, half, total = _half_point(completed)
     first = min(marks, key=lambda m: abs(m[0] - half_t))
     last = marks[-1]
-    videos = total - done
     own, engine, machine = (last[i] - first[i] for i in (1, 2, 3))
-    return _per_video({"own": own, "children": engine, "others": machine - own - engine}, videos)
+    return _per_video({"own": own, "children": engine, "others": machine - own - engine}, total - half)
 
 
 def _per_video(split: dict[str, float], videos: int) -> dict[str, float]:

@@ -244,8 +244,7 @@ class ModelStage:
 
         t0 = time.perf_counter()
         if self._cpu0 is None:
-            t = os.times()
-            self._cpu0, self._first_call = t.user + t.system, t0
+            self._cpu0, self._first_call = process_cpu_s(os.getpid()), t0
         # A batch holding an error row turns the others' None into NaN: test with isna, not `is None`.
         kinds = batch["kind"] if "kind" in batch else pd.Series([WORK] * len(batch))
         todo = [i for i in range(len(batch))
@@ -309,14 +308,13 @@ class ModelStage:
         if folder:
             stats = self.engine.stats() or {}  # the hf engine measures nothing itself
             stats["stage_peak_batches_on_engine"] = self.peak_on_engine
-            # this actor's own CPU since its first batch (the engine's processes are apart): what it takes from them
-            t = os.times()
-            stats["actor_cpu_s"] = round(t.user + t.system - (self._cpu0 or 0.0), 3)
-            # and, per finished batch, [s since the first call, this actor's, its engine processes', the
-            # machine's CPU seconds]: where a window's cores went (the benchmark takes the second half)
+            # per finished batch, [s since the first call, this actor's, its engine processes', the machine's CPU
+            # seconds]: where a window's cores went (the benchmark takes the second half)
             if self._engine_pids is None:
                 self._engine_pids = descendants(os.getpid())
             cpu = [process_cpu_s(p) for p in (os.getpid(), *self._engine_pids)]
+            # this actor's own CPU since its first batch (the engine's processes are apart): what it takes from them
+            stats["actor_cpu_s"] = round(cpu[0] - (self._cpu0 or 0.0), 3)
             self._cpu_marks.append([round(time.perf_counter() - self._first_call, 4), cpu[0], sum(cpu[1:]),
                                     machine_busy_s()])
             stats["cpu_marks"] = self._cpu_marks

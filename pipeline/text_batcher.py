@@ -109,34 +109,28 @@ class TextBatcher:
     def _run(self, waiting: list[_Submitted]) -> None:
         # a submit whose caller gave up (its future cancelled) is left out; the others can no longer be cancelled
         waiting = [w for w in waiting if w.future.set_running_or_notify_cancel()]
-        texts = [t for w in waiting for t in w.texts]
+        if not self._encode_into(waiting):  # one bad batch must not fail the others it was grouped with
+            for w in waiting:
+                self._encode_into([w])
+
+    def _encode_into(self, group: list[_Submitted]) -> bool:
+        """Encode a group's texts in one call and hand each submit its rows; False if a group of several
+        failed (nothing is set then: the caller tries them one by one)."""
+        texts = [t for w in group for t in w.texts]
         cpu0 = time.thread_time()
         try:
             vectors = self._encode(texts) if texts else np.zeros((0, 0), np.float32)
         except BaseException as e:  # noqa: BLE001
-            if len(waiting) > 1:  # one bad batch must not fail the others it was grouped with: each alone
-                for w in waiting:
-                    self._run_alone(w)
-            elif waiting:
-                waiting[0].future.set_exception(e)
-            return
-        self._count(len(texts), cpu0)
+            if len(group) > 1:
+                return False
+            for w in group:
+                w.future.set_exception(e)
+            return True
+        self.calls += 1
+        self.texts += len(texts)
+        self.cpu_s += time.thread_time() - cpu0
         start = 0
-        for w in waiting:
+        for w in group:
             w.future.set_result(vectors[start:start + len(w.texts)])
             start += len(w.texts)
-
-    def _run_alone(self, w: _Submitted) -> None:
-        cpu0 = time.thread_time()
-        try:
-            vectors = self._encode(w.texts) if w.texts else np.zeros((0, 0), np.float32)
-        except BaseException as e:  # noqa: BLE001
-            w.future.set_exception(e)
-            return
-        self._count(len(w.texts), cpu0)
-        w.future.set_result(vectors)
-
-    def _count(self, texts: int, cpu0: float) -> None:
-        self.calls += 1
-        self.texts += texts
-        self.cpu_s += time.thread_time() - cpu0
+        return True
