@@ -112,7 +112,7 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
 
     def model(ds):
         return ds.map_batches(
-            ModelStage if rt.model_batches_in_flight > 1 else OneBatchModelStage, batch_format="pandas",
+            ModelStage if rt.model_batches_in_flight > 1 else OneBatchModelStage, batch_format="pyarrow",
             batch_size=rt.batch_size,
             # Ray runs an actor's calls one at a time unless told otherwise, and a call holds one bundle (often
             # one batch): the calls themselves must overlap (actor concurrency, as Ray Data LLM sets it), with

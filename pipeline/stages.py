@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from pipeline import arrow_batch
 from pipeline.io.listing import SEGMENT, WORK
 from pipeline.proc_stats import descendants, machine_busy_s, process_cpu_s
 from pipeline.redact import redact
@@ -32,6 +34,8 @@ from schemas import flatten_answers
 
 log = logging.getLogger(__name__)
 ERROR_FIELDS = ("error_stage", "error_type", "error_message", "error_retryable")
+ERROR_TYPES = {"error_stage": pa.string(), "error_type": pa.string(), "error_message": pa.string(),
+               "error_retryable": pa.bool_()}
 ENGINE_EXIT_CODE = 75  # the model actor's exit status when its engine broke (Ray restarts it)
 SEGMENT_BLOCK_ROWS = 8  # rows per output block of a segmented video: a few windows' frames in memory at a time
 SEGMENT_FIELDS = ("segment_id", "segment", "start_s", "end_s", "segment_rows")
@@ -236,31 +240,30 @@ class ModelStage:
 
             torch.set_num_threads(1)
 
-    async def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         """Async: Ray Data hands this actor several batches at once (`runtime.model_batches_in_flight`); each
         awaits its own results while the engine works on all of them, and embeds its text on a worker thread,
-        so the engine is never idle waiting for a batch boundary or for the embedder."""
+        so the engine is never idle waiting for a batch boundary or for the embedder. Batches come and go as
+        Arrow tables (`pipeline.arrow_batch`): the frames are read in place, the other columns pass through."""
         from stllm.engine import VideoRequest
 
         t0 = time.perf_counter()
         if self._cpu0 is None:
             self._cpu0, self._first_call = process_cpu_s(os.getpid()), t0
-        # A batch holding an error row turns the others' None into NaN: test with isna, not `is None`.
-        kinds = batch["kind"] if "kind" in batch else pd.Series([WORK] * len(batch))
-        todo = [i for i in range(len(batch))
-                if is_model_work(kinds.iloc[i]) and pd.isna(batch["error_stage"].iloc[i])]
-        ids = batch["segment_id"] if "segment_id" in batch else batch["video_id"]
-        requests = []
-        for i in todo:
-            shape = tuple(int(s) for s in batch["frames_shape"].iloc[i])
-            frames = np.frombuffer(batch["frames"].iloc[i], dtype=np.uint8).reshape(shape)
-            # The decode stage sampled these frames (of the file, or of a segment): the engine takes them as they are.
-            rid = ids.iloc[i] if isinstance(ids.iloc[i], str) else batch["video_id"].iloc[i]
-            requests.append(VideoRequest(rid, frames, self.prompts, sampled=True))
-        captions: list[str | None] = [None] * len(batch)
-        answers: list[list[dict[str, str]]] = [[] for _ in range(len(batch))]
-        visual: list[list[float] | None] = [None] * len(batch)
-        errors = {f: list(batch[f]) for f in ERROR_FIELDS}
+        n = batch.num_rows
+        kinds = arrow_batch.values(batch, "kind", WORK)
+        errors = {f: arrow_batch.values(batch, f) for f in ERROR_FIELDS}
+        todo = [i for i in range(n) if is_model_work(kinds[i]) and errors["error_stage"][i] is None]
+        video_ids = arrow_batch.values(batch, "video_id")
+        ids = [s if isinstance(s, str) else v  # a segment's own id, else its video's
+               for s, v in zip(arrow_batch.values(batch, "segment_id"), video_ids, strict=True)]
+        shapes = batch.column("frames_shape")
+        # The decode stage sampled these frames (of the file, or of a segment): the engine takes them as they are.
+        requests = [VideoRequest(ids[i], arrow_batch.binary_view(batch, "frames", i, shapes[i].as_py()),
+                                 self.prompts, sampled=True) for i in todo]
+        captions: list[str | None] = [None] * n
+        answers: list[list[dict[str, str]]] = [[] for _ in range(n)]
+        visual: list[np.ndarray | None] = [None] * n
         try:
             async with self._slots:
                 self._on_engine += 1
@@ -277,7 +280,8 @@ class ModelStage:
                 errors["error_stage"][i], errors["error_type"][i] = "model", type(e).__name__
                 errors["error_message"][i] = redact(f"{e}\n{traceback.format_exc(limit=3)}")
         self._exit_if_engine_broke(None)  # a dead engine's per-request errors are not the videos' fault
-        calls = [0] * len(batch)
+        del requests  # the frames' views: the batch's frames column is dropped below
+        calls = [0] * n
         for i, res in zip(todo, results, strict=False):
             calls[i] = 1
             if not res.ok:
@@ -286,15 +290,16 @@ class ModelStage:
                 continue
             captions[i] = res.answers[0].text
             answers[i] = [{"question": a.question, "answer": a.text} for a in res.answers[1:]]
-            visual[i] = res.visual_embedding.astype(np.float32).tolist()
-        out = batch.drop(columns=["frames", "frames_shape"])
-        out["caption"] = captions
-        out["answers"] = answers
-        out["visual_embedding"] = visual
-        for f, values in errors.items():
-            out[f] = values
-        out["model_calls"] = calls  # rows the engine ran for (copies reuse a result: the count stays per content)
-        out["model_s"] = (time.perf_counter() - t0) / max(len(batch), 1)
+            visual[i] = res.visual_embedding
+        columns = {"caption": pa.array(captions, pa.string()), "answers": pa.array(answers, arrow_batch.QA),
+                   "visual_embedding": arrow_batch.vectors(visual),
+                   **{f: pa.array(errors[f], ERROR_TYPES[f]) for f in ERROR_FIELDS},
+                   # rows the engine ran for (copies reuse a result: the count stays per content)
+                   "model_calls": pa.array(calls, pa.int64()),
+                   "model_s": pa.array([(time.perf_counter() - t0) / max(n, 1)] * n, pa.float64())}
+        out = batch.drop_columns(["frames", "frames_shape"])
+        for name, column in columns.items():
+            out = arrow_batch.with_column(out, name, column)
         if self.embed is not None:
             # on the embedder's thread, other batches go on meanwhile; it waits for their text while there is some
             out = await self.embed.embed(out, more_coming=self._on_engine > 0)
@@ -339,7 +344,7 @@ class OneBatchModelStage(ModelStage):
     batches were fed continuously; kept as the measured baseline and for engines that must see one batch at a
     time."""
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:  # type: ignore[override]
+    def __call__(self, batch: pa.Table) -> pa.Table:  # type: ignore[override]
         return asyncio.run(super().__call__(batch))
 
 
@@ -356,12 +361,12 @@ class EmbedStage:
         self.batches_together = batches_together
         self.batcher: TextBatcher | None = None
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
         texts = self._texts(batch)
         return self._with_embeddings(batch, self.encode(texts), t0)
 
-    async def embed(self, batch: pd.DataFrame, more_coming: bool = False) -> pd.DataFrame:
+    async def embed(self, batch: pa.Table, more_coming: bool = False) -> pa.Table:
         """`__call__` for an actor working on several batches at once: the texts of every batch waiting are
         encoded in one call; `more_coming` (other batches are still on the engine) lets it wait a moment for
         theirs."""
@@ -381,16 +386,17 @@ class EmbedStage:
                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
     @staticmethod
-    def _texts(batch: pd.DataFrame) -> list[str]:
-        return [c for c in batch["caption"] if isinstance(c, str)]  # rows with a result (not errors, copies)
+    def _texts(batch: pa.Table) -> list[str]:
+        return [c for c in arrow_batch.values(batch, "caption") if c is not None]  # rows with a result
 
     @staticmethod
-    def _with_embeddings(batch: pd.DataFrame, vectors: np.ndarray, t0: float) -> pd.DataFrame:
-        ok = [isinstance(c, str) for c in batch["caption"]]
+    def _with_embeddings(batch: pa.Table, vectors: np.ndarray, t0: float) -> pa.Table:
+        ok = [c is not None for c in arrow_batch.values(batch, "caption")]
         emb = iter(vectors)
-        out = batch.copy()
-        out["caption_embedding"] = [next(emb).tolist() if k else None for k in ok]
-        out["answers_text"] = [flatten_answers(list(a)) if k and a is not None else None
-                               for a, k in zip(batch["answers"], ok, strict=True)]
-        out["embed_s"] = (time.perf_counter() - t0) / max(len(batch), 1)
-        return out
+        answers = arrow_batch.values(batch, "answers")
+        n = batch.num_rows
+        out = arrow_batch.with_column(batch, "caption_embedding", arrow_batch.vectors([next(emb) if k else None
+                                                                                       for k in ok]))
+        out = arrow_batch.with_column(out, "answers_text", [flatten_answers(a) if k and a is not None else None
+                                                            for a, k in zip(answers, ok, strict=True)], pa.string())
+        return arrow_batch.with_column(out, "embed_s", [(time.perf_counter() - t0) / max(n, 1)] * n, pa.float64())
