@@ -25,12 +25,21 @@ def values(table: pa.Table, name: str, default: Any = None) -> list[Any]:
 
 
 def binary_view(table: pa.Table, name: str, row: int, shape: Sequence[int]) -> np.ndarray:
-    """The uint8 array held by a binary cell, without a copy (read-only: the block may live in Ray's shared
-    object store)."""
-    scalar = table.column(name)[row]
-    if not scalar.is_valid:
+    """The uint8 array held by a binary cell, without a copy (a scalar's `as_buffer()` copies): read-only, as
+    the block may live in Ray's shared object store."""
+    for chunk in table.column(name).chunks:
+        if row < len(chunk):
+            break
+        row -= len(chunk)
+    else:
+        raise IndexError(f"row out of range for {name}")
+    validity, offsets, data = chunk.buffers()
+    i = chunk.offset + row
+    if validity is not None and not (validity[i // 8] >> (i % 8)) & 1:
         raise ValueError(f"row {row} has no {name}")
-    array = np.frombuffer(scalar.as_buffer(), dtype=np.uint8).reshape(tuple(int(s) for s in shape))
+    width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+    start, end = (int(x) for x in np.frombuffer(offsets, dtype=width, count=2, offset=i * np.dtype(width).itemsize))
+    array = np.frombuffer(data, dtype=np.uint8, count=end - start, offset=start).reshape(tuple(int(s) for s in shape))
     array.flags.writeable = False
     return array
 

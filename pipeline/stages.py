@@ -280,7 +280,7 @@ class ModelStage:
                 errors["error_stage"][i], errors["error_type"][i] = "model", type(e).__name__
                 errors["error_message"][i] = redact(f"{e}\n{traceback.format_exc(limit=3)}")
         self._exit_if_engine_broke(None)  # a dead engine's per-request errors are not the videos' fault
-        del requests  # the frames' views: the batch's frames column is dropped below
+        del requests  # their frames are views that pin the input block (in Ray's object store): let it go
         calls = [0] * n
         for i, res in zip(todo, results, strict=False):
             calls[i] = 1

@@ -137,6 +137,8 @@ def test_the_model_actor_overlaps_batches_when_its_input_is_ready(tmp_path: Path
     for _, row in result.iterrows():
         assert row["caption"] == alone[row["video_id"]].answers[0].text
         assert [a["answer"] for a in row["answers"]] == [a.text for a in alone[row["video_id"]].answers[1:]]
+        np.testing.assert_allclose(np.asarray(row["visual_embedding"]), alone[row["video_id"]].visual_embedding,
+                                   atol=1e-6)
     # the embeddings made several batches at a time are those of each caption alone
     np.testing.assert_allclose(np.stack(result["caption_embedding"].map(np.asarray)), encode(list(result["caption"])),
                                atol=1e-5)
@@ -144,3 +146,35 @@ def test_the_model_actor_overlaps_batches_when_its_input_is_ready(tmp_path: Path
     peak = json.loads(path.read_text())["stage_peak_batches_on_engine"]
     assert 2 <= peak <= 3, peak  # several batches at once, never more than runtime.model_batches_in_flight
 
+
+
+def test_arrow_batches_are_read_in_place_and_set_by_name():
+    """The model stage's batches are Arrow tables: frames are views of the block (read-only, it may live in
+    Ray's shared object store), new columns replace or append by name, vectors keep their rows' None."""
+    import pyarrow as pa
+
+    from pipeline import arrow_batch
+
+    frames = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    table = pa.table({"frames": pa.array([b"", frames.tobytes()], pa.binary()), "error_stage": pa.nulls(2)})
+    view = arrow_batch.binary_view(table, "frames", 1, [2, 3, 4])
+    assert np.array_equal(view, frames) and not view.flags.writeable
+    data = table.column("frames").chunk(0).buffers()[2]  # [validity, offsets, data]
+    assert view.ctypes.data == data.address + 0  # row 0 is empty: row 1 starts the data buffer
+    with pytest.raises(ValueError):
+        view[0, 0, 0] = 1
+    # several chunks, a slice (chunks with an offset) and a missing value
+    chunked = pa.concat_tables([table, pa.table({"frames": pa.array([None, frames[::-1].tobytes(), b"x"],
+                                                                    pa.binary()), "error_stage": pa.nulls(3)})])
+    part = chunked.slice(1, 3)  # rows 1..3: frames, None, reversed frames
+    assert np.array_equal(arrow_batch.binary_view(part, "frames", 0, [2, 3, 4]), frames)
+    assert np.array_equal(arrow_batch.binary_view(part, "frames", 2, [2, 3, 4]), frames[::-1])
+    with pytest.raises(ValueError, match="has no frames"):
+        arrow_batch.binary_view(part, "frames", 1, [2, 3, 4])
+    assert arrow_batch.values(table, "kind", "work") == ["work", "work"]
+    out = arrow_batch.with_column(table, "error_stage", pa.array([None, "model"], pa.string()))
+    out = arrow_batch.with_column(out, "visual_embedding", arrow_batch.vectors([None, np.ones(3)]))
+    assert out.column_names == ["frames", "error_stage", "visual_embedding"]
+    assert out.column("error_stage").to_pylist() == [None, "model"]
+    assert out.schema.field("visual_embedding").type == pa.list_(pa.float32())
+    assert out.column("visual_embedding").to_pylist() == [None, [1.0, 1.0, 1.0]]
