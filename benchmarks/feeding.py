@@ -7,9 +7,10 @@ the engine's own stats (`stllm.vllm.feeder`) and the stage's batch completion ti
 - `model_stage_vs_engine_alone`: the model stage's videos/s (the pipeline's own operator, same run) over the
   engine's videos/s on the same videos handed to it directly in one call — both warm: the stage's rate is
   taken over the second half (from its batches' completion times), the engine alone is timed on the second
-  half after a call on the first, right before and right after the stage's run (the mean of the two: this VM's
-  speed drifts over minutes). On CPU a fresh engine runs its first ~100 videos ~40% slower (oneDNN kernels
-  built per new shape; on a GPU that is done at start-up), which says nothing about feeding.
+  half after a call on the first, right before and right after the stage's run, each once the machine is quiet
+  (the mean of the two: this VM's speed drifts over minutes). On CPU a fresh engine runs its first ~100 videos
+  ~40% slower (oneDNN kernels built per new shape; on a GPU that is done at start-up), which says nothing about
+  feeding.
 
 The details hold the same figures inside the whole pipeline (`videos` videos, listing → decode → model →
 sinks), with several batches in flight (8) and one at a time (a barrier after every batch, how it ran
@@ -122,16 +123,20 @@ def _per_video(split: dict[str, float], videos: int) -> dict[str, float]:
     return {names[k]: round(1000 * v / max(videos, 1), 2) for k, v in split.items()}
 
 
-def _wait_until_quiet(cores: float = 0.15, timeout_s: float = 30.0) -> None:
-    """Wait until the machine's busy cores over one second fall below `cores` (or `timeout_s` passes)."""
+def _wait_until_quiet(cores: float = 0.15, timeout_s: float = 30.0) -> float:
+    """Wait until the machine's busy cores over one second fall below `cores` (or `timeout_s` passes); returns
+    the last second's busy cores."""
     from pipeline.proc_stats import machine_busy_s
 
     end = time.monotonic() + timeout_s
+    busy = float("nan")
     while time.monotonic() < end:
         b0, t0 = machine_busy_s(), time.monotonic()
         time.sleep(1.0)
-        if (machine_busy_s() - b0) / (time.monotonic() - t0) < cores:
-            return
+        busy = (machine_busy_s() - b0) / (time.monotonic() - t0)
+        if busy < cores:
+            break
+    return round(busy, 3)
 
 
 class _EngineAlone:
@@ -148,23 +153,30 @@ class _EngineAlone:
 
         self.engine = VLLMEngine.from_pretrained(str(ensure_tiny_model()), dtype="float32", device="cpu",
                                                  max_batch_size=max_seqs)
-        prompts = ["Describe the video in detail.", *json.loads(QUESTIONS)]
-        reqs = [VideoRequest(p.name, decode_video(p, 8).frames, prompts, sampled=True)
-                for p in sorted(clips.glob("*.mp4"))[:n]]
-        self.options = GenerationOptions(max_new_tokens=16)
-        self.first, self.second = reqs[: n // 2], reqs[n // 2:]
-        self.cold = self._timed(self.first)[0]
+        self.quiet: list[float] = []  # busy cores in the second before each warm call
+        try:
+            prompts = ["Describe the video in detail.", *json.loads(QUESTIONS)]
+            reqs = [VideoRequest(p.name, decode_video(p, 8).frames, prompts, sampled=True)
+                    for p in sorted(clips.glob("*.mp4"))[:n]]
+            self.options = GenerationOptions(max_new_tokens=16)
+            self.first, self.second = reqs[: n // 2], reqs[n // 2:]
+            self.cold = self._timed(self.first)[0]
+        except BaseException:
+            self.engine.close()
+            raise
 
     def warm(self) -> tuple[float, dict[str, float]]:
         """(videos/s, CPU ms per video by process) of a call on the second half, once the machine is quiet (Ray
         and the stage's engine take ~1.3 cores for ~2 s after a run while they exit)."""
-        _wait_until_quiet()
+        self.quiet.append(_wait_until_quiet())
         return self._timed(self.second)
 
     def _timed(self, reqs: list) -> tuple[float, dict[str, float]]:
         from pipeline.proc_stats import cpu_snapshot, cpu_split
 
-        self.engine.llm.collective_rpc("stllm_clear_vit_cache")  # each call computes its videos' features
+        # each call computes its videos' features and sends their frames, as the stage does once per video
+        self.engine.llm.collective_rpc("stllm_clear_vit_cache")
+        self.engine.llm.reset_mm_cache()
         before = cpu_snapshot()
         t0 = time.perf_counter()
         results = self.engine.generate(reqs, self.options)
@@ -184,16 +196,18 @@ def bench_feeding(videos: int = 96, batch_size: int = 4, max_seqs: int = 32) -> 
         clips.mkdir()
         for p in sorted(twice.glob("*.mp4"))[:videos]:
             os.link(p, clips / p.name)
-        before = _pipeline_stats(clips, tmp / "one", 1, batch_size, max_seqs)
-        after = _pipeline_stats(clips, tmp / "many", 8, batch_size, max_seqs)
+        # the baseline engine first: starting a vLLM engine on CPU sets this process's environment (LD_PRELOAD,
+        # OpenMP settings) that the Ray runs after it inherit — the same for all three
         engine = _EngineAlone(twice, 2 * videos, max_seqs)
         try:
+            before = _pipeline_stats(clips, tmp / "one", 1, batch_size, max_seqs)
+            after = _pipeline_stats(clips, tmp / "many", 8, batch_size, max_seqs)
             alone_before, alone_cpu = engine.warm()
             ready = _stage_on_decoded(twice, tmp / "ready", 8, batch_size, max_seqs)
             alone_after, _ = engine.warm()
         finally:
             engine.close()
-    alone = (alone_before + alone_after) / 2
+    alone = 2 / (1 / alone_before + 1 / alone_after)  # the same videos twice: the mean of their times
     assert before["indexed"] == after["indexed"] == videos and ready["rows"] == 2 * videos, (before, after, ready)
     cold_stage, stage = _half_rates(ready["completed"])
 
@@ -214,6 +228,7 @@ def bench_feeding(videos: int = 96, batch_size: int = 4, max_seqs: int = 32) -> 
         Result("model_stage_vs_engine_alone", stage / alone, ">= 0.9", detail={
             "stage_videos_per_s": round(stage, 2), "engine_alone_videos_per_s": round(alone, 2),
             "engine_alone_before_and_after": [round(alone_before, 2), round(alone_after, 2)],
+            "busy_cores_before_each_engine_alone_call": engine.quiet,
             "cold_stage_videos_per_s": round(cold_stage, 2), "cold_engine_alone_videos_per_s": round(engine.cold, 2),
             "stage_actor_cpu_s": ready.get("actor_cpu_s"), "text_embedder": ready.get("text_embedder"),
             # CPU ms per video, warm: who took the cores (2 here) — the engine alone vs the stage's second half

@@ -33,6 +33,8 @@ def binary_view(table: pa.Table, name: str, row: int, shape: Sequence[int]) -> n
         row -= len(chunk)
     else:
         raise IndexError(f"row out of range for {name}")
+    if not (pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)):
+        raise TypeError(f"{name} is {chunk.type}, not binary")
     validity, offsets, data = chunk.buffers()
     i = chunk.offset + row
     if validity is not None and not (validity[i // 8] >> (i % 8)) & 1:

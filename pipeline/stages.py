@@ -280,7 +280,6 @@ class ModelStage:
                 errors["error_stage"][i], errors["error_type"][i] = "model", type(e).__name__
                 errors["error_message"][i] = redact(f"{e}\n{traceback.format_exc(limit=3)}")
         self._exit_if_engine_broke(None)  # a dead engine's per-request errors are not the videos' fault
-        del requests  # their frames are views that pin the input block (in Ray's object store): let it go
         calls = [0] * n
         for i, res in zip(todo, results, strict=False):
             calls[i] = 1
@@ -351,7 +350,7 @@ class OneBatchModelStage(ModelStage):
 class EmbedStage:
     """sentence-transformers embeddings of each caption (and the answers' text for search); run by
     `ModelStage` in its actor (`embed`: the texts of every batch waiting are encoded together, on one thread),
-    or on its own as a Ray Data callable."""
+    or on its own as a Ray Data callable (`batch_format="pyarrow"`)."""
 
     def __init__(self, model: str, batch_size: int = 32, device: str = "cpu", batches_together: int = 4):
         from pipeline.embedder import load_text_embedder

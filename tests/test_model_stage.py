@@ -171,6 +171,8 @@ def test_arrow_batches_are_read_in_place_and_set_by_name():
     assert np.array_equal(arrow_batch.binary_view(part, "frames", 2, [2, 3, 4]), frames[::-1])
     with pytest.raises(ValueError, match="has no frames"):
         arrow_batch.binary_view(part, "frames", 1, [2, 3, 4])
+    with pytest.raises(TypeError, match="not binary"):  # another layout is refused, not misread
+        arrow_batch.binary_view(pa.table({"frames": pa.array(["abcd"])}), "frames", 0, [4])
     assert arrow_batch.values(table, "kind", "work") == ["work", "work"]
     out = arrow_batch.with_column(table, "error_stage", pa.array([None, "model"], pa.string()))
     out = arrow_batch.with_column(out, "visual_embedding", arrow_batch.vectors([None, np.ones(3)]))

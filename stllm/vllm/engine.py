@@ -227,6 +227,10 @@ class VLLMEngine:
         if not req.questions:
             raise ValueError("the request has no questions")
         frames = as_frames(req.frames) if req.sampled else self.processor.sample(req.frames)
+        if not frames.flags.writeable:
+            # a view of someone's buffer (the model stage's Arrow block in Ray's object store): vLLM's caches may
+            # keep what it is given, and a view would keep the whole block alive with it
+            frames = frames.copy()
         if frames.shape[0] > self.config.num_frames:
             raise ValueError(f"{frames.shape[0]} frames, but this engine serves at most the checkpoint's "
                              f"num_frames={self.config.num_frames} per video")
