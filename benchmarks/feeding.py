@@ -204,7 +204,7 @@ def bench_feeding(videos: int = 96, batch_size: int = 4, max_seqs: int = 32) -> 
         before = _pipeline_stats(clips, tmp / "one", 1, batch_size, max_seqs)
         after = _pipeline_stats(clips, tmp / "many", 8, batch_size, max_seqs)
         # The baseline engine starts right before its first timed call: left idle for minutes (through the
-        # pipeline runs) it ran 10-30% slower than a fresh one (this VM reclaims idle memory).
+        # pipeline runs) it ran 10-30% slower than a fresh one (likely this VM reclaiming idle memory: kdamond runs).
         engine = _EngineAlone(twice, 2 * videos, max_seqs)
         try:
             alone_before, alone_cpu = engine.warm()
