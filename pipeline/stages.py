@@ -362,21 +362,22 @@ class EmbedStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
-        texts = self._texts(batch)
-        return self._with_embeddings(batch, self.encode(texts), t0)
+        captions = arrow_batch.values(batch, "caption")
+        return self._with_embeddings(batch, captions, self.encode(self._texts(captions)), t0)
 
     async def embed(self, batch: pa.Table, more_coming: bool = False) -> pa.Table:
         """`__call__` for an actor working on several batches at once: the texts of every batch waiting are
         encoded in one call; `more_coming` (other batches are still on the engine) lets it wait a moment for
         theirs."""
         t0 = time.perf_counter()
-        texts = self._texts(batch)
+        captions = arrow_batch.values(batch, "caption")
+        texts = self._texts(captions)
         if not texts:  # errors and copies only: nothing to wait for
-            return self._with_embeddings(batch, np.zeros((0, 0), np.float32), t0)
+            return self._with_embeddings(batch, captions, np.zeros((0, 0), np.float32), t0)
         if self.batcher is None:
             self.batcher = TextBatcher(self.encode, min_texts=self.batch_size, max_submits=self.batches_together)
         vectors = await asyncio.wrap_future(self.batcher.submit(texts, more_coming=more_coming))
-        return self._with_embeddings(batch, vectors, t0)
+        return self._with_embeddings(batch, captions, vectors, t0)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
@@ -385,12 +386,12 @@ class EmbedStage:
                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
     @staticmethod
-    def _texts(batch: pa.Table) -> list[str]:
-        return [c for c in arrow_batch.values(batch, "caption") if c is not None]  # rows with a result
+    def _texts(captions: list[str | None]) -> list[str]:
+        return [c for c in captions if c is not None]  # rows with a result (not errors, copies)
 
     @staticmethod
-    def _with_embeddings(batch: pa.Table, vectors: np.ndarray, t0: float) -> pa.Table:
-        ok = [c is not None for c in arrow_batch.values(batch, "caption")]
+    def _with_embeddings(batch: pa.Table, captions: list[str | None], vectors: np.ndarray, t0: float) -> pa.Table:
+        ok = [c is not None for c in captions]
         emb = iter(vectors)
         answers = arrow_batch.values(batch, "answers")
         n = batch.num_rows
