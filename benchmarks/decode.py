@@ -21,7 +21,7 @@ REPEATS = 9
 def _clips() -> list[tuple[str, bytes]]:
     if SHARED_VIDEOS.is_dir() and list(SHARED_VIDEOS.glob("*.mp4")):
         return [(p.name, p.read_bytes()) for p in sorted(SHARED_VIDEOS.glob("*.mp4"))]
-    from pipeline.demo_clips import make_test_video
+    from pipeline.demo.clips import make_test_video
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = [make_test_video(Path(tmp) / f"gen{i}.mp4", "h264", n_frames=300, size=(320, 240), fps=25, seed=i)

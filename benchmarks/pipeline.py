@@ -30,7 +30,7 @@ def _make_clips(folder: Path, n: int, distinct: int = 8) -> Path:
     copies would reuse one result)."""
     import struct
 
-    from pipeline.demo_clips import make_test_video
+    from pipeline.demo.clips import make_test_video
 
     folder.mkdir(parents=True, exist_ok=True)
     seeds = [make_test_video(folder / f"seed{i}.mp4", "h264", n_frames=48, size=(160, 120), seed=i)

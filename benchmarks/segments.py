@@ -110,7 +110,7 @@ def _index_once(src: Path, out: Path) -> dict:
 def bench_segment_linearity(minutes: float = 10.0) -> list[Result]:
     """Indexing wall time (the whole `run`, start-up included) of a 2×-long generated recording vs the 1× one,
     fixed 10 s windows, tiny model; 1× run twice (the first warms caches), then 2×."""
-    from pipeline.demo_clips import SCENE_COLOURS, make_scene_video
+    from pipeline.demo.clips import SCENE_COLOURS, make_scene_video
 
     def scenes(total_s: float) -> list[tuple[float, str, str]]:
         colours, motions, out, t = list(SCENE_COLOURS), ("left", "right", "up", "down"), [], 0.0

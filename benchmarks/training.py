@@ -13,8 +13,8 @@ from benchmarks.common import Result
 
 def bench_training(steps: int = 30, batch_size: int = 8) -> list[Result]:
     from pipeline.paths import ensure_tiny_model
-    from pipeline.train import load_samples, load_train_config
-    from pipeline.world import synth
+    from pipeline.training.train import load_samples, load_train_config
+    from pipeline.training.world import synth
     from stllm.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:

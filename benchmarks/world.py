@@ -34,7 +34,7 @@ TRAIN_CLIPS, EVAL_CLIPS = 600, 100
 
 def _train_and_eval(work: Path, mode: str, masking: bool, stage1: Path | None,
                     frame_counts: tuple[int, ...] = (8,)) -> dict[str, Any]:
-    from pipeline.world_model import WorldRecipe, build_demo_model
+    from pipeline.training.world_model import WorldRecipe, build_demo_model
 
     steps = WorldRecipe().stage2  # the recipe's 2a and 2b; masking (and WORLD_BENCH_STEPS) in 2b only
     last = steps[-1].model_copy(update={"overrides": [*steps[-1].overrides, f"masking={str(masking).lower()}",
@@ -52,7 +52,7 @@ def _train_and_eval(work: Path, mode: str, masking: bool, stage1: Path | None,
 def grade_frames(model: Path, eval_data: Path, frame_counts: tuple[int, ...],
                  report: dict[str, Any] | None = None) -> dict[int, dict[str, float]]:
     """Held-out accuracy of `model` with its clips sampled at each of `frame_counts` frames (trained at 8)."""
-    from pipeline.world import evaluate
+    from pipeline.training.world import evaluate
 
     out = {8: report["eval"]["heldout"]["accuracy"]} if report else {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -88,9 +88,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from pipeline.decode import DecodeError, decode_video
     from pipeline.paths import ensure_tiny_model, resolve_model_path
+    from stllm import load_engine
     from stllm.configuration_stllm import STLLMConfig
     from stllm.engine import VideoRequest
-    from stllm.engines import load_engine
 
     t0 = time.perf_counter()
     options = _generation_options(args)  # bad flags fail before anything loads
@@ -135,14 +135,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.demo.run import run_demo
 
     return run_demo(workdir=Path(args.workdir) if args.workdir else None)
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from pipeline.paths import world_model_dir
-    from pipeline.world_model import WorldRecipe, build_demo_model
+    from pipeline.training.world_model import WorldRecipe, build_demo_model
 
     t0 = time.perf_counter()
     recipe = WorldRecipe(video_input=args.video_input, stage2_overrides=args.set or [])
@@ -184,7 +184,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from pipeline.world import synth
+    from pipeline.training.world import synth
 
     t0 = time.perf_counter()
     report = synth(args.out, args.n, seed=args.seed, splits=args.splits.split(","), n_frames=args.frames,
@@ -196,7 +196,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.world import evaluate
+    from pipeline.training.world import evaluate
 
     report = evaluate(args.model, args.manifest, engine=args.engine, limit=args.limit, dtype=args.dtype,
                       device=args.device, answers_out=args.answers, options=_generation_options(args))
@@ -214,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.train import load_train_config, train
+    from pipeline.training.train import load_train_config, train
 
     config = load_train_config(args.config, args.set or [])  # an invalid config fails before any work
     t0 = time.perf_counter()

@@ -215,7 +215,7 @@ class ModelStage:
                  questions: list[str], options: Any, engine_kwargs: dict[str, Any] | None = None,
                  embedder: dict[str, Any] | None = None, batches_in_flight: int = 4):
         from pipeline.paths import resolve_model_path
-        from stllm.engines import load_engine
+        from stllm import load_engine
 
         self.engine = load_engine(engine, resolve_model_path(model_path), dtype=dtype, device=device,
                                   **(engine_kwargs or {}))

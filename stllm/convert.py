@@ -24,7 +24,8 @@ from stllm.modeling_stllm import STLLMForConditionalGeneration
 log = logging.getLogger(__name__)
 
 P = "model.stllm_model."
-# Derivable or aliased tensors that the released shards may hold; dropped on load (DESIGN §2).
+# Derivable or aliased tensors that the released shards may hold; dropped on load (docs/model.md,
+# "Numerics and weight names").
 _IGNORED = re.compile(
     r"(\.rotary_emb\.inv_freq$|^model\.stllm_model\.embed_tokens\.weight$|^model\.stllm_model\.residual_index$"
     r"|^model\.stllm_model\.Qformer\.bert\.embeddings\.position_ids$)"

@@ -3,7 +3,7 @@
 A request is one video (frames already decoded, uint8 (T, H, W, 3)) with the questions to ask about it. The
 engine samples the checkpoint's frames out of it with the original's rule (skipped when the caller already
 did: `sampled=True`, as the pipeline's decode stage does), runs the ViT once per video and answers every
-question. The pipeline switches engines with one job field (`model.engine`; `stllm.engines.load_engine`).
+question. The pipeline switches engines with one job field (`model.engine`; `stllm.load_engine`).
 What both engines must agree on lives here once: decoding defaults, the repetition penalty's resolution and
 the prompt budget.
 """

@@ -1,9 +1,9 @@
 """The video processor of the released weights: frame sampling, resize/crop/normalise, the prompt, answers.
 
-Facts (DESIGN §2): frames sampled with the original's rule (`stllm.frame_sampling`); shorter side → 224
-(bicubic, on uint8 PIL images as the original), centre crop 224, [0,1] then CLIP mean/std; prompt = visual
-tokens, then BOS(id 2) + the prompt format's text (`stllm.prompts`); the Q-Former's text input is the question;
-generation stops at "###".
+Facts (docs/model.md: "Frames and preprocessing", "Prompt and decoding"): frames sampled with the original's
+rule (`stllm.frame_sampling`); shorter side → 224 (bicubic, on uint8 PIL images as the original), centre crop
+224, [0,1] then CLIP mean/std; prompt = visual tokens, then BOS(id 2) + the prompt format's text
+(`stllm.prompts`); the Q-Former's text input is the question; generation stops at "###".
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def private_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedS3]:
 @pytest.fixture(scope="session")
 def video_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Synthetic 24-frame 96x64 12 fps clips in H.264, HEVC, VP9, AV1, plus two corrupt files."""
-    from pipeline.demo_clips import make_corrupt_video, make_test_video
+    from pipeline.demo.clips import make_corrupt_video, make_test_video
 
     root = tmp_path_factory.mktemp("videos")
     clips = {codec: make_test_video(root / name, codec) for codec, name in CODEC_FILES.items()}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.demo_clips import make_corrupt_video, make_test_video
+from pipeline.demo.clips import make_corrupt_video, make_test_video
 
 COPY_NOTE = b"\x00\x00\x00\x10free" + b"near-copy"[:8]  # an MP4 `free` box: other bytes, the same frames
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline.demo_clips import make_test_video
+from pipeline.demo.clips import make_test_video
 
 
 def _cli(*args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -312,7 +312,7 @@ def _task_names(logs: Path) -> set[str]:
 def test_run_job_on_two_node_cluster(ray_cluster: TwoNodeCluster, tmp_path: Path) -> None:
     import ray
 
-    from pipeline.demo_clips import make_corrupt_video, make_test_video
+    from pipeline.demo.clips import make_corrupt_video, make_test_video
     from pipeline.io.sinks import read_parquet
     from pipeline.jobs import load_job
     from pipeline.runner import run_job

@@ -18,7 +18,7 @@ from pipeline.decode import (
     decode_video,
     decode_video_inline,
 )
-from pipeline.demo_clips import SQUARE, square_x
+from pipeline.demo.clips import SQUARE, square_x
 from stllm.frame_sampling import midpoint_indices, original_indices
 from stllm.transforms import resize_crop
 from tests.faults import StallAt
@@ -111,7 +111,7 @@ def test_runs_decoded_side_by_side_give_the_same_frames(tmp_path, monkeypatch) -
     import decord
 
     from pipeline.decode import decoders
-    from pipeline.demo_clips import make_test_video
+    from pipeline.demo.clips import make_test_video
 
     path = make_test_video(tmp_path / "gop.mp4", "h264", n_frames=240, gop=24)
     assert len(decord.VideoReader(str(path)).get_key_indices()) >= 10

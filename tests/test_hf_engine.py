@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stllm import load_engine
 from stllm.engine import GenerationOptions, VideoRequest
-from stllm.engines import load_engine
 from stllm.transforms import resize_crop
 from tests.tiny_fixtures import synthetic_frames
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.demo_clips import make_test_video
+from pipeline.demo.clips import make_test_video
 from pipeline.embedder import load_text_embedder
 from pipeline.text_batcher import TextBatcher
 
@@ -127,8 +127,8 @@ def test_the_model_actor_overlaps_batches_when_its_input_is_ready(tmp_path: Path
     assert len(result) == 8 and result["error_stage"].isna().all()
     # the answers of batches run side by side are those of one synchronous call on the same frames (greedy)
     from pipeline.paths import resolve_model_path
+    from stllm import load_engine
     from stllm.engine import VideoRequest
-    from stllm.engines import load_engine
 
     engine = load_engine("hf", resolve_model_path(facts["path"]), dtype=job.model.dtype, device="cpu")
     requests = [VideoRequest(r["video_id"], np.frombuffer(r["frames"], np.uint8).reshape(r["frames_shape"]),

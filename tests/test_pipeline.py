@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.demo_clips import make_corrupt_video, make_test_video
+from pipeline.demo.clips import make_corrupt_video, make_test_video
 
 CLIPS = {"h264": "a/h264.mp4", "hevc": "a/hevc.mp4", "vp9": "b/vp9.webm", "av1": "b/av1.mp4"}
 CORRUPT = {"random": "c/random.mp4", "truncated": "c/truncated.mp4"}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo_clips import make_corrupt_video, make_test_video
+from pipeline.demo.clips import make_corrupt_video, make_test_video
 
 REPO = Path(__file__).parents[1]
 TAG = "STLLM_RELIABILITY_TEST"

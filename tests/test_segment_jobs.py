@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.decode.segments import fixed_segments, plan_segments
-from pipeline.demo_clips import make_scene_video, scene_starts
+from pipeline.demo.clips import make_scene_video, scene_starts
 from tests.test_segments import FPS, _scenes
 
 QUERY_SCENES = (1, 4, 6)  # three different looks (scene k + 8 looks like scene k)

@@ -20,7 +20,7 @@ from pipeline.decode.segments import (
     plan_segments,
     shot_segments,
 )
-from pipeline.demo_clips import SCENE_COLOURS, make_corrupt_video, make_scene_video, scene_starts
+from pipeline.demo.clips import SCENE_COLOURS, make_corrupt_video, make_scene_video, scene_starts
 
 FPS = 4
 MOTIONS = ("left", "right", "up", "down")

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train import load_samples, load_train_config
+from pipeline.training.train import load_samples, load_train_config
 from stllm.training.augment import crop_box, rand_indices
 from stllm.training.trainer import Trainer, group_of
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from pipeline.world import synth
+    from pipeline.training.world import synth
 
     root = tmp_path_factory.mktemp("world")
     synth(root, 8, seed=3, splits=["train"])
@@ -100,7 +100,7 @@ def test_resume_continues_the_same_loss_curve(tiny_dir, world, tmp_path) -> None
 
 def test_a_corrupt_clip_is_skipped_and_counted(tiny_dir, world, tmp_path) -> None:
     from pipeline.cli import main
-    from pipeline.demo_clips import make_corrupt_video
+    from pipeline.demo.clips import make_corrupt_video
 
     rows = [json.loads(line) for line in (world / "manifest.jsonl").read_text().splitlines()][:10]
     bad = make_corrupt_video(tmp_path / "bad.mp4", "truncated")
@@ -172,7 +172,7 @@ def test_the_example_config_parses() -> None:
 
 def test_a_small_frame_tiny_model_builds_trains_and_answers(tmp_path) -> None:
     """64×64 frames with 8-pixel patches (the world's own size): ViT and processor agree, the loop runs."""
-    from pipeline.world import synth
+    from pipeline.training.world import synth
     from stllm.engine import GenerationOptions, VideoRequest
     from stllm.hf_engine import HFEngine
     from stllm.tiny import build_tiny
@@ -232,7 +232,7 @@ def test_two_ray_train_workers_take_the_one_process_step(tiny_dir, world, tmp_pa
 
     import ray
 
-    from pipeline.train import train
+    from pipeline.training.train import train
     from stllm.hf_engine import HFEngine
 
     sets = ("max_steps=3", "masking=false", "frame_sampling=original", "crop_scale=null", "qtypes=[colour]",

@@ -46,7 +46,7 @@ def test_a_clip_played_backwards_is_the_opposite_clip() -> None:
 
 def test_synth_writes_real_clips_whose_pixels_match_the_truth(tmp_path) -> None:
     from pipeline.decode import decode_video
-    from pipeline.world import read_manifest, synth
+    from pipeline.training.world import read_manifest, synth
 
     report = synth(tmp_path / "w", 3, seed=5)
     assert report["clips"] == {"train": 3, "heldout": 3, "unseen": 3} and report["rows"] == 9 * 5
@@ -72,7 +72,7 @@ def test_synth_writes_real_clips_whose_pixels_match_the_truth(tmp_path) -> None:
 
 
 def test_synth_rejects_bad_arguments(tmp_path) -> None:
-    from pipeline.world import synth
+    from pipeline.training.world import synth
 
     with pytest.raises(ValueError, match="split must be one of"):
         synth(tmp_path, 1, splits=["test"])
@@ -97,7 +97,7 @@ def test_eval_grades_a_real_model_on_every_question(tmp_path, tiny_dir) -> None:
     """The tiny RANDOM model through the real decode + hf engine: every question asked and graded as the
     scoring rules say (its answers are noise; the trained world model is what should score)."""
     from pipeline.cli import main
-    from pipeline.world import synth
+    from pipeline.training.world import synth
 
     synth(tmp_path / "w", 2, seed=2, splits=["heldout", "unseen"])
     answers = tmp_path / "answers.jsonl"
@@ -118,7 +118,7 @@ def test_multi_word_truths_are_graded_by_their_words() -> None:
 
 def test_reversed_pairs_hold_each_training_scene_both_ways(tmp_path) -> None:
     from pipeline.decode import decode_video
-    from pipeline.world import synth
+    from pipeline.training.world import synth
 
     report = synth(tmp_path / "w", 3, seed=5, splits=["train", "heldout"], reversed_pairs=True)
     assert report["clips"] == {"train": 6, "heldout": 3}  # pairs only where the model learns

@@ -134,8 +134,8 @@ def test_rendering_a_subset_of_frames_equals_those_frames():
 
 def test_the_recipe_runs_every_stage_and_records_itself(tmp_path):
     """`make demo-model`'s wiring at toy size: synth → stage 1 → 2a → language → 2b → eval → a folder that loads."""
-    from pipeline.world_model import Stage2Step, WorldRecipe, build_demo_model
-    from stllm.engines import load_engine
+    from pipeline.training.world_model import Stage2Step, WorldRecipe, build_demo_model
+    from stllm import load_engine
     from stllm.world.language import LanguageConfig
 
     with pytest.raises(ValueError, match="names no stage-2 step"):
@@ -183,7 +183,7 @@ def test_shipped_model_is_small_and_says_how_it_was_made():
 
 @pytest.fixture(scope="session")
 def fresh_world(tmp_path_factory):
-    from pipeline.world import synth
+    from pipeline.training.world import synth
 
     out = tmp_path_factory.mktemp("fresh-world")
     synth(out, FRESH_CLIPS, seed=FRESH_SEED, splits=["heldout", "unseen"])
@@ -192,7 +192,7 @@ def fresh_world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hf_report(fresh_world, tmp_path_factory):
-    from pipeline.world import evaluate
+    from pipeline.training.world import evaluate
 
     answers = tmp_path_factory.mktemp("hf-answers") / "answers.jsonl"
     return evaluate(str(world_model_dir()), fresh_world, engine="hf", device="cpu", answers_out=answers), answers
@@ -219,7 +219,7 @@ def test_shipped_model_understands_fresh_heldout_clips_hf(hf_report):
 def test_shipped_model_meets_the_goals_in_vllm_with_the_hf_answers(fresh_world, hf_report, tmp_path):
     import vllm  # noqa: F401 — a missing vLLM fails the test instead of skipping it
 
-    from pipeline.world import evaluate
+    from pipeline.training.world import evaluate
 
     report = evaluate(str(world_model_dir()), fresh_world, engine="vllm", device="cpu", dtype="float32",
                       answers_out=tmp_path / "answers.jsonl")

@@ -5,7 +5,7 @@ Determinism (so a resumed run continues the same loss curve): the sample order o
 seeded by (seed, e); the frames, crop, mask ratio and kept tokens of optimizer step s are drawn from
 generators seeded by (seed, s). A checkpoint holds the weights, the optimizer, the scheduler and the step.
 
-Data parallel (`workers` > 1, started by `pipeline.train` through Ray Train, which sets up torch.distributed):
+Data parallel (`workers` > 1, started by `pipeline.training.train` through Ray Train, which sets up torch.distributed):
 rank r takes every `world_size`-th sample of each micro-batch and draws its random choices from (seed, s, r);
 the gradients are averaged over the ranks before clipping, so every rank takes the same step. Rank 0 alone
 writes metrics, checkpoints and the final model; every rank resumes from them (one machine, or shared storage).

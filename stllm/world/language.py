@@ -1,9 +1,10 @@
 """The language stage of the world model's recipe: the LLM learns the world's language from text alone.
 
 The stand-in for Vicuna's pretraining, as stage 1 (`stllm.world.pretrain`) stands in for EVA-CLIP/BLIP-2's. It
-runs after stage 2a (the direction question alone, which a fresh LLM learns faster; `pipeline.world_model`): the
-LLM is trained on the world's transcripts — the training prompt with each question and a true answer, no visual
-tokens — with the same loss as stage 2 (labels on the answer + `</s>`). Without a video the
+runs after stage 2a (the direction question alone, which a fresh LLM learns faster;
+`pipeline.training.world_model`): the LLM is trained on the world's transcripts — the training prompt with each
+question and a true answer, no visual tokens — with the same loss as stage 2 (labels on the answer + `</s>`).
+Without a video the
 answer is unknowable, so what it learns is the question: "What colour …" is answered by a colour word,
 "What shape …" by a shape, and so on. Why it is needed (measured on the model shipped before it): an LLM
 trained from scratch on videos never learned to read the question word — "What colour is the object?" and
