@@ -176,7 +176,8 @@ class JobConfig(_Strict):
     name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     source: SourceConfig
     model: ModelConfig
-    caption_prompt: NonEmpty = "Describe the video in detail."
+    caption_prompt: NonEmpty | None = Field(default="Describe the video in detail.", description="null: this job "
+                                            "asks no caption (e.g. a questions-only job sharing an index)")
     questions: list[NonEmpty] = Field(default_factory=list)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
@@ -196,6 +197,8 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> JobConfig:
+        if self.caption_prompt is None and not self.questions:
+            raise ValueError("questions: a job with no caption_prompt must ask at least one question")
         if self.model.device == "cuda" and self.runtime.num_gpus_per_actor == 0:
             # Ray hides GPUs from actors that did not ask for one.
             raise ValueError("runtime.num_gpus_per_actor: must be > 0 when model.device is 'cuda'")
@@ -264,8 +267,21 @@ class JobConfig(_Strict):
         data["model"]["engine_kwargs"] = dict.fromkeys(data["model"]["engine_kwargs"], MASK)
         return data
 
-    def questions_hash(self) -> str:
-        return _digest({"caption_prompt": self.caption_prompt, "questions": self.questions})
+    def spec(self, facts: dict[str, Any]) -> Any:
+        """What this job asks of every video, as cell derivations (`pipeline.store.cells.JobSpec`): the checkpoint
+        by content identity, frames and sampling (as resolved against the checkpoint: `runner.model_facts`),
+        dtype, decoding, prompt format, caption prompt, questions, text embedder and segmentation. Not
+        engine/device/runtime: the same job on hf or vllm, CPU or GPU, asks for the same cells."""
+        from dataclasses import asdict
+
+        from pipeline.store.cells import JobSpec
+
+        return JobSpec.build(job=self.name, model_id=facts["model_id"], checkpoint=facts["checkpoint_id"],
+                             num_frames=facts["num_frames"], frame_sampling=facts["frame_sampling"],
+                             dtype=self.model.dtype, generation=self._generation(),
+                             prompt_format=asdict(self.prompt.format()), caption_prompt=self.caption_prompt,
+                             questions=list(self.questions), embedder=self.embedder.model,
+                             segments=self.segments.model_dump() if self.segments.mode != "whole" else None)
 
 
 def _digest(obj: Any) -> str:

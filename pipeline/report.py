@@ -96,12 +96,17 @@ def print_summary(manifest: dict[str, Any], out: Console | None = None) -> None:
     table = Table(title=f"run {manifest['run_id']} ({manifest['job']})", show_header=True)
     table.add_column("what")
     table.add_column("value", justify="right")
-    for key, label in (("listed", "listed"), ("skipped", "skipped (already indexed)"),
-                       ("known_bad", "skipped (known bad)"), ("indexed", "indexed"),
-                       ("copies", "exact copies (result reused)"), ("errors", "errors"),
-                       ("model_calls", "model calls")):
-        if key in c:
-            table.add_row(label, str(c[key]))
+    gen = c.get("generations") or {}
+    for key, label, value in (
+            ("listed", "listed", None), ("skipped", "skipped (up to date)", None),
+            ("known_bad", "skipped (known bad)", None), ("deferred", "left for later (--where)", None),
+            ("indexed", "indexed (the model ran)", None), ("copies", "from cells already computed", None),
+            ("errors", "errors", None), ("decoded", "videos decoded", None),
+            ("visual_encodings", "visual encodings", None), ("caption", "captions generated", gen.get("caption")),
+            ("answer", "answers generated", gen.get("answer")), ("cells_reused", "cells reused", None)):
+        value = c.get(key) if value is None else value
+        if value is not None and (value or key in ("listed", "indexed", "errors")):
+            table.add_row(label, str(value))
     table.add_row("status", manifest.get("status", "?"))
     table.add_row("wall time", f"{manifest['wall_s']:.1f} s")
     if manifest.get("videos_per_s"):
@@ -109,7 +114,7 @@ def print_summary(manifest: dict[str, Any], out: Console | None = None) -> None:
     for stage, secs in manifest["stage_seconds"].items():
         table.add_row(f"{stage.removesuffix('_s')} (sum over videos)", f"{secs:.1f} s")
     table.add_row("engine", manifest["engine"])
-    table.add_row("config hash", manifest["config_hash"][:16])
+    table.add_row("job spec", manifest["config_hash"][:16])
     for name, loc in manifest["outputs"].items():
         table.add_row(name, str(loc))
     out.print(table)

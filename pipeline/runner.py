@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
+
 from pipeline.paths import checkpoint_id, resolve_model_path
 from pipeline.stages import DecodeStage, ModelStage, OneBatchModelStage
 
@@ -124,7 +126,6 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
             num_cpus=rt.model_cpus,
             fn_constructor_kwargs=dict(
                 engine=job.model.engine, model_path=facts["path"], dtype=job.model.dtype, device=job.model.device,
-                caption_prompt=job.caption_prompt, questions=list(job.questions),
                 options=job.generation_options(), engine_kwargs=job.model.engine_kwargs,
                 embedder=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
                 batches_in_flight=rt.model_batches_in_flight,
@@ -136,25 +137,55 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
     return {"decode": decode, "model": model}
 
 
-def work_plan(job, config_hash: str, retry_errors: bool = False):
-    from pipeline.io.listing import IndexLocation, WorkPlan
+def work_plan(job, spec, retry_errors: bool = False, where: str | None = None):
+    from pipeline.io.listing import WorkPlan
 
-    out, src, rt = job.output, job.source, job.runtime
+    src, rt = job.source, job.runtime
     return WorkPlan(
-        source_uri=src.uri, extensions=tuple(src.extensions), source_s3=src.s3, config_hash=config_hash,
-        index=IndexLocation(parquet_root=out.parquet, lancedb=out.lancedb, videos_table=out.table,
-                            errors_table=out.errors_table, s3=out.s3),
+        source_uri=src.uri, extensions=tuple(src.extensions), source_s3=src.s3, spec=spec, index=index_location(job),
         skip_existing=rt.skip_existing, retry_errors=retry_errors or rt.retry_errors,
         retry_after_s=rt.retry_errors_after_h * 3600 if rt.retry_errors_after_h else None,
-        limit=src.limit, page_size=src.page_size)
+        limit=src.limit, page_size=src.page_size, where=where)
 
 
-def run_job(job, address: str | None = None, progress: bool = True, retry_errors: bool = False) -> dict[str, Any]:
-    """Index what is new in the job's source; returns the run manifest (also written, see JobSinks)."""
+def index_location(job):
+    from pipeline.store.location import IndexLocation
+
+    out = job.output
+    return IndexLocation(parquet_root=out.parquet, lancedb=out.lancedb, videos_table=out.table,
+                         errors_table=out.errors_table, s3=out.s3, segments_table=out.segments_table)
+
+
+def output_locations(job) -> dict[str, Any]:
+    """Where a run writes, for its manifest."""
+    from pipeline.store.files import join_path
+
+    out = job.output
+    loc: dict[str, Any] = {"table": out.table, "errors_table": out.errors_table}
+    if out.parquet:
+        loc["parquet"] = join_path(out.parquet, out.table)
+        loc["errors_parquet"] = join_path(out.parquet, out.errors_table)
+    if out.lancedb:
+        loc["lancedb"] = out.lancedb
+    loc["manifest_dir"] = manifest_dir(job)
+    return loc
+
+
+def manifest_dir(job) -> str:
+    from pipeline.store.files import join_path
+
+    out = job.output
+    return out.manifest_dir or join_path(out.parquet or out.lancedb or ".", "_manifests")
+
+
+def run_job(job, address: str | None = None, progress: bool = True, retry_errors: bool = False,
+            where: str | None = None) -> dict[str, Any]:
+    """Compute what the job's source is missing; returns the run manifest (also written as the run goes)."""
     from pipeline.io.listing import has_new_work, new_work_dataset
-    from pipeline.io.run_sinks import JobSinks
     from pipeline.redact import register_secret
     from pipeline.report import print_summary, progress_bar
+    from pipeline.store.manifest import RunRecord
+    from pipeline.store.writer import IndexWriter
 
     for s3 in (job.source.s3, job.output.s3):
         if s3 is not None:
@@ -163,46 +194,51 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     started_at = datetime.now(UTC)
     run_id = f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     facts = model_facts(job)
-    config_hash = job.config_hash(facts["checkpoint_id"])
-    sinks = JobSinks(job, run_id=run_id, config_hash=config_hash, model_id=facts["model_id"])
-    sinks.start_manifest({"run_id": run_id, "job": job.name, "config_hash": config_hash,
-                          "model_id": facts["model_id"], "engine": job.model.engine,
-                          "started_at": started_at.isoformat()})
+    spec = job.spec(facts)
+    record = RunRecord(manifest_dir(job), run_id, job.output.s3)
+    record.start({"run_id": run_id, "job": job.name, "config_hash": spec.spec, "model_id": facts["model_id"],
+                  "engine": job.model.engine, "started_at": started_at.isoformat(), "job_config": job.redacted(),
+                  "outputs": output_locations(job)})
     stage_s = {"decode_s": 0.0, "model_s": 0.0, "embed_s": 0.0}
-    plan = work_plan(job, config_hash, retry_errors)
+    writer = None
     try:
+        writer = IndexWriter(index_location(job), spec, run_id=run_id,
+                             legacy_hash=job.config_hash(facts["checkpoint_id"]))
+        plan = work_plan(job, spec, retry_errors, where)
         if has_new_work(plan):  # Ray only when there is work: a rerun that skips everything starts nothing
             init_ray(address, job)
             ds = new_work_dataset(plan)
             for op in stage_ops(job, facts).values():
                 ds = op(ds)
             with progress_bar(None, enabled=progress) as bar:
-                for batch in ds.iter_batches(batch_format="pandas", batch_size=job.runtime.commit_every,
+                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=job.runtime.commit_every,
                                              prefetch_batches=1):
                     for col in stage_s:
-                        stage_s[col] += float(batch[col].fillna(0).sum()) if col in batch else 0.0
-                    delta = sinks.write(batch)
-                    c = sinks.counts
+                        if col in batch.column_names:
+                            stage_s[col] += float(pc.sum(batch.column(col)).as_py() or 0.0)
+                    delta = writer.write(batch)
+                    c = writer.counts
                     bar.update(done=c["indexed"] + c["copies"] + c["errors"],
-                               total=c["listed"] - c["skipped"] - c["known_bad"], errors=c["errors"],
-                               advanced=delta["indexed"] + delta["copies"] + delta["errors"])
+                               total=c["listed"] - c["skipped"] - c["known_bad"] - c["deferred"],
+                               errors=c["errors"], advanced=delta["indexed"] + delta["copies"] + delta["errors"])
+                    record.beat(counts=writer.counts_json())
         else:  # nothing new: count what the listing holds without starting anything
             from pipeline.io.listing import iter_work
 
             for block in iter_work(plan):
-                sinks.write(block)
-        sinks.finish()
+                writer.write(block)
+        writer.finish()
     except BaseException as e:
         wall = time.perf_counter() - t_start
-        sinks.end_manifest(status="failed", error=f"{type(e).__name__}: {e}",
-                           finished_at=datetime.now(UTC).isoformat(), wall_s=round(wall, 3),
-                           stage_seconds={k: round(v, 3) for k, v in stage_s.items()})
+        record.end(status="failed", error=f"{type(e).__name__}: {e}", finished_at=datetime.now(UTC).isoformat(),
+                   wall_s=round(wall, 3), stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
+                   **({"counts": writer.counts_json()} if writer is not None else {}))
         raise
     wall = time.perf_counter() - t_start
-    manifest = sinks.end_manifest(
+    manifest = record.end(
         status="succeeded", finished_at=datetime.now(UTC).isoformat(), wall_s=round(wall, 3),
-        stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
-        videos_per_s=round(sinks.counts["indexed"] / wall, 4) if wall else None)
+        counts=writer.counts_json(), stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
+        videos_per_s=round(writer.counts["indexed"] / wall, 4) if wall else None)
     if progress:
         print_summary(manifest)
     return manifest

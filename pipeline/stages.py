@@ -26,11 +26,11 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline import arrow_batch
-from pipeline.io.listing import SEGMENT, WORK
 from pipeline.proc_stats import descendants, machine_busy_s, process_cpu_s
 from pipeline.redact import redact
 from pipeline.text_batcher import TextBatcher
 from schemas import flatten_answers
+from schemas.stages import SEGMENT, WORK
 
 log = logging.getLogger(__name__)
 ERROR_FIELDS = ("error_stage", "error_type", "error_message", "error_retryable")
@@ -161,6 +161,9 @@ class DecodeStage:
         if not is_work(base):
             yield base
             return
+        if not base.get("need_segments"):  # its moments have every cell this job asks for: the video alone
+            yield {**self.decode_row(row), "segment_rows": 0}
+            return
         t0 = time.perf_counter()
         spec = {k: self.segments[k] for k in ("length_s", "overlap_s", "min_s", "max_s", "threshold")}
         try:
@@ -211,15 +214,14 @@ class ModelStage:
     the text embeddings (`EmbedStage`) in the same process. The embedder is small next to the video model:
     a separate actor would cost another process start-up (torch import) and another hop for every row."""
 
-    def __init__(self, engine: str, model_path: str, dtype: str | None, device: str, caption_prompt: str,
-                 questions: list[str], options: Any, engine_kwargs: dict[str, Any] | None = None,
-                 embedder: dict[str, Any] | None = None, batches_in_flight: int = 4):
+    def __init__(self, engine: str, model_path: str, dtype: str | None, device: str, options: Any,
+                 engine_kwargs: dict[str, Any] | None = None, embedder: dict[str, Any] | None = None,
+                 batches_in_flight: int = 4):
         from pipeline.paths import resolve_model_path
         from stllm import load_engine
 
         self.engine = load_engine(engine, resolve_model_path(model_path), dtype=dtype, device=device,
                                   **(engine_kwargs or {}))
-        self.prompts = [caption_prompt, *questions]
         self.options = options  # stllm.engine.GenerationOptions
         self._cpu0: float | None = None
         self._first_call = 0.0
@@ -253,14 +255,15 @@ class ModelStage:
         n = batch.num_rows
         kinds = arrow_batch.values(batch, "kind", WORK)
         errors = {f: arrow_batch.values(batch, f) for f in ERROR_FIELDS}
-        todo = [i for i in range(n) if is_model_work(kinds[i]) and errors["error_stage"][i] is None]
+        asked = self._asked(batch, kinds)
+        todo = [i for i in range(n) if is_model_work(kinds[i]) and errors["error_stage"][i] is None and asked[i][1]]
         video_ids = arrow_batch.values(batch, "video_id")
         ids = [s if isinstance(s, str) else v  # a segment's own id, else its video's
                for s, v in zip(arrow_batch.values(batch, "segment_id"), video_ids, strict=True)]
         shapes = batch.column("frames_shape")
         # The decode stage sampled these frames (of the file, or of a segment): the engine takes them as they are.
         requests = [VideoRequest(ids[i], arrow_batch.binary_view(batch, "frames", i, shapes[i].as_py()),
-                                 self.prompts, sampled=True) for i in todo]
+                                 asked[i][1], sampled=True) for i in todo]
         captions: list[str | None] = [None] * n
         answers: list[list[dict[str, str]]] = [[] for _ in range(n)]
         visual: list[np.ndarray | None] = [None] * n
@@ -287,8 +290,10 @@ class ModelStage:
                 errors["error_stage"][i], errors["error_type"][i] = "model", "ValueError"
                 errors["error_message"][i] = res.error
                 continue
-            captions[i] = res.answers[0].text
-            answers[i] = [{"question": a.question, "answer": a.text} for a in res.answers[1:]]
+            generated = res.answers
+            if asked[i][0]:  # the caption was asked first
+                captions[i], generated = generated[0].text, generated[1:]
+            answers[i] = [{"question": a.question, "answer": a.text} for a in generated]
             visual[i] = res.visual_embedding
         columns = {"caption": pa.array(captions, pa.string()), "answers": pa.array(answers, arrow_batch.QA),
                    "visual_embedding": arrow_batch.vectors(visual),
@@ -304,6 +309,19 @@ class ModelStage:
             out = await self.embed.embed(out, more_coming=self._on_engine > 0)
         self._write_stats()
         _release_freed_memory()
+        return out
+
+    @staticmethod
+    def _asked(batch: pa.Table, kinds: list[Any]) -> list[tuple[bool, list[str]]]:
+        """Per row: (whether the caption is asked, the prompts to generate — caption prompt first): only the cells
+        the listing found missing (a video's own, or its segments' for a segment row)."""
+        cols = {c: arrow_batch.values(batch, c) for c in ("caption_prompt", "questions", "segment_caption_prompt",
+                                                          "segment_questions")}
+        out = []
+        for i, kind in enumerate(kinds):
+            pre = "segment_" if kind == SEGMENT else ""
+            cap, questions = cols[f"{pre}caption_prompt"][i], list(cols[f"{pre}questions"][i] or [])
+            out.append((cap is not None, ([cap] if cap is not None else []) + questions))
         return out
 
     def _write_stats(self) -> None:

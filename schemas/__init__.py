@@ -13,11 +13,14 @@ import pyarrow as pa
 
 from schemas.manifest import RunManifest, manifest_json_schema
 
-SCHEMA_VERSION = 2  # 2: one row per object (video_id = object id), content_id, copy_of, part; the error ledger
+SCHEMA_VERSION = 3  # 3: results are cells keyed by derivation; `videos`/`segments` are the current view, one
+#                      row per object; 2: one row per (object, job config)
 VERSION_KEY = b"stllm_index.schema_version"
 TABLE_KEY = b"stllm_index.table"
 
-ANSWER_TYPE = pa.struct([pa.field("question", pa.string()), pa.field("answer", pa.string())])
+# An answer in the view: the question, the answer, and what produced it (the model, the run).
+ANSWER_TYPE = pa.struct([pa.field("question", pa.string()), pa.field("answer", pa.string()),
+                         pa.field("model", pa.string()), pa.field("run", pa.string())])
 # Per-stage wall seconds of one video; the runner fills what it measures, the rest stays null.
 TIMINGS_TYPE = pa.struct([
     pa.field("fetch_s", pa.float64()),
@@ -26,6 +29,7 @@ TIMINGS_TYPE = pa.struct([
     pa.field("embed_s", pa.float64()),
 ])
 TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
+CELL_KINDS = ("media", "visual", "caption", "answer", "plan")
 
 
 def _metadata(table: str, **extra: Any) -> dict[bytes, bytes]:
@@ -34,19 +38,40 @@ def _metadata(table: str, **extra: Any) -> dict[bytes, bytes]:
     return meta
 
 
-def video_schema(text_dim: int = 384, visual_dim: int = 4096) -> pa.Schema:
-    """The main results table: one row per (object, model/questions config).
-
-    `video_id` names the OBJECT (a hash of its uri: every copy of a video has its own row, all findable);
-    `content_id` names its bytes (ETag + size on S3, sha256 + size locally), shared by exact copies;
-    `copy_of` is the video_id whose model result an exact copy reuses (null for the row that ran the model);
-    `config_hash` is the job's `config_hash()`. (video_id, config_hash) is the row's identity. `part` is the
-    Parquet part file that holds the row (the commit protocol's bookkeeping, see `pipeline.io.tables`).
-    `answers_text` flattens the answers so a full-text index can cover them. Embeddings are nullable
-    fixed-size float32 vectors.
-    """
+def _check_dims(text_dim: int, visual_dim: int) -> None:
     if text_dim < 1 or visual_dim < 1:
         raise ValueError(f"embedding dims must be >= 1, got text_dim={text_dim}, visual_dim={visual_dim}")
+
+
+def _shown_fields(text_dim: int, visual_dim: int) -> list[pa.Field]:
+    """The results a view row shows, each with what produced it."""
+    return [
+        pa.field("caption", pa.string()),
+        pa.field("caption_model", pa.string()),
+        pa.field("caption_prompt", pa.string()),
+        pa.field("caption_run", pa.string()),
+        pa.field("answers", pa.list_(ANSWER_TYPE)),
+        pa.field("answers_text", pa.string()),
+        pa.field("caption_embedding", pa.list_(pa.float32(), text_dim)),
+        pa.field("visual_embedding", pa.list_(pa.float32(), visual_dim)),
+        pa.field("visual_model", pa.string()),
+        pa.field("stale", pa.bool_(), nullable=False),
+    ]
+
+
+def video_schema(text_dim: int = 384, visual_dim: int = 4096) -> pa.Schema:
+    """The `videos` table: the index's CURRENT VIEW, exactly one row per object.
+
+    `video_id` names the OBJECT (a hash of its uri: every copy of a video has its own row) and is the key;
+    `content_id` names its bytes (ETag + size on S3, sha256 + size locally), shared by exact copies; `copy_of` is
+    the first object of that content (null for it). The row shows, for the jobs registered on the index, the
+    caption and answers with what produced each (`caption_model`, `answers[].model`, the run), built from the
+    `cells` table (the history); `stale` is true while some shown result is a previous model's, waiting for the
+    current one (a backfill). `jobs_done` lists `<job>:<spec>` for each job whose cells are all there: what a
+    rerun of that job skips. `part` is commit bookkeeping (`pipeline.store.commit`). Embeddings are nullable
+    fixed-size float32 vectors.
+    """
+    _check_dims(text_dim, visual_dim)
     fields = [
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("content_id", pa.string(), nullable=False),
@@ -54,15 +79,8 @@ def video_schema(text_dim: int = 384, visual_dim: int = 4096) -> pa.Schema:
         pa.field("size", pa.int64(), nullable=False),
         pa.field("etag", pa.string(), nullable=False),
         pa.field("copy_of", pa.string()),
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("model_id", pa.string(), nullable=False),
-        pa.field("config_hash", pa.string(), nullable=False),
-        pa.field("questions_hash", pa.string(), nullable=False),
-        pa.field("caption", pa.string()),
-        pa.field("answers", pa.list_(ANSWER_TYPE)),
-        pa.field("answers_text", pa.string()),
-        pa.field("caption_embedding", pa.list_(pa.float32(), text_dim)),
-        pa.field("visual_embedding", pa.list_(pa.float32(), visual_dim)),
+        *_shown_fields(text_dim, visual_dim),
+        pa.field("jobs_done", pa.list_(pa.string())),
         pa.field("duration_s", pa.float64()),
         pa.field("fps", pa.float64()),
         pa.field("width", pa.int32()),
@@ -73,45 +91,74 @@ def video_schema(text_dim: int = 384, visual_dim: int = 4096) -> pa.Schema:
         pa.field("frame_indices", pa.list_(pa.int32())),
         pa.field("thumbnail", pa.binary()),
         pa.field("timings", TIMINGS_TYPE),
+        pa.field("run_id", pa.string(), nullable=False),
         pa.field("indexed_at", TIMESTAMP_TYPE, nullable=False),
+        pa.field("updated_at", TIMESTAMP_TYPE, nullable=False),
         pa.field("part", pa.string()),
     ]
     return pa.schema(fields, metadata=_metadata("videos", text_dim=text_dim, visual_dim=visual_dim))
 
 
 def segment_schema(text_dim: int = 384, visual_dim: int = 4096) -> pa.Schema:
-    """Moments of long recordings (jobs with `segments.mode` fixed or shots): one row per (segment, config).
+    """Moments of long recordings (jobs with `segments.mode` fixed or shots): the current view, one row per
+    segment of an object, key `segment_id` = "<video_id>:<segment index, 5 digits>".
 
-    `segment_id` = "<video_id>:<segment index, 5 digits>" is the row's key with `config_hash`; `video_id` is the
-    row of the `videos` table it belongs to; `start_s`/`end_s` its time span and `media_fragment` the uri with a
-    W3C media fragment (`<uri>#t=<start>,<end>`) that players open at the moment. A video no longer than one
-    segment has one segment row, holding the video's own results.
+    `video_id` is the row of the `videos` view it belongs to; `start_s`/`end_s` its time span and
+    `media_fragment` the uri with a W3C media fragment (`<uri>#t=<start>,<end>`) that players open at the moment.
+    A video no longer than one segment has one segment row, holding the video's own results.
     """
-    if text_dim < 1 or visual_dim < 1:
-        raise ValueError(f"embedding dims must be >= 1, got text_dim={text_dim}, visual_dim={visual_dim}")
+    _check_dims(text_dim, visual_dim)
     fields = [
         pa.field("segment_id", pa.string(), nullable=False),
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("content_id", pa.string(), nullable=False),
-        pa.field("config_hash", pa.string(), nullable=False),
         pa.field("segment", pa.int32(), nullable=False),
         pa.field("start_s", pa.float64(), nullable=False),
         pa.field("end_s", pa.float64(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
         pa.field("media_fragment", pa.string(), nullable=False),
         pa.field("copy_of", pa.string()),
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("caption", pa.string()),
-        pa.field("answers", pa.list_(ANSWER_TYPE)),
-        pa.field("answers_text", pa.string()),
-        pa.field("caption_embedding", pa.list_(pa.float32(), text_dim)),
-        pa.field("visual_embedding", pa.list_(pa.float32(), visual_dim)),
+        *_shown_fields(text_dim, visual_dim),
         pa.field("frame_indices", pa.list_(pa.int32())),
         pa.field("thumbnail", pa.binary()),
+        pa.field("run_id", pa.string(), nullable=False),
         pa.field("indexed_at", TIMESTAMP_TYPE, nullable=False),
+        pa.field("updated_at", TIMESTAMP_TYPE, nullable=False),
         pa.field("part", pa.string()),
     ]
     return pa.schema(fields, metadata=_metadata("segments", text_dim=text_dim, visual_dim=visual_dim))
+
+
+def cell_schema() -> pa.Schema:
+    """The `cells` table: every result ever computed, keyed by what derived it — the index's history.
+
+    `cell_id` = hash(content_id, scope, derivation) is the key: the same content asked the same thing by the
+    same model is one cell, whichever object or run asked. `scope` is '' for a whole video, else
+    "<segmentation>:<segment index>". `kind`: `media` (what decoding found: `text` holds its JSON, plus the
+    thumbnail), `visual` (the visual embedding), `caption` / `answer` (`prompt` = the caption prompt or the
+    question, `text` = the output, `text_embedding` by `embedder` for captions), `plan` (a video's segments,
+    JSON). `derivation` hashes everything the value depends on (docs/architecture.md lists it per kind);
+    `model_id` names the model in words. Vectors are variable-length lists: models of different widths share
+    this table."""
+    fields = [
+        pa.field("cell_id", pa.string(), nullable=False),
+        pa.field("content_id", pa.string(), nullable=False),
+        pa.field("scope", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("derivation", pa.string(), nullable=False),
+        pa.field("model_id", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("text_embedding", pa.list_(pa.float32())),
+        pa.field("embedder", pa.string()),
+        pa.field("visual_embedding", pa.list_(pa.float32())),
+        pa.field("thumbnail", pa.binary()),
+        pa.field("job", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("created_at", TIMESTAMP_TYPE, nullable=False),
+        pa.field("part", pa.string()),
+    ]
+    return pa.schema(fields, metadata=_metadata("cells"))
 
 
 def media_fragment(uri: str, start_s: float, end_s: float) -> str:
@@ -212,6 +259,9 @@ __all__ = [
     "error_schema",
     "media_fragment",
     "segment_schema",
+    "cell_schema",
+    "CELL_KINDS",
+    "ANSWER_TYPE",
     "flatten_answers",
     "manifest_json_schema",
     "rows_to_table",

@@ -24,7 +24,8 @@ class RunManifest(BaseModel):
     schema_version: int = Field(description="the Arrow schemas' SCHEMA_VERSION the run wrote")
     run_id: str = Field(min_length=1)
     job: str = Field(description="the job's name")
-    config_hash: str = Field(description="JobConfig.config_hash(): model + prompt + questions + embedder")
+    config_hash: str = Field(description="the job's spec hash: what its cells are derived with (model, frames, "
+                             "decoding, prompt format, caption prompt, questions, embedder)")
     model_id: str
     status: Literal["running", "succeeded", "failed", "interrupted"] = Field(
         default="succeeded", description="running until the run ends; interrupted: found running with no "
@@ -33,8 +34,10 @@ class RunManifest(BaseModel):
     heartbeat_at: datetime | None = Field(default=None, description="last sign of life of a running run")
     finished_at: datetime | None = None
     error: str | None = Field(default=None, description="why a failed run failed (credentials masked)")
-    counts: dict[str, int] = Field(default_factory=dict, description="listed, skipped, known_bad, indexed, copies, "
-                                   "errors, model_calls (so far, while running)")
+    counts: dict[str, int | dict[str, int]] = Field(
+        default_factory=dict, description="objects: listed, skipped, known_bad, indexed (model work ran), copies "
+        "(served from cells already computed), errors; work: model_calls, decoded, visual_encodings, "
+        "generations {caption, answer}, cells_reused (so far, while running)")
     outputs: dict[str, Any] = Field(default_factory=dict, description="where the run wrote (paths, tables)")
     job_config: dict[str, Any] | None = Field(default=None, description="the validated job, secrets masked")
     versions: dict[str, str] = Field(default_factory=dict, description="package versions")

@@ -1,2 +1,2 @@
-"""Where videos come from and where results go: sources (listing, fetching), sinks (Parquet, LanceDB, run
-manifests) and the writers one run owns."""
+"""Where videos come from: sources (local folders, s3:// prefixes), fetching their bytes, and the listing that
+decides what a run has to do. Where results go is `pipeline.store`."""

@@ -1,11 +1,11 @@
-"""One logical table (the results, or the error ledger) in up to two stores — a Parquet dataset and a LanceDB
-table — holding exactly ONE current row per key (video_id, config_hash) in each, whatever crashes.
+"""One logical table (a view, the cells, the error ledger) in up to two stores — a Parquet dataset and a LanceDB
+table — holding exactly ONE current row per key in each, whatever crashes.
 
 A plain reader of the Parquet dataset (pyarrow, DuckDB: `read_parquet('<dir>/*.parquet')`) must see no
-duplicates without knowing our rules, so a row that replaces an older one (the object changed, a retry) takes
-the old row out of its part file: copy-on-write of the few part files that hold superseded keys.
+duplicates without knowing our rules, so a row that replaces an older one takes the old row out of its part
+file: copy-on-write of the few part files that hold superseded keys.
 
-The commit protocol (`commit`), under the index lock (`pipeline.io.locks`):
+The commit protocol (`commit`), under the index lock (`pipeline.store.locks`):
   1. find the part files that hold keys being replaced or deleted (LanceDB's `part` column, else a scan);
   2. stage the new part `_staging/<N>.staged` and each rewritten old part `_staging/<P>.rewrite.staged`
      (names no reader globs: `_` folders and non-.parquet names are skipped by pyarrow and DuckDB);
@@ -18,8 +18,8 @@ The commit protocol (`commit`), under the index lock (`pipeline.io.locks`):
 applied again — every step is idempotent; any other journal and every unreferenced staged file is discarded.
 So a SIGKILL at any point leaves both stores as before the commit or as after it.
 
-`STLLM_CRASH_AT=<point>[:<n>]` kills this process with SIGKILL at the n-th (default first) passing of a named
-point (`staged`, `journaled`, `lance-committed`, `applied-new`) — how the exactly-once tests crash a real run.
+Each step passes a named point (`staged`, `journaled`, `lance-committed`, `applied-new`) to the hooks in
+`COMMIT_HOOKS` — how the exactly-once tests stop a real writer there.
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ import json
 import logging
 import os
 import posixpath
-import signal
 import uuid
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -40,47 +38,62 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.io.sinks import check_existing, filesystem, open_table, write_atomic, write_parquet
 from pipeline.io.sources import S3Options
+from pipeline.store.files import filesystem, write_atomic, write_parquet
+from pipeline.store.lance import open_table, sql_in, sql_str
+from schemas import SCHEMA_VERSION, check_schema, schema_version
 
 log = logging.getLogger(__name__)
 
-KEY = ("video_id", "config_hash")
 STAGING, JOURNAL = "_staging", "_journal"
-_passes: Counter[str] = Counter()
+Key = tuple[str, ...]
+# Called with each commit step's name as it is passed (tests inject crashes here).
+COMMIT_HOOKS: list[Callable[[str], None]] = []
 
 
-def crash_point(name: str) -> None:
-    """SIGKILL this process here when STLLM_CRASH_AT names this point (tests of exactly-once)."""
-    want = os.environ.get("STLLM_CRASH_AT")
-    if not want:
-        return
-    point, _, nth = want.partition(":")
-    if point == name:
-        _passes[name] += 1
-        if _passes[name] == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+def _passed(point: str) -> None:
+    for hook in COMMIT_HOOKS:
+        hook(point)
 
 
-def sql_str(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
+def check_existing(actual: pa.Schema, expected: pa.Schema, what: str) -> None:
+    """An existing table must be this release's version and match the schema (order aside)."""
+    version = schema_version(actual)
+    if version is not None and version > SCHEMA_VERSION:
+        raise ValueError(f"{what} was written by a newer release of stllm-index (schema version {version}; this "
+                         f"one reads up to {SCHEMA_VERSION}): upgrade stllm-index to use this index")
+    if version is not None and version != SCHEMA_VERSION:
+        raise ValueError(f"{what} holds schema version {version}; this build writes {SCHEMA_VERSION} (a run "
+                         "migrates it first)")
+    try:
+        check_schema(actual, expected)
+    except ValueError as e:
+        raise ValueError(f"{what} does not match the schema: {e}") from None
 
 
-def key_filter(config_hash: str, column: str, values: Iterable[str]) -> str:
-    """A LanceDB filter: this config's rows whose `column` is one of `values`."""
-    vals = ", ".join(sql_str(v) for v in values)
-    return f"config_hash = {sql_str(config_hash)} AND {column} IN ({vals})"
+def key_filter(key: Key, keys: Sequence[tuple[str, ...]]) -> str:
+    """A LanceDB filter matching exactly these keys."""
+    if len(key) == 1:
+        return sql_in(key[0], [k[0] for k in keys])
+    by_rest: dict[tuple[str, ...], list[str]] = {}
+    for k in keys:
+        by_rest.setdefault(tuple(k[1:]), []).append(k[0])
+    parts = []
+    for rest, firsts in by_rest.items():
+        eq = " AND ".join(f"{c} = {sql_str(v)}" for c, v in zip(key[1:], rest, strict=True))
+        parts.append(f"({sql_in(key[0], firsts)} AND {eq})")
+    return " OR ".join(parts) or "false"
 
 
 class TableStore:
-    """`name` in the Parquet root `<parquet_root>/<name>/` and/or the LanceDB database `lance_db`."""
+    """`name` in the Parquet root `<parquet_root>/<name>/` and/or the LanceDB database `lance_db`, one row per
+    `key` (a tuple of columns)."""
 
     def __init__(self, name: str, *, parquet_root: str | None, lance_db: Any | None, s3: S3Options | None,
-                 schema: pa.Schema | None = None, lance_uri: str = "", key_column: str = "video_id"):
+                 key: Key, schema: pa.Schema | None = None, lance_uri: str = ""):
         if parquet_root is None and lance_db is None:
             raise ValueError("a table needs a Parquet root, a LanceDB database, or both")
-        self.name, self.s3, self.lance_db = name, s3, lance_db
-        self.key_column = key_column  # the row's key is (key_column, config_hash)
+        self.name, self.s3, self.lance_db, self.key = name, s3, lance_db, key
         self.parquet_dir = None if parquet_root is None else (
             parquet_root.rstrip("/") + "/" + name if parquet_root.startswith("s3://")
             else os.path.join(parquet_root, name))
@@ -88,43 +101,47 @@ class TableStore:
             self.fs, self.root = filesystem(self.parquet_dir, s3)
         self.schema = schema
         self._lance = open_table(lance_db, name) if lance_db is not None else None
-        self._where = f"{lance_uri or 'LanceDB'} table '{name}'"
-        if self._lance is not None and schema is not None:
-            check_existing(self._lance.schema, schema, self._where)
+        self.where = f"{lance_uri or 'LanceDB'} table '{name}'"
+        if schema is not None and (existing := self.existing_schema()) is not None:
+            check_existing(existing, schema, self.where)
 
     # ---- reading ---------------------------------------------------------------------------------------
 
     @property
     def lance_table(self) -> Any | None:
+        if self._lance is None and self.lance_db is not None:
+            self._lance = open_table(self.lance_db, self.name)  # another writer may have created it
         return self._lance
 
     def existing_schema(self) -> pa.Schema | None:
-        if self._lance is not None:
-            return self._lance.schema
+        if self.lance_table is not None:
+            return self.lance_table.schema
         dataset = self._parquet_dataset()
         return dataset.schema if dataset is not None else None
 
     def _has_parquet(self) -> bool:
         return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
 
-    def lookup(self, config_hash: str, column: str, values: Sequence[str],
-               columns: Sequence[str] | None = None) -> pa.Table | None:
-        """This config's rows whose `column` is in `values` (LanceDB when present: the commit point)."""
+    def lookup(self, column: str, values: Sequence[Any], columns: Sequence[str] | None = None,
+               **equal: str) -> pa.Table | None:
+        """Rows whose `column` is in `values` (and whose `equal` columns hold those values); LanceDB when present:
+        the commit point."""
         if not values:
             return None
         if self.lance_db is not None:
-            if self._lance is None:
-                self._lance = open_table(self.lance_db, self.name)  # another writer may have created it
-            if self._lance is None:
+            if self.lance_table is None:
                 return None
-            q = self._lance.search().where(key_filter(config_hash, column, values))
+            where = " AND ".join([sql_in(column, values), *(f"{c} = {sql_str(v)}" for c, v in equal.items())])
+            q = self.lance_table.search().where(where)
             if columns:
                 q = q.select(list(columns))
             return q.limit(None).to_arrow()
         dataset = self._parquet_dataset()
         if dataset is None:
             return None
-        flt = (ds.field("config_hash") == config_hash) & ds.field(column).isin(list(values))
+        flt = ds.field(column).isin(list(values))
+        for c, v in equal.items():
+            flt = flt & (ds.field(c) == v)
         return dataset.to_table(columns=list(columns) if columns else None, filter=flt)
 
     def _parquet_dataset(self) -> ds.Dataset | None:
@@ -133,43 +150,61 @@ class TableStore:
         dataset = ds.dataset(self.root, filesystem=self.fs, format="parquet")
         return dataset if dataset.files else None
 
-    def count(self) -> int:
-        if self._lance is not None:
-            return self._lance.count_rows()
+    def read_all(self, columns: Sequence[str] | None = None, where: str | None = None) -> pa.Table | None:
+        """Every row (`where`: a LanceDB filter, applied when the table is in LanceDB)."""
+        if self.lance_table is not None:
+            q = self.lance_table.search()
+            if where:
+                q = q.where(where)
+            if columns:
+                q = q.select(list(columns))
+            return q.limit(None).to_arrow()
         dataset = self._parquet_dataset()
-        return dataset.count_rows() if dataset is not None else 0
+        return None if dataset is None else dataset.to_table(columns=list(columns) if columns else None)
+
+    def count(self, where: str | None = None) -> int:
+        if self.lance_table is not None:
+            return self.lance_table.count_rows(where)
+        dataset = self._parquet_dataset()
+        if dataset is None:
+            return 0
+        return dataset.count_rows() if where is None else self.read_all(where=where).num_rows
 
     # ---- writing ---------------------------------------------------------------------------------------
 
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    def _parts_holding(self, keys: set[tuple[str, str]]) -> dict[str, set[tuple[str, str]]]:
+    def _keys_of(self, table: pa.Table) -> set[tuple[str, ...]]:
+        return set(zip(*(table.column(c).to_pylist() for c in self.key), strict=True))
+
+    def _parts_holding(self, keys: set[tuple[str, ...]]) -> dict[str, set[tuple[str, ...]]]:
         """{part file: the given keys it holds}."""
-        by_config: dict[str, list[str]] = {}
-        for vid, cfg in keys:
-            by_config.setdefault(cfg, []).append(vid)
-        out: dict[str, set[tuple[str, str]]] = {}
-        for cfg, vids in by_config.items():
-            cols = [self.key_column, "config_hash", "part"]
-            found = self.lookup(cfg, self.key_column, vids, columns=cols)
+        by_rest: dict[tuple[str, ...], list[str]] = {}
+        for k in keys:
+            by_rest.setdefault(tuple(k[1:]), []).append(k[0])
+        out: dict[str, set[tuple[str, ...]]] = {}
+        cols = [*self.key, "part"]
+        for rest, firsts in by_rest.items():
+            found = self.lookup(self.key[0], firsts, columns=cols, **dict(zip(self.key[1:], rest, strict=True)))
             if found is None:
                 continue
-            for vid, c, part in zip(*(found.column(n).to_pylist() for n in cols), strict=True):
+            for *k, part in zip(*(found.column(n).to_pylist() for n in cols), strict=True):
                 if part:
-                    out.setdefault(part, set()).add((vid, c))
+                    out.setdefault(part, set()).add(tuple(k))
         return out
 
-    def commit(self, upserts: pa.Table | None, deletes: Sequence[tuple[str, str]] = (), *, run_id: str) -> str | None:
+    def commit(self, upserts: pa.Table | None, deletes: Sequence[tuple[str, ...]] = (), *,
+               run_id: str) -> str | None:
         """Make `upserts` the current rows of their keys and remove `deletes`, in both stores, all or nothing.
         The caller holds the index lock. Returns the new Parquet part's name (None if none was written)."""
         upserts = upserts if upserts is not None and upserts.num_rows else None
+        deletes = [tuple(k) for k in deletes]
         if upserts is None and not deletes:
             return None
         keys = set(deletes)
         if upserts is not None:
-            keys |= set(zip(upserts.column(self.key_column).to_pylist(),
-                            upserts.column("config_hash").to_pylist(), strict=True))
+            keys |= self._keys_of(upserts)
         txn = f"{run_id}-{uuid.uuid4().hex[:8]}"
         part = f"part-{txn}.parquet" if upserts is not None else None
         if upserts is not None:
@@ -181,8 +216,7 @@ class TableStore:
             self.fs.create_dir(self._path(STAGING), recursive=True)
             for old, held in self._parts_holding(keys).items():
                 table = pq.read_table(self._path(old), filesystem=self.fs)
-                keep = pc.invert(_key_mask(table, held, self.key_column))
-                table = table.filter(keep)
+                table = table.filter(pc.invert(self._key_mask(table, held)))
                 if table.num_rows:
                     write_parquet(self.fs, self._path(STAGING, old + ".rewrite.staged"), table)
                     journal["rewrite"].append(old)
@@ -190,37 +224,51 @@ class TableStore:
                     journal["remove"].append(old)
             if upserts is not None:
                 write_parquet(self.fs, self._path(STAGING, part + ".staged"), upserts)
-            crash_point("staged")
+            _passed("staged")
             write_atomic(self.fs, self._path(JOURNAL, txn + ".json"), json.dumps(journal).encode())
-            crash_point("journaled")
+            _passed("journaled")
         if self.lance_db is not None:
             self._commit_lance(upserts, deletes)
-            crash_point("lance-committed")
+            _passed("lance-committed")
         if self.parquet_dir is not None:
             self._apply(journal)
         return part
 
-    def _commit_lance(self, upserts: pa.Table | None, deletes: Sequence[tuple[str, str]]) -> None:
+    def replace_all(self, table: pa.Table, *, run_id: str) -> None:
+        """Make `table` the whole content of both stores (a schema migration), with the same protocol: the new
+        part is staged and journaled, LanceDB overwritten (one commit), then every old part removed."""
+        txn = f"{run_id}-{uuid.uuid4().hex[:8]}"
+        part = f"part-{txn}.parquet"
+        table = table.set_column(table.schema.get_field_index("part"), "part",
+                                 pa.array([part] * table.num_rows, pa.string()))
+        journal: dict[str, Any] = {"txn": txn, "add": part, "rewrite": [], "remove": [], "deletes": []}
+        if self.parquet_dir is not None:
+            self.fs.create_dir(self._path(STAGING), recursive=True)
+            journal["remove"] = [n for n in self._listdir("") if n.endswith(".parquet")]
+            write_parquet(self.fs, self._path(STAGING, part + ".staged"), table)
+            write_atomic(self.fs, self._path(JOURNAL, txn + ".json"), json.dumps(journal).encode())
+        if self.lance_db is not None:
+            self._lance = self.lance_db.create_table(self.name, table, mode="overwrite")
+        if self.parquet_dir is not None:
+            self._apply(journal)
+
+    def _commit_lance(self, upserts: pa.Table | None, deletes: Sequence[tuple[str, ...]]) -> None:
         if upserts is not None:
-            if self._lance is None:
+            if self.lance_table is None:
                 self._lance = self.lance_db.create_table(self.name, schema=upserts.schema)
             # on_bad_vectors="null": a null embedding is a valid value here, but merge_insert's vector check
             # counts it as a "variable length vector" when it leads a batch.
-            (self._lance.merge_insert([self.key_column, "config_hash"]).when_matched_update_all()
+            (self._lance.merge_insert(list(self.key)).when_matched_update_all()
              .when_not_matched_insert_all().execute(upserts, on_bad_vectors="null"))
-        if deletes and self._lance is not None:
-            by_config: dict[str, list[str]] = {}
-            for vid, cfg in deletes:
-                by_config.setdefault(cfg, []).append(vid)
-            for cfg, vids in by_config.items():
-                self._lance.delete(key_filter(cfg, self.key_column, vids))
+        if deletes and self.lance_table is not None:
+            self._lance.delete(key_filter(self.key, deletes))
 
     def _apply(self, journal: dict[str, Any]) -> None:
         if journal["add"]:
             staged = self._path(STAGING, journal["add"] + ".staged")
             if self._exists(staged):
                 self.fs.move(staged, self._path(journal["add"]))
-            crash_point("applied-new")
+            _passed("applied-new")
         for old in journal["rewrite"]:
             staged = self._path(STAGING, old + ".rewrite.staged")
             if self._exists(staged):
@@ -265,7 +313,7 @@ class TableStore:
             self.fs.delete_file(self._path(STAGING, name))  # staged before its journal was written
             done["orphans"] += 1
         if any(done.values()):
-            log.warning("%s: recovered an interrupted commit: %s", self._where, done)
+            log.warning("%s: recovered an interrupted commit: %s", self.where, done)
         return done
 
     @staticmethod
@@ -276,17 +324,15 @@ class TableStore:
     def _committed(self, journal: dict[str, Any]) -> bool:
         if self.lance_db is None or not journal["add"]:
             return True  # the journal is the commit point (Parquet only), or deletes only: idempotent
-        table = self._lance if self._lance is not None else open_table(self.lance_db, self.name)
-        if table is None:
-            return False
-        self._lance = table
-        return table.count_rows(f"part = {sql_str(journal['add'])}") > 0
+        table = self.lance_table
+        return table is not None and table.count_rows(f"part = {sql_str(journal['add'])}") > 0
+
+    def _key_mask(self, table: pa.Table, keys: set[tuple[str, ...]]) -> pa.Array:
+        """True where the row's key is in `keys`."""
+        if len(self.key) == 1:
+            return pc.is_in(table.column(self.key[0]), value_set=pa.array([k[0] for k in keys], pa.string()))
+        joined = pc.binary_join_element_wise(*(table.column(c) for c in self.key), "\x1f")
+        return pc.is_in(joined, value_set=pa.array(["\x1f".join(k) for k in keys], pa.string()))
 
 
-def _key_mask(table: pa.Table, keys: set[tuple[str, str]], key_column: str = "video_id") -> pa.Array:
-    """True where the row's (key_column, config_hash) is in `keys`."""
-    joined = pc.binary_join_element_wise(table.column(key_column), table.column("config_hash"), "\x1f")
-    return pc.is_in(joined, value_set=pa.array([f"{v}\x1f{c}" for v, c in keys], pa.string()))
-
-
-__all__ = ["TableStore", "KEY", "crash_point", "key_filter", "sql_str"]
+__all__ = ["TableStore", "COMMIT_HOOKS", "check_existing", "key_filter"]

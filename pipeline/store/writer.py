@@ -1,0 +1,267 @@
+"""Everything one run writes to its index, owned by the driver: `IndexWriter`.
+
+Per batch of the stages' rows (results, failures, copies, tallies), in this order under the index lock — a crash
+between two steps leaves an object either done or retried, never lost or doubled:
+  1. the ledger drops the objects that now succeeded and records the failures;
+  2. the cells the model computed are committed (`pipeline.store.cells`): the history, keyed by derivation;
+  3. the view rows of those objects (and of copies, whose cells exist) are rebuilt from ALL their cells under the
+     registry's rule (`pipeline.store.view`), the segments view first, then `videos`: the `videos` row, whose
+     `jobs_done` names this job, is what marks an object done.
+A long recording's video row is held back until all its segment rows have come (`pipeline.store.segments`).
+An exact copy of a content this run is still computing waits for that content's cells.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.io.sources import S3Options
+from pipeline.store.cells import JobSpec, cells_table, new_cells, plan_cell, segment_scope
+from pipeline.store.commit import check_existing
+from pipeline.store.files import utc_now
+from pipeline.store.ledger import failure_row, ledger_row, ledger_table
+from pipeline.store.location import IndexLocation
+from pipeline.store.locks import IndexLock
+from pipeline.store.registry import load_registry, plan_of, register
+from pipeline.store.search_indexes import maintain_indexes
+from pipeline.store.segments import SegmentHold
+from pipeline.store.view import group_cells, segment_rows, video_row
+from schemas import embedding_dims, segment_schema, video_schema
+from schemas.stages import COPY, SEGMENT, TALLY, TALLY_FIELDS
+
+log = logging.getLogger(__name__)
+COUNT_KEYS = ("listed", "skipped", "known_bad", "indexed", "copies", "errors", "model_calls", "decoded",
+              "visual_encodings", "cells_reused")
+Row = dict[str, Any]
+
+
+class IndexWriter:
+    def __init__(self, location: IndexLocation, spec: JobSpec, *, run_id: str, legacy_hash: str | None = None):
+        """`legacy_hash`: the job's schema-2 `config_hash`, for migrating an index an earlier release made."""
+        self.location, self.spec, self.run_id = location, spec, run_id
+        self.s3: S3Options | None = location.s3
+        self.lock = IndexLock(location.root, self.s3)
+        self.videos, self.cells, self.errors = location.videos(), location.cells(), location.errors()
+        self.segments = location.segments() if spec.segmentation else None
+        with self.lock:  # finish or discard what a crashed run left, then say what this job asks
+            from pipeline.store.migrate import migrate
+
+            migrate(location, spec, legacy_hash)
+            for store in self._stores():
+                store.recover()
+            registry = register(location.root, spec, run_id, self.s3)
+        self.plan = plan_of(registry)
+        for what in self.plan.conflicts(spec):
+            log.warning("job '%s' also asks for %s: its results are kept in the cells table (search --model)",
+                        spec.job, what)
+        self.dims: dict[str, int | None] = {"caption_embedding": None, "visual_embedding": None}
+        for store, schema_of in ((self.videos, video_schema), (self.segments, segment_schema)):
+            if store is not None and (schema := store.existing_schema()) is not None:
+                self.dims.update(embedding_dims(schema))
+                check_existing(schema, schema_of(self.dims["caption_embedding"] or 1,
+                                                 self.dims["visual_embedding"] or 1), store.where)
+        self.counts: Counter[str] = Counter(dict.fromkeys(COUNT_KEYS, 0))
+        self.generations: Counter[str] = Counter(caption=0, answer=0)
+        self.hold = SegmentHold() if spec.segmentation else None
+        self._content_done: set[str] = set()  # contents whose cells this run committed
+        self._content_failed: dict[str, Row] = {}  # content_id → its failure, this run
+        self._pending_copies: dict[str, list[Row]] = {}  # copies waiting for their content's cells
+        self._unwritten: list[Row] = []  # objects waiting for the embedding sizes (no vector seen yet)
+
+    def _stores(self):
+        return [s for s in (self.errors, self.cells, self.segments, self.videos) if s is not None]
+
+    def counts_json(self) -> dict[str, Any]:
+        return {**{k: self.counts[k] for k in COUNT_KEYS}, "generations": dict(self.generations)}
+
+    # ---- one batch -------------------------------------------------------------------------------------
+
+    def write(self, batch: pa.Table | list[Row]) -> dict[str, int]:
+        """One batch of the stages' rows → the index, committed. Returns how the object counts moved."""
+        before = Counter(self.counts)
+        records = batch.to_pylist() if isinstance(batch, pa.Table) else list(batch)
+        ok: list[Row] = []
+        bad: list[Row] = []
+        copies: list[Row] = []
+        for r in records:
+            kind = r.get("kind")
+            if kind == TALLY:
+                for f in TALLY_FIELDS:
+                    self.counts[f] += int(r.get(f) or 0)
+                continue
+            self.counts["model_calls"] += int(r.get("model_calls") or 0)
+            if kind == COPY:
+                copies.append(r)
+                self.counts["cells_reused"] += int(r.get("reused") or 0)
+            elif kind == SEGMENT:
+                if self.hold is not None:
+                    self.hold.take(r, bad)
+            elif r.get("error_stage") is None:
+                ok.append(r)
+            else:
+                bad.append(r)
+        if self.hold is not None:
+            ok = self.hold.complete(ok, bad)
+            for r in bad:
+                self.hold.video_failed(r["video_id"])
+        now = utc_now()
+        cells: list[Row] = []
+        for r in ok:
+            cells += self._cells_of(r, now)
+        ledger = [failure_row(r, self.spec.spec, self.run_id, now) for r in bad]
+        for r in bad:
+            if r.get("content_id"):
+                self._content_failed[r["content_id"]] = r
+        self._commit(ok, cells, copies, ledger, now)
+        self.counts["indexed"] += len(ok)
+        self.counts["errors"] += len(bad)
+        return {k: self.counts[k] - before[k] for k in COUNT_KEYS}
+
+    def _cells_of(self, r: Row, now: Any) -> list[Row]:
+        """The cells a model result made: the video's, and with segments its moments' and their plan."""
+        self.counts["decoded"] += 1
+        self.counts["cells_reused"] += int(r.get("reused") or 0)
+        out = new_cells(r, self.spec, "", run_id=self.run_id, now=now, caption_embedding=r.get("caption_embedding"))
+        if self.hold is not None and r.get("need_segments"):
+            parts = self.hold.segments_of(r["video_id"])
+            for seg in parts:
+                seg = {**seg, "content_id": r["content_id"]}
+                out += new_cells(seg, self.spec, segment_scope(self.spec.segmentation, int(seg["segment"])),
+                                 run_id=self.run_id, now=now, caption_embedding=seg.get("caption_embedding"))
+            spans = [(float(s["start_s"]), float(s["end_s"])) for s in parts] or [
+                (0.0, float(r.get("end_s") or r.get("duration_s") or 0.0))]
+            out.append(plan_cell(r["content_id"], self.spec, spans, run_id=self.run_id, now=now))
+            self.counts["decoded"] += len(parts)
+        for c in out:
+            if c["kind"] in ("caption", "answer"):
+                self.generations[c["kind"]] += 1
+            elif c["kind"] == "visual":
+                self.counts["visual_encodings"] += 1
+        return out
+
+    # ---- committing --------------------------------------------------------------------------------------
+
+    def _resolve_copies(self, copies: list[Row], fresh: set[str], now: Any) -> tuple[list[Row], list[Row]]:
+        """(copies whose content's cells exist now, ledger rows for copies of a content that failed); the others
+        (their content is still being computed in this run) wait."""
+        ready, failed = [], []
+        for c in copies:
+            cid = c["content_id"]
+            if c.get("wait") and cid not in self._content_done and cid not in fresh:
+                if cid in self._content_failed:
+                    f = self._content_failed[cid]
+                    failed.append(ledger_row(c, self.spec.spec, self.run_id, now, f["error_stage"],
+                                             f.get("error_type") or "Error",
+                                             f"an exact copy of {f['uri']}, which failed: {f.get('error_message')}",
+                                             bool(f.get("error_retryable"))))
+                else:
+                    self._pending_copies.setdefault(cid, []).append(c)
+                continue
+            ready.append(c)
+        return ready, failed
+
+    def _commit(self, ok: list[Row], cells: list[Row], copies: list[Row], ledger: list[Row], now: Any) -> None:
+        fresh = {r["content_id"] for r in ok}
+        for cid in list(self._pending_copies):  # copies whose content finished (or failed) in this batch
+            if cid in fresh or cid in self._content_failed:
+                copies += self._pending_copies.pop(cid)
+        copies, copy_failures = self._resolve_copies(copies, fresh, now)
+        ledger += copy_failures
+        for c in cells:
+            self._learn_dims(c)
+        with self.lock:  # lookups and commits see one state of the index (another run may share it)
+            self.plan = plan_of(load_registry(self.location.root, self.s3))
+            if cells:
+                self.cells.commit(cells_table(cells), run_id=self.run_id)
+            objects = self._unwritten + [{**r, "timings": _timings(r)} for r in ok] + copies
+            by_content = self._cells_by_content({o["content_id"] for o in objects})
+            if objects and any(d is None for d in self.dims.values()):
+                self._unwritten, objects = objects, []  # embedding sizes unknown: keep for now
+            else:
+                self._unwritten = []
+            views = [video_row(o, by_content.get(o["content_id"], {}), self.plan, self.dims, run_id=self.run_id,
+                               now=now) for o in objects]
+            done = [(v["video_id"], self.spec.spec) for v in views]
+            if ledger or done:
+                self.errors.commit(ledger_table(ledger) if ledger else None, deletes=done, run_id=self.run_id)
+            if self.segments is not None and views:
+                self._commit_segments(views, by_content, now)
+            if views:
+                schema = video_schema(self.dims["caption_embedding"], self.dims["visual_embedding"])
+                unique = list({v["video_id"]: v for v in views}.values())
+                self.videos.commit(pa.Table.from_pylist(unique, schema=schema), run_id=self.run_id)
+        self._content_done |= fresh
+        self.counts["copies"] += len(copies)
+        self.counts["errors"] += len(copy_failures)
+
+    def _learn_dims(self, cell: Row) -> None:
+        for col, key in (("caption_embedding", "text_embedding"), ("visual_embedding", "visual_embedding")):
+            if self.dims[col] is None and cell.get(key) is not None:
+                self.dims[col] = len(cell[key])
+
+    def _cells_by_content(self, contents: set[str]) -> dict[str, dict[str, list[Row]]]:
+        if not contents:
+            return {}
+        found = self.cells.lookup("content_id", sorted(contents))
+        rows = [] if found is None else found.to_pylist()
+        for c in rows:  # an index that already holds vectors tells their sizes
+            self._learn_dims(c)
+        return group_cells(rows)
+
+    def _commit_segments(self, views: list[Row], by_content: dict[str, Any], now: Any) -> None:
+        """Each object's segment rows, and the removal of its older segment rows the new ones do not replace
+        (a changed file may have fewer moments)."""
+        rows = []
+        for v in views:
+            rows += segment_rows(v, by_content.get(v["content_id"], {}), self.plan, self.dims, run_id=self.run_id,
+                                 now=now)
+        new = {r["segment_id"] for r in rows}
+        old = self.segments.lookup("video_id", sorted({v["video_id"] for v in views}), ["segment_id"])
+        stale = [(sid,) for sid in ([] if old is None else old.column("segment_id").to_pylist()) if sid not in new]
+        schema = segment_schema(self.dims["caption_embedding"], self.dims["visual_embedding"])
+        self.segments.commit(pa.Table.from_pylist(rows, schema=schema) if rows else None, deletes=stale,
+                             run_id=self.run_id)
+
+    def finish(self) -> None:
+        """Resolve the copies still waiting (their content's cells came from another run meanwhile, or never
+        came), then fold the new rows into the search indexes."""
+        now = utc_now()
+        waiting = [c for group in self._pending_copies.values() for c in group]
+        self._pending_copies = {}
+        if waiting:
+            have = self._cells_by_content({c["content_id"] for c in waiting})
+            ready = [{**c, "wait": False} for c in waiting if c["content_id"] in have]
+            lost = [ledger_row(c, self.spec.spec, self.run_id, now, "copy", "NoResult",
+                               "no result for this content was produced", True)
+                    for c in waiting if c["content_id"] not in have]
+            self._commit([], [], ready, lost, now)
+            self.counts["errors"] += len(lost)
+        lost = [] if self.hold is None else self.hold.incomplete()
+        if lost:
+            self._commit([], [], [], [ledger_row(r, self.spec.spec, self.run_id, now, "segments",
+                                                 "IncompleteSegments", "not all segments of this video came back",
+                                                 True) for r in lost], now)
+        if self._unwritten:
+            raise ValueError(f"{len(self._unwritten)} row(s) not written: all their embeddings are null, so "
+                             "the embedding sizes are unknown")
+        if self.counts["indexed"] + self.counts["copies"]:
+            self.maintain_indexes()
+
+    def maintain_indexes(self) -> None:
+        for store, scalars in ((self.videos, ("video_id", "content_id")), (self.segments, ("video_id", "segment_id"))):
+            if store is not None and store.lance_table is not None:
+                maintain_indexes(store.lance_table, fts_columns=("caption", "answers_text"), scalar_columns=scalars,
+                                 vector_columns=("caption_embedding", "visual_embedding"))
+        if self.cells.lance_table is not None:
+            maintain_indexes(self.cells.lance_table, fts_columns=("text",), scalar_columns=("content_id",))
+
+
+def _timings(r: Row) -> dict[str, Any]:
+    return {k: r.get(k) for k in ("fetch_s", "decode_s", "model_s", "embed_s")}
+
+
+__all__ = ["IndexWriter", "COUNT_KEYS"]
