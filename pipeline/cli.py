@@ -165,7 +165,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except JobError as e:
         print(f"invalid job {args.job}:\n{e}", file=terminal("err"))
         return 2
-    manifest = run_job(job, address=args.address, progress=not args.no_progress, retry_errors=args.retry_errors)
+    if args.limit is not None:
+        job.source.limit = args.limit
+    manifest = run_job(job, address=args.address, progress=not args.no_progress, retry_errors=args.retry_errors,
+                       where=args.where)
     # Per-video failures are in the error ledger; the run fails when it indexed none of its new videos or more
     # than runtime.max_error_fraction of them failed (a run with nothing new succeeds).
     return exit_status(manifest, job.runtime.max_error_fraction)
@@ -275,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--retry-errors", action="store_true", help="try known-bad videos again (else they are "
                    "skipped while unchanged)")
+    r.add_argument("--where", default=None, help="backfill only the indexed videos this SQL on the index's videos "
+                   "view selects, e.g. \"duration_s > 60\" or \"uri LIKE 's3://b/2026/%%'\" (the others and new videos "
+                   "wait for a later run)")
+    r.add_argument("--limit", type=int, default=None, help="at most N videos get new work this run (source.limit); "
+                   "the next run goes on where it stopped")
     r.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="last runs, counts and errors of an index")

@@ -1,16 +1,20 @@
 """`stllm-index status INDEX`: what an index holds and how its last runs went — from the run manifests, the
-results table and the error ledger (Parquet root or LanceDB folder, local or s3://)."""
+view, the cells (coverage of each job's caption and questions) and the error ledger (Parquet root or LanceDB
+folder, local or s3://)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline.io.listing import IndexLocation
-from pipeline.io.sinks import filesystem, join_path, list_manifests, mark_interrupted
 from pipeline.io.sources import S3Options, is_s3
+from pipeline.store.files import filesystem, join_path
+from pipeline.store.location import IndexLocation
+from pipeline.store.manifest import list_manifests, mark_interrupted
+from pipeline.store.registry import describe, load_registry
 
 
 def _locate(index: str, s3: S3Options | None) -> IndexLocation:
@@ -26,32 +30,56 @@ def _locate(index: str, s3: S3Options | None) -> IndexLocation:
                      "(give the job's output.parquet root or output.lancedb folder)")
 
 
+def coverage(loc: IndexLocation, videos: int) -> list[dict[str, Any]]:
+    """Per registered job: how many videos hold each of its cells (caption, each question)."""
+    registry = load_registry(loc.root, loc.s3)
+    if not registry:
+        return []
+    table = loc.cells().read_all(["content_id", "derivation"], where="scope = ''")
+    counts: Counter[str] = Counter()
+    if table is not None and table.num_rows:
+        for d, n in zip(*pc.value_counts(table.column("derivation")).flatten(), strict=True):
+            counts[d.as_py()] = n.as_py()
+    view = loc.videos().read_all(["content_id"])
+    copies = 0 if view is None else view.num_rows - len(pc.unique(view.column("content_id")))
+    out = []
+    for r in registry:
+        rows = [{"what": ("caption: " if a.kind == "caption" else "") + a.prompt,
+                 "contents": counts.get(a.derivation, 0)} for a in r.spec.asks]
+        out.append({"job": r.spec.job, "model": r.spec.model_id, "videos": videos, "copies": copies,
+                    "cells": rows})
+    return out
+
+
 def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> dict[str, Any]:
     s3 = S3Options() if is_s3(index) else None
     loc = _locate(index, s3)
-    videos, errors = loc.stores()
+    videos, errors = loc.videos(), loc.errors()
     folder = manifest_dir or join_path(index, "_manifests")
     mark_interrupted(folder, s3)
     manifests = list_manifests(folder, s3)
     by_type: Counter[str] = Counter()
     retryable = 0
-    if errors.count():
-        table = errors.lance_table.to_arrow() if errors.lance_table is not None else None
-        if table is None:
-            import pyarrow.dataset as ds
-
-            table = ds.dataset(errors.root, filesystem=errors.fs, format="parquet").to_table(
-                columns=["stage", "error_type", "retryable"])
+    table = errors.read_all(["stage", "error_type", "retryable"])
+    if table is not None:
         for stage, kind, again in zip(*(table.column(c).to_pylist() for c in ("stage", "error_type", "retryable")),
                                       strict=True):
             by_type[f"{stage}: {kind}"] += 1
             retryable += bool(again)
+    n_videos = videos.count()
     return {
-        "index": index, "videos": videos.count(), "errors": errors.count(), "retryable_errors": retryable,
+        "index": index, "videos": n_videos, "stale": videos.count("stale = true") if videos.lance_table is not None
+        else _count_stale(videos), "errors": errors.count(), "retryable_errors": retryable,
         "errors_by_type": dict(by_type.most_common()),
+        "jobs": describe(load_registry(loc.root, s3)), "coverage": coverage(loc, n_videos),
         "runs": [{k: m.get(k) for k in ("run_id", "job", "status", "started_at", "finished_at", "wall_s",
                                         "counts", "error")} for m in manifests[-runs:]],
     }
+
+
+def _count_stale(videos: Any) -> int:
+    table = videos.read_all(["stale"])
+    return 0 if table is None else int(pc.sum(table.column("stale")).as_py() or 0)
 
 
 def print_status(status: dict[str, Any]) -> None:
@@ -60,8 +88,16 @@ def print_status(status: dict[str, Any]) -> None:
     from pipeline.report import console
 
     out = console()
-    out.print(f"[bold]{status['index']}[/bold]: {status['videos']} indexed rows, {status['errors']} known-bad "
-              f"objects ({status['retryable_errors']} failed on the store and will be retried)")
+    out.print(f"[bold]{status['index']}[/bold]: {status['videos']} videos ({status['stale']} still showing an "
+              f"earlier model's results), {status['errors']} known-bad objects ({status['retryable_errors']} "
+              "failed on the store and will be retried)")
+    for job in status["coverage"]:
+        t = Table(title=f"job {job['job']} ({job['model']}): cells computed, per distinct content")
+        t.add_column("cell")
+        t.add_column("contents", justify="right")
+        for c in job["cells"]:
+            t.add_row(c["what"], f"{c['contents']:,} of {job['videos'] - job['copies']:,}")
+        out.print(t)
     if status["errors_by_type"]:
         t = Table(title="errors by type")
         t.add_column("stage: type")
@@ -70,12 +106,13 @@ def print_status(status: dict[str, Any]) -> None:
             t.add_row(kind, str(n))
         out.print(t)
     t = Table(title=f"last {len(status['runs'])} runs")
-    for col in ("run", "status", "listed", "new", "copies", "skipped", "errors"):
+    for col in ("run", "job", "status", "listed", "new", "from cells", "skipped", "errors", "captions", "answers"):
         t.add_column(col, no_wrap=True)
     for r in status["runs"]:
         c = r.get("counts") or {}
+        gen = c.get("generations") or {}
         skipped = (c.get("skipped") or 0) + (c.get("known_bad") or 0)
-        t.add_row(r["run_id"], r.get("status") or "?",
+        t.add_row(r["run_id"], r.get("job") or "", r.get("status") or "?",
                   *(str(v) for v in (c.get("listed", ""), c.get("indexed", ""), c.get("copies", ""), skipped,
-                                     c.get("errors", ""))))
+                                     c.get("errors", ""), gen.get("caption", ""), gen.get("answer", ""))))
     out.print(t)

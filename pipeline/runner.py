@@ -195,6 +195,11 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     run_id = f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     facts = model_facts(job)
     spec = job.spec(facts)
+    if where:  # a bad filter fails before any work, naming the column
+        from pipeline.catalog.query import check_columns
+        from schemas import video_schema
+
+        check_columns(where, video_schema().names)
     record = RunRecord(manifest_dir(job), run_id, job.output.s3)
     record.start({"run_id": run_id, "job": job.name, "config_hash": spec.spec, "model_id": facts["model_id"],
                   "engine": job.model.engine, "started_at": started_at.isoformat(), "job_config": job.redacted(),

@@ -1,4 +1,5 @@
-"""Faults injected into the decode worker (test-only; picklable, imported by the worker by module path)."""
+"""Faults the tests inject (test-only): into the decode worker (picklable, imported by the worker by module path)
+and into the writer's commit steps."""
 
 from __future__ import annotations
 
@@ -21,3 +22,27 @@ class StallAt:
             if self.exit_code is not None:
                 os._exit(self.exit_code)
             time.sleep(self.seconds)
+
+
+def kill_at(point: str, nth: int = 1) -> None:
+    """SIGKILL this process at the `nth` passing of a named commit step (`pipeline.store.commit.COMMIT_HOOKS`):
+    how the exactly-once tests crash a real writer between two steps of a commit."""
+    import signal
+
+    from pipeline.store.commit import COMMIT_HOOKS
+
+    passes = {"n": 0}
+
+    def hook(name: str) -> None:
+        if name == point:
+            passes["n"] += 1
+            if passes["n"] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    COMMIT_HOOKS.append(hook)
+
+
+def cli_killed_at(point: str, nth: int, repo: str) -> str:
+    """`python -c` code running `stllm-index` with `kill_at(point, nth)` installed (its arguments follow)."""
+    return (f"import sys; sys.path.insert(0, {repo!r}); from tests.faults import kill_at; kill_at({point!r}, {nth}); "
+            "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")

@@ -17,7 +17,7 @@ def test_the_shipped_jobs_validate() -> None:
     jobs = [load_job(p) for p in JOB_FILES]
     assert all(isinstance(j, JobConfig) for j in jobs)
     assert len({j.name for j in jobs}) == len(jobs)
-    assert len({j.config_hash() for j in jobs}) == len(jobs)
+    assert len({j.spec(FACTS).spec for j in jobs}) == len(jobs)
     nightly = load_job(ROOT / "jobs" / "nightly.yaml")
     assert (nightly.model.engine, nightly.model.dtype, nightly.model.device) == ("vllm", "bfloat16", "cuda")
     assert nightly.source.uri.startswith("s3://")
@@ -103,23 +103,45 @@ def test_set_overrides() -> None:
     assert apply_overrides(data, ["a.c.d=2"]) == {"a": {"b": 1, "c": {"d": 2}}} and data == {"a": {"b": 1}}
 
 
-def test_config_hash_tracks_what_changes_the_rows() -> None:
+FACTS = {"model_id": "tiny:residual:8", "checkpoint_id": "weights-a", "num_frames": 8,
+         "frame_sampling": "original"}
+
+
+def _derivations(job, facts=FACTS) -> dict[str, str]:
+    spec = job.spec(facts)
+    return {"media": spec.media, "visual": spec.visual, **{f"{a.kind}:{a.prompt}": a.derivation for a in spec.asks}}
+
+
+def test_cells_are_keyed_by_what_derives_them() -> None:
     base = load_job(None)
+    cells = _derivations(base)
     same = [["model.engine=vllm"], ["model.device=auto"], ["runtime.batch_size=9"], ["model.temperature=0.3"],
-            ["output.table=other"], ["name=renamed"]]
-    for ov in same:  # execution details, and sampling knobs that greedy decoding ignores
-        assert load_job(None, ov).config_hash() == base.config_hash(), ov
-    different = [["model.path=/models/x"], ["model.num_frames=4"], ["model.dtype=bfloat16"], ["questions=[]"],
-                 ["caption_prompt=Summarise."], ["model.max_new_tokens=9"], ["embedder.model=other-model"],
-                 ["model.do_sample=true"], ["prompt.preset=qa"], ["prompt.answer_prefix=Answer:"],
-                 ["model.frame_sampling=midpoint"], ["model.decoding=original"]]
-    hashes = {load_job(None, ov).config_hash() for ov in different}
-    assert len(hashes) == len(different) and base.config_hash() not in hashes
-    # The checkpoint counts by its content identity, not its path (see pipeline.paths.checkpoint_id).
-    assert base.config_hash("weights-a") != base.config_hash("weights-b") != base.config_hash()
-    assert load_job(None, ["model.path=/elsewhere"]).config_hash("weights-a") == base.config_hash("weights-a")
-    assert load_job(None, ["model.path=/x"]).questions_hash() == base.questions_hash()
-    assert load_job(None, ['questions=["Why?"]']).questions_hash() != base.questions_hash()
+            ["output.table=other"], ["name=renamed"], ["model.path=/elsewhere"]]
+    for ov in same:  # execution details, sampling knobs greedy decoding ignores, the checkpoint's path (not content)
+        assert _derivations(load_job(None, ov)) == cells, ov
+    assert load_job(None, ["name=renamed"]).spec(FACTS).spec != base.spec(FACTS).spec  # what each job has done
+    q1, q2 = base.questions
+    # what changes which cells: a new question → that answer only; the caption prompt → the caption only;
+    # decoding, prompt format, dtype → every generation but not the visual embedding or the media facts;
+    # the checkpoint → all but the media facts; frames → everything
+    added = _derivations(load_job(None, [f'questions=["{q1}", "{q2}", "Is it red?"]']))
+    assert {k: v for k, v in added.items() if k != "answer:Is it red?"} == cells and "answer:Is it red?" in added
+    prompt = _derivations(load_job(None, ["caption_prompt=Summarise."]))
+    assert prompt.pop("caption:Summarise.") != cells["caption:Describe the video in detail."]
+    assert prompt == {k: v for k, v in cells.items() if not k.startswith("caption:")}
+    generations = {k for k in cells if k not in ("media", "visual")}
+    for ov in (["model.dtype=bfloat16"], ["model.max_new_tokens=9"], ["model.do_sample=true"], ["prompt.preset=qa"],
+               ["prompt.answer_prefix=Answer:"], ["model.decoding=original"]):
+        d = _derivations(load_job(None, ov))
+        assert {k for k in cells if d[k] != cells[k]} == generations, ov
+    other = _derivations(base, {**FACTS, "checkpoint_id": "weights-b"})
+    assert {k for k in cells if other[k] != cells[k]} == generations | {"visual"}
+    frames = _derivations(base, {**FACTS, "num_frames": 4})
+    assert all(frames[k] != cells[k] for k in cells)
+    embedder = _derivations(load_job(None, ["embedder.model=other-model"]))  # captions carry their embeddings
+    assert {k for k in cells if embedder[k] != cells[k]} == {"caption:Describe the video in detail."}
+    # the schema-2 config hash (kept to migrate older indexes) still names the config
+    assert base.config_hash("weights-a") != base.config_hash("weights-b")
 
 
 def test_decoding_preset_and_prompt_in_jobs() -> None:

@@ -63,7 +63,8 @@ def indexed(s3_server, archive, tmp_path_factory):
 
 
 def _tables(job):
-    from pipeline.io.sinks import connect_lance, read_parquet
+    from pipeline.store.files import read_parquet
+    from pipeline.store.lance import connect_lance
 
     out = job.output
     parquet = read_parquet(f"{out.parquet}/{out.table}", s3=out.s3)

@@ -74,7 +74,8 @@ def _exactly_once(out: str, s3=None) -> tuple[list[dict], list[dict]]:
     rows in both."""
     import duckdb
 
-    from pipeline.io.sinks import connect_lance, read_parquet
+    from pipeline.store.files import read_parquet
+    from pipeline.store.lance import connect_lance
 
     videos = read_parquet(f"{out}/parquet/videos", s3=s3)
     errors = read_parquet(f"{out}/parquet/errors", s3=s3)
@@ -232,7 +233,7 @@ def test_killed_driver_then_rerun_is_exactly_once(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     rows, ledger = _exactly_once(str(out))
     assert len(rows) == 10 and [Path(e["uri"]).name for e in ledger] == ["broken.mp4"]
-    from pipeline.io.sinks import list_manifests
+    from pipeline.store.manifest import list_manifests
 
     statuses = [m["status"] for m in list_manifests(str(out / "runs"))]
     assert statuses[-1] == "succeeded" and len(statuses) == 3
@@ -321,7 +322,7 @@ def test_storage_paused_then_back_completes(private_s3, tmp_path: Path) -> None:
     paused: list[float] = []
 
     def pause_once(stop: threading.Event) -> None:
-        from pipeline.io.sinks import read_parquet
+        from pipeline.store.files import read_parquet
 
         while not stop.is_set():
             try:
@@ -361,7 +362,7 @@ def test_storage_down_fails_clearly_and_the_rerun_resumes(private_s3, tmp_path: 
     overrides = _overrides(f"s3://{bucket}/in", f"s3://{bucket}/out",
                            (f"source.s3={quick}", f"output.s3={quick}", f"output.manifest_dir={runs}",
                             "runtime.commit_every=2", "model.max_new_tokens=24"))
-    from pipeline.io.sinks import list_manifests
+    from pipeline.store.manifest import list_manifests
 
     client = server.client()
     stopped: list[float] = []
@@ -405,7 +406,7 @@ def test_two_runs_at_once_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     rows, _ = _exactly_once(str(out))
     assert len(rows) == 8
-    from pipeline.io.sinks import list_manifests
+    from pipeline.store.manifest import list_manifests
 
     runs = list_manifests(str(out / "runs"))
     assert len(runs) == 2 and all(r["status"] == "succeeded" for r in runs)

@@ -34,7 +34,8 @@ def _run(overrides: list[str]):
 
 
 def _tables(out: Path, name: str) -> tuple[list[dict], list[dict]]:
-    from pipeline.io.sinks import connect_lance, read_parquet
+    from pipeline.store.files import read_parquet
+    from pipeline.store.lance import connect_lance
 
     parquet = read_parquet(str(out / "parquet" / name))
     lance = connect_lance(str(out / "lancedb")).open_table(name).to_arrow()
@@ -149,7 +150,7 @@ def test_fixed_windows_job_and_a_broken_file(archive, tmp_path) -> None:
     want = [(s.start_s, s.end_s) for s in fixed_segments(n, FPS, 20, 5, 4)]
     rows, _ = _tables(out, "segments")
     assert sorted((r["start_s"], r["end_s"]) for r in rows) == want
-    from pipeline.io.sinks import read_parquet
+    from pipeline.store.files import read_parquet
 
     errors = read_parquet(str(out / "parquet" / "errors")).to_pylist()
     assert [Path(e["uri"]).name for e in errors] == ["broken.mp4"] and errors[0]["stage"] == "decode"

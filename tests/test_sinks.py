@@ -1,4 +1,5 @@
-"""Schemas, Parquet and LanceDB sinks (local and on SeaweedFS S3), search, the job's sinks, the manifest."""
+"""Schemas, the store's tables in Parquet and LanceDB (local and on SeaweedFS S3), search, the run's writer, the
+manifest."""
 
 from __future__ import annotations
 
@@ -7,25 +8,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pytest
 
 import schemas
 from pipeline.catalog.search import search
-from pipeline.io.indexes import maintain_indexes
-from pipeline.io.locks import IndexLock, LockTimeout
-from pipeline.io.run_sinks import JobSinks
-from pipeline.io.sinks import (
-    connect_lance,
-    list_manifests,
-    mark_interrupted,
-    read_manifest,
-    read_parquet,
-    write_manifest,
-)
-from pipeline.io.tables import TableStore
 from pipeline.jobs import load_job
+from pipeline.store.commit import TableStore
+from pipeline.store.files import read_parquet
+from pipeline.store.lance import connect_lance
+from pipeline.store.locks import IndexLock, LockTimeout
+from pipeline.store.manifest import RunRecord, list_manifests, mark_interrupted, read_manifest, write_manifest
+from pipeline.store.search_indexes import maintain_indexes
 
 TEXT_DIM, VISUAL_DIM = 8, 6
 CAPTIONS = [
@@ -44,25 +38,30 @@ def _unit(i: int, dim: int) -> list[float]:
     return (v / np.linalg.norm(v)).tolist()
 
 
-def _rows(n: int = 5, config_hash: str = "cfg1") -> list[dict]:
+def _rows(n: int = 5) -> list[dict]:
+    """Rows of the `videos` view."""
+    now = datetime.now(UTC)
     return [{
         "video_id": f"vid{i}", "content_id": f"c{i}", "copy_of": None, "part": None,
-        "uri": f"/videos/{i}.mp4", "size": 100 + i, "etag": f"etag{i}",
-        "run_id": "run1", "model_id": "tiny", "config_hash": config_hash, "questions_hash": "q1",
-        "caption": CAPTIONS[i % 5], "answers": [{"question": "What colour?", "answer": ANSWERS[i % 5]}],
+        "uri": f"/videos/{i}.mp4", "size": 100 + i, "etag": f"etag{i}", "run_id": "run1",
+        "caption": CAPTIONS[i % 5], "caption_model": "tiny", "caption_prompt": "Describe.", "caption_run": "run1",
+        "answers": [{"question": "What colour?", "answer": ANSWERS[i % 5], "model": "tiny", "run": "run1"}],
         "answers_text": schemas.flatten_answers([{"question": "What colour?", "answer": ANSWERS[i % 5]}]),
-        "caption_embedding": _unit(i, TEXT_DIM), "visual_embedding": _unit(i, VISUAL_DIM),
+        "caption_embedding": _unit(i, TEXT_DIM), "visual_embedding": _unit(i, VISUAL_DIM), "visual_model": "tiny",
+        "stale": False, "jobs_done": ["demo:s1"],
         "duration_s": 2.0, "fps": 12.0, "width": 96, "height": 64, "codec": "h264", "decoder": "decord",
         "n_frames": 24, "frame_indices": [1, 4, 7], "thumbnail": b"\xff\xd8jpeg",
-        "timings": {"decode_s": 0.1}, "indexed_at": datetime.now(UTC),
+        "timings": {"decode_s": 0.1}, "indexed_at": now, "updated_at": now,
     } for i in range(n)]
 
 
 def test_schemas_are_versioned_and_checked() -> None:
     schema = schemas.video_schema(TEXT_DIM, VISUAL_DIM)
-    assert schemas.schema_version(schema) == schemas.SCHEMA_VERSION == 2
-    assert schemas.schema_version(schemas.error_schema()) == 2
-    assert {"video_id", "content_id", "copy_of", "part"} <= set(schema.names)
+    assert schemas.schema_version(schema) == schemas.SCHEMA_VERSION == 3
+    assert schemas.schema_version(schemas.error_schema()) == schemas.schema_version(schemas.cell_schema()) == 3
+    assert {"video_id", "content_id", "copy_of", "part", "caption_model", "stale", "jobs_done"} <= set(schema.names)
+    assert {"cell_id", "content_id", "scope", "kind", "derivation", "model_id", "prompt", "text"} <= set(
+        schemas.cell_schema().names)
     assert {"attempts", "first_seen", "last_seen", "retryable", "etag"} <= set(schemas.error_schema().names)
     assert schemas.embedding_dims(schema) == {"caption_embedding": TEXT_DIM, "visual_embedding": VISUAL_DIM}
     table = schemas.rows_to_table(_rows(), schema)
@@ -77,7 +76,7 @@ def test_schemas_are_versioned_and_checked() -> None:
     with pytest.raises(ValueError, match="column 'video_id' has 1 null"):
         bad = table.set_column(0, pa.field("video_id", pa.string()), pa.array([None, "a", "b", "c", "d"]))
         schemas.check_table(bad, schema)
-    answers = [{"question": "Q?", "answer": "A."}, {"question": "R?", "answer": "B"}]
+    answers = [{"question": "Q?", "answer": "A.", "model": "m"}, {"question": "R?", "answer": "B"}]
     assert schemas.flatten_answers(answers) == "Q? A.\nR? B"
 
 
@@ -94,7 +93,8 @@ SCHEMA = schemas.video_schema(TEXT_DIM, VISUAL_DIM)
 
 def _store(root: str, s3=None, parquet: bool = True, lance: bool = True) -> TableStore:
     db = connect_lance(f"{root}/lance", s3) if lance else None
-    return TableStore("videos", parquet_root=f"{root}/pq" if parquet else None, lance_db=db, s3=s3, schema=SCHEMA)
+    return TableStore("videos", parquet_root=f"{root}/pq" if parquet else None, lance_db=db, s3=s3, schema=SCHEMA,
+                      key=("video_id",))
 
 
 def _table(rows: list[dict]) -> pa.Table:
@@ -122,7 +122,7 @@ def test_commits_replace_and_delete_in_both_stores(tmp_path: Path) -> None:
     store.commit(_table(rows), run_id="r1")
     changed = {**rows[1], "caption": "a gorilla juggles oranges"}
     fresh = {**_rows(6)[5]}
-    store.commit(_table([changed, fresh]), deletes=[("vid2", "cfg1")], run_id="r2")
+    store.commit(_table([changed, fresh]), deletes=[("vid2",)], run_id="r2")
     expected = sorted([("vid0", CAPTIONS[0]), ("vid1", "a gorilla juggles oranges"), ("vid3", CAPTIONS[3]),
                        ("vid5", CAPTIONS[0])])
     assert _state(store) == (expected, expected)
@@ -137,9 +137,9 @@ def test_commits_replace_and_delete_in_both_stores(tmp_path: Path) -> None:
     assert not list((tmp_path / "pq" / "videos" / "_staging").iterdir())
     assert not list((tmp_path / "pq" / "videos" / "_journal").iterdir())
     # Lookups by key and by content, and a superseding commit that empties a part file removes it.
-    found = store.lookup("cfg1", "content_id", ["c3", "nope"], ["video_id"])
+    found = store.lookup("content_id", ["c3", "nope"], ["video_id"])
     assert found.column("video_id").to_pylist() == ["vid3"]
-    store.commit(None, deletes=[("vid0", "cfg1"), ("vid3", "cfg1")], run_id="r3")
+    store.commit(None, deletes=[("vid0",), ("vid3",)], run_id="r3")
     assert _state(store)[0] == sorted([("vid1", "a gorilla juggles oranges"), ("vid5", CAPTIONS[0])])
     assert len([p for p in (tmp_path / "pq" / "videos").iterdir() if p.is_file()]) == 1
 
@@ -152,24 +152,24 @@ def test_parquet_only_and_lance_only(tmp_path: Path) -> None:
         got = _state(store)[0 if parquet else 1]
         assert got == sorted([("vid0", "new"), ("vid1", CAPTIONS[1]), ("vid2", CAPTIONS[2])])
         assert store.count() == 3
-        assert store.lookup("cfg1", "video_id", ["vid0"], ["caption"]).column("caption").to_pylist() == ["new"]
+        assert store.lookup("video_id", ["vid0"], ["caption"]).column("caption").to_pylist() == ["new"]
 
 
 _CRASH_SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
+from tests.faults import kill_at
 from tests.test_sinks import _store, _table, _rows
+kill_at({point!r})
 store = _store({root!r}, s3={s3})
 store.recover()
 rows = _rows(3)
-store.commit(_table([{{**rows[1], "caption": "replaced"}}, _rows(5)[4]]), deletes=[("vid2", "cfg1")],
-             run_id="r2")
+store.commit(_table([{{**rows[1], "caption": "replaced"}}, _rows(5)[4]]), deletes=[("vid2",)], run_id="r2")
 """
 
 
 @pytest.mark.parametrize("point", ["staged", "journaled", "lance-committed", "applied-new"])
 def test_a_commit_killed_at_any_point_is_all_or_nothing(tmp_path: Path, point: str) -> None:
-    import os
     import subprocess
     import sys
 
@@ -177,9 +177,8 @@ def test_a_commit_killed_at_any_point_is_all_or_nothing(tmp_path: Path, point: s
     store.commit(_table(_rows(3)), run_id="r1")
     before = sorted((f"vid{i}", CAPTIONS[i]) for i in range(3))
     after = sorted([("vid0", CAPTIONS[0]), ("vid1", "replaced"), ("vid4", CAPTIONS[4])])
-    code = _CRASH_SCRIPT.format(repo=str(Path(__file__).parents[1]), root=str(tmp_path), s3=None)
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "STLLM_CRASH_AT": point},
-                         capture_output=True, text=True, timeout=120)
+    code = _CRASH_SCRIPT.format(repo=str(Path(__file__).parents[1]), root=str(tmp_path), s3=None, point=point)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == -9, out.stderr  # killed by SIGKILL at that point
     recovered = _store(str(tmp_path))
     recovered.recover()  # what the next run does first
@@ -191,7 +190,6 @@ def test_a_commit_killed_at_any_point_is_all_or_nothing(tmp_path: Path, point: s
 
 
 def test_commit_and_recovery_on_s3(s3_server) -> None:
-    import os
     import subprocess
     import sys
 
@@ -201,9 +199,8 @@ def test_commit_and_recovery_on_s3(s3_server) -> None:
     store.commit(_table(_rows(3)), run_id="r1")
     s3_expr = (f"__import__('pipeline.io.sources', fromlist=['S3Options']).S3Options(endpoint_url="
                f"{opts.endpoint_url!r}, access_key_id={opts.access_key_id!r}, secret_access_key={opts.secret!r})")
-    code = _CRASH_SCRIPT.format(repo=str(Path(__file__).parents[1]), root=root, s3=s3_expr)
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "STLLM_CRASH_AT": "lance-committed"},
-                         capture_output=True, text=True, timeout=180)
+    code = _CRASH_SCRIPT.format(repo=str(Path(__file__).parents[1]), root=root, s3=s3_expr, point="lance-committed")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == -9, out.stderr
     recovered = _store(root, s3=opts)
     assert recovered.recover()["applied"] == 1
@@ -216,7 +213,7 @@ def test_index_lock_is_exclusive_locally_and_on_s3(tmp_path: Path, s3_server) ->
     import sys
     import time
 
-    hold = ("import sys, time; sys.path.insert(0, {repo!r}); from pipeline.io.locks import IndexLock\n"
+    hold = ("import sys, time; sys.path.insert(0, {repo!r}); from pipeline.store.locks import IndexLock\n"
             "with IndexLock({root!r}):\n    print('held', flush=True); time.sleep(3)\n")
     proc = subprocess.Popen([sys.executable, "-c", hold.format(repo=str(Path(__file__).parents[1]),
                                                                 root=str(tmp_path))],
@@ -284,25 +281,30 @@ def test_indexes_and_search(tmp_path: Path) -> None:
     assert search(uri, "videos", text="gorilla", k=1)[0]["video_id"] == "vid1"
     with pytest.raises(ValueError, match="caption_embedding"):
         TableStore("videos", parquet_root=None, lance_db=connect_lance(uri), s3=None,
-                   schema=schemas.video_schema(TEXT_DIM * 2, VISUAL_DIM))
+                   schema=schemas.video_schema(TEXT_DIM * 2, VISUAL_DIM), key=("video_id",))
 
 
 # ---- the writers of one run -----------------------------------------------------------------------------
 
 
-def _work(r: dict, **extra) -> dict:
-    """A result as the stages hand it to the sinks: pandas rows from Ray (lists arrive as numpy arrays)."""
+FACTS = {"model_id": "tiny:residual:8", "checkpoint_id": "w1", "num_frames": 8, "frame_sampling": "original"}
+
+
+def _work(r: dict, spec, **extra) -> dict:
+    """A model result as the stages hand it to the writer (Arrow rows: lists as lists)."""
+    cap = spec.caption.prompt
     return {
         "kind": "work", "uri": r["uri"], "size": r["size"], "etag": r["etag"], "mtime": 1.7e9,
         "video_id": r["video_id"], "content_id": r["content_id"], "copy_of": None, "prev_attempts": 0,
-        "first_seen": None, "frame_indices": np.array(r["frame_indices"]), "duration_s": r["duration_s"],
+        "first_seen": None, "indexed_at": None, "wait": False, "caption_prompt": cap,
+        "questions": [a.prompt for a in spec.questions], "need_media": True, "need_visual": True,
+        "need_segments": False, "reused": 0, "frame_indices": r["frame_indices"], "duration_s": r["duration_s"],
         "fps": r["fps"], "width": r["width"], "height": r["height"], "codec": r["codec"], "decoder": r["decoder"],
         "n_frames": r["n_frames"], "thumbnail": r["thumbnail"], "decode_s": 0.2, "error_stage": None,
-        "error_type": None, "error_message": None, "error_retryable": False,
-        "caption": r["caption"], "answers": np.array(r["answers"], dtype=object),
-        "visual_embedding": np.array(r["visual_embedding"]), "model_s": 0.5, "model_calls": 1,
-        "caption_embedding": np.array(r["caption_embedding"], dtype=np.float32),
-        "answers_text": r["answers_text"], "embed_s": float("nan"), **extra,
+        "error_type": None, "error_message": None, "error_retryable": False, "caption": r["caption"],
+        "answers": [{"question": a.prompt, "answer": f"{r['caption']} / {a.prompt}"} for a in spec.questions],
+        "visual_embedding": r["visual_embedding"], "model_s": 0.5, "model_calls": 1,
+        "caption_embedding": r["caption_embedding"], "embed_s": None, **extra,
     }
 
 
@@ -313,9 +315,9 @@ def _bad(vid: str, **extra) -> dict:
             "caption": None, "answers": None, "model_calls": 0, **extra}
 
 
-def _copy(vid: str, cid: str, copy_of=None) -> dict:
+def _copy(vid: str, cid: str, copy_of=None, wait: bool = False) -> dict:
     return {"kind": "copy", "uri": f"/copies/{vid}.mp4", "video_id": vid, "content_id": cid, "size": 100,
-            "etag": f"etag-{vid}", "copy_of": copy_of, "caption": None, "answers": None, "model_calls": 0}
+            "etag": f"etag-{vid}", "copy_of": copy_of, "wait": wait, "indexed_at": None, "model_calls": 0}
 
 
 def _job(tmp_or_uri: str, extra: list[str] = ()):
@@ -323,74 +325,76 @@ def _job(tmp_or_uri: str, extra: list[str] = ()):
                            f"output.manifest_dir={tmp_or_uri}/runs", *extra])
 
 
-def _sinks(job, run_id: str) -> JobSinks:
-    sinks = JobSinks(job, run_id=run_id, config_hash=job.config_hash(), model_id="tiny:residual:8")
-    sinks.start_manifest({"run_id": run_id, "job": job.name, "config_hash": job.config_hash(),
-                          "model_id": "tiny:residual:8", "started_at": datetime.now(UTC).isoformat()})
-    return sinks
+def _writer(job, run_id: str):
+    from pipeline.runner import index_location
+    from pipeline.store.writer import IndexWriter
+
+    return IndexWriter(index_location(job), job.spec(FACTS), run_id=run_id)
 
 
-def test_job_sinks_results_copies_ledger_and_manifest(tmp_path: Path) -> None:
+def test_writer_cells_view_copies_and_ledger(tmp_path: Path) -> None:
     job = _job(str(tmp_path))
+    spec = job.spec(FACTS)
     rows = _rows(4)
-    sinks = _sinks(job, "run-1")
-    running = read_manifest(sinks.manifest_path())
-    assert running["status"] == "running" and running["job_config"]["name"] == "demo"
-    # A copy of content c0 arrives before c0's result: it waits, then reuses it in the same run.
-    sinks.write(pd.DataFrame([_copy("dup0", "c0"), _work(rows[1]), _bad("bad1"),
-                              {"kind": "tally", "listed": 7, "skipped": 0, "known_bad": 0}]))
-    sinks.write(pd.DataFrame([_work(rows[0]), _work(rows[2]), _work(rows[3]), _bad("bad2")]))
-    sinks.finish()
-    manifest = sinks.end_manifest(status="succeeded")
-    assert manifest["counts"] == {"listed": 7, "skipped": 0, "known_bad": 0, "indexed": 4, "copies": 1,
-                                  "errors": 2, "model_calls": 4}
-    loc = sinks.locations()
-    videos = read_parquet(loc["parquet"])
+    writer = _writer(job, "run-1")
+    # A copy of content c0 arrives before c0's result: it waits, then its view row is built from c0's cells.
+    writer.write([_copy("dup0", "c0", copy_of="vid0", wait=True), _work(rows[1], spec), _bad("bad1"),
+                  {"kind": "tally", "listed": 7, "skipped": 0, "known_bad": 0, "deferred": 0}])
+    writer.write(pa.Table.from_pylist([_work(r, spec) for r in (rows[0], rows[2], rows[3])] + [_bad("bad2")]))
+    writer.finish()
+    assert writer.counts_json() == {"listed": 7, "skipped": 0, "known_bad": 0, "deferred": 0, "indexed": 4,
+                                    "copies": 1, "errors": 2, "model_calls": 4, "decoded": 4, "visual_encodings": 4,
+                                    "cells_reused": 0, "generations": {"caption": 4, "answer": 8}}
+    videos = read_parquet(f"{tmp_path}/parquet/videos")
     schemas.check_table(videos, schemas.video_schema(TEXT_DIM, VISUAL_DIM))
     by_id = {r["video_id"]: r for r in videos.to_pylist()}
     assert set(by_id) == {"vid0", "vid1", "vid2", "vid3", "dup0"}
     assert by_id["dup0"]["copy_of"] == "vid0" and by_id["dup0"]["caption"] == by_id["vid0"]["caption"]
     assert by_id["dup0"]["uri"] == "/copies/dup0.mp4" and by_id["dup0"]["content_id"] == "c0"
     row = by_id["vid0"]
-    assert row["config_hash"] == job.config_hash() and row["questions_hash"] == job.questions_hash()
+    assert row["jobs_done"] == [f"demo:{spec.spec}"] and row["stale"] is False
     assert row["timings"] == {"fetch_s": None, "decode_s": 0.2, "model_s": 0.5, "embed_s": None}
-    assert row["frame_indices"] == [1, 4, 7] and row["answers"][0]["answer"] == "the car is red"
-    db = connect_lance(loc["lancedb"])
-    assert db.open_table("videos").count_rows() == 5
-    ledger = {e["video_id"]: e for e in read_parquet(loc["errors_parquet"]).to_pylist()}
+    assert row["frame_indices"] == [1, 4, 7] and row["caption_model"] == "tiny:residual:8"
+    assert [(a["question"], a["model"], a["run"]) for a in row["answers"]] == [
+        (a.prompt, "tiny:residual:8", "run-1") for a in spec.questions]
+    cells = read_parquet(f"{tmp_path}/parquet/cells").to_pylist()
+    assert len(cells) == 4 * 5 and {c["kind"] for c in cells} == {"media", "visual", "caption", "answer"}
+    db = connect_lance(f"{tmp_path}/lancedb")
+    assert db.open_table("videos").count_rows() == 5 and db.open_table("cells").count_rows() == 20
+    ledger = {e["video_id"]: e for e in read_parquet(f"{tmp_path}/parquet/errors").to_pylist()}
     assert set(ledger) == {"bad1", "bad2"} and ledger["bad1"]["attempts"] == 1
-    assert db.open_table("errors").count_rows() == 2
-    saved = read_manifest(loc["manifest"])
-    assert saved["status"] == "succeeded" and saved["schema_version"] == 2 and "pyarrow" in saved["versions"]
-    schemas.RunManifest.model_validate(saved)
+    assert ledger["bad1"]["config_hash"] == spec.spec and db.open_table("errors").count_rows() == 2
 
-    # Run 2: bad1 fails again (attempts 2, first_seen kept), bad2 now succeeds (its ledger record goes), a copy
-    # of an indexed content from another run reuses it at once.
-    sinks = _sinks(job, "run-2")
+    # Run 2: bad1 fails again (attempts 2, first_seen kept), bad2 now succeeds (its ledger record goes), a new
+    # object holding an indexed content gets its view row from the cells at once.
+    writer = _writer(job, "run-2")
     first_seen = ledger["bad1"]["first_seen"]
-    sinks.write(pd.DataFrame([_bad("bad1", prev_attempts=1, first_seen=first_seen),
-                              _work({**rows[0], "video_id": "bad2", "uri": "/videos/bad2.mp4", "content_id": "c9"}),
-                              _copy("dup3", "c3", copy_of="vid3")]))
-    sinks.finish()
-    ledger = {e["video_id"]: e for e in read_parquet(loc["errors_parquet"]).to_pylist()}
+    writer.write([_bad("bad1", prev_attempts=1, first_seen=first_seen),
+                  _work({**rows[0], "video_id": "bad2", "uri": "/videos/bad2.mp4", "content_id": "c9"}, spec),
+                  _copy("dup3", "c3", copy_of="vid3")])
+    writer.finish()
+    ledger = {e["video_id"]: e for e in read_parquet(f"{tmp_path}/parquet/errors").to_pylist()}
     assert set(ledger) == {"bad1"} and ledger["bad1"]["attempts"] == 2 and ledger["bad1"]["first_seen"] == first_seen
     assert db.open_table("errors").count_rows() == 1
-    videos = {r["video_id"]: r for r in read_parquet(loc["parquet"]).to_pylist()}
+    videos = {r["video_id"]: r for r in read_parquet(f"{tmp_path}/parquet/videos").to_pylist()}
     assert len(videos) == 7 and videos["dup3"]["copy_of"] == "vid3"
+    assert videos["dup3"]["caption"] == by_id["vid3"]["caption"] and videos["dup3"]["visual_embedding"] is not None
 
-    parquet_only = _job(str(tmp_path), ["output.lancedb=null"])
-    found = JobSinks(parquet_only, run_id="r", config_hash=job.config_hash(), model_id="m").videos.lookup(
-        job.config_hash(), "video_id", ["vid0", "dup3", "nope"], ["video_id"])
+    from pipeline.runner import index_location
+
+    parquet_only = index_location(_job(str(tmp_path), ["output.lancedb=null"]))
+    found = parquet_only.videos().lookup("video_id", ["vid0", "dup3", "nope"], ["video_id"])
     assert sorted(found.column("video_id").to_pylist()) == ["dup3", "vid0"]
 
 
 def test_a_run_that_died_is_marked_interrupted(tmp_path: Path) -> None:
-    job = _job(str(tmp_path))
-    sinks = _sinks(job, "dead-run")  # never ended: its process "died"
-    folder = sinks.manifest_dir()
-    assert mark_interrupted(folder, stale_after_s=60) == 0  # still beating
-    assert mark_interrupted(folder, stale_after_s=0) == 1
-    assert [m["status"] for m in list_manifests(folder)] == ["interrupted"]
+    record = RunRecord(str(tmp_path / "runs"), "dead-run")
+    record.start({"run_id": "dead-run", "job": "demo", "config_hash": "s", "model_id": "m",
+                  "started_at": datetime.now(UTC).isoformat()})  # never ended: its process "died"
+    assert read_manifest(record.path)["status"] == "running"
+    assert mark_interrupted(record.folder, stale_after_s=60) == 0  # still beating
+    assert mark_interrupted(record.folder, stale_after_s=0) == 1
+    assert [m["status"] for m in list_manifests(record.folder)] == ["interrupted"]
 
 
 def test_manifest_on_s3_never_holds_credentials(s3_server) -> None:
@@ -408,7 +412,7 @@ def test_manifest_on_s3_never_holds_credentials(s3_server) -> None:
 
 
 def test_vector_index_is_maintained_then_retrained_when_its_stats_say_so(tmp_path: Path) -> None:
-    from pipeline.io import indexes
+    from pipeline.store import search_indexes as indexes
 
     schema = schemas.video_schema(16, 8)
     rng = np.random.default_rng(0)
@@ -471,7 +475,7 @@ class _LostAnswerS3:
 
 
 def test_s3_writes_survive_a_lost_completion_answer(s3_server, monkeypatch) -> None:
-    from pipeline.io import sinks
+    from pipeline.store import files as sinks
 
     monkeypatch.setattr(sinks.time, "sleep", lambda s: None)
     bucket = s3_server.bucket("lost")

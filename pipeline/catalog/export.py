@@ -49,10 +49,10 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("height", pa.int32()),
     pa.field("start_s", pa.float64()),
     pa.field("end_s", pa.float64()),
-    pa.field("config_hash", pa.string()),
+    pa.field("model", pa.string()),  # what made the answer (the view shows each result with its model)
 ])
-_COLUMNS = ["video_id", "content_id", "uri", "caption", "answers", "duration_s", "codec", "width", "height",
-            "config_hash", "visual_embedding"]
+_COLUMNS = ["video_id", "content_id", "uri", "caption", "caption_prompt", "caption_model", "answers", "duration_s",
+            "codec", "width", "height", "visual_embedding"]
 
 
 @dataclass
@@ -105,22 +105,6 @@ def _split(key: str, seed: int, val_fraction: float) -> str:
     return "val" if h < val_fraction else "train"
 
 
-def _caption_prompts(catalog: Catalog) -> str:
-    """The caption prompt the index's runs used (from their manifests, next to the table); the default else."""
-    from pipeline.io.sinks import list_manifests
-
-    root = catalog.uri.rstrip("/")
-    for folder in (f"{root}/_manifests", f"{os.path.dirname(root)}/runs", f"{os.path.dirname(root)}/_manifests"):
-        try:
-            for m in reversed(list_manifests(folder, catalog.s3)):
-                prompt = (m.get("job_config") or {}).get("caption_prompt")
-                if prompt:
-                    return prompt
-        except (OSError, ValueError):
-            continue
-    return DEFAULT_CAPTION_PROMPT
-
-
 def export(index: str, to: str | os.PathLike, *, fmt: Format = "parquet", filters: Filters | None = None,
            dedup_threshold: float = 0.98, val_fraction: float = 0.1, seed: int = 0, table: str = "videos",
            caption_prompt: str | None = None, shard_size: int = 1000) -> ExportReport:
@@ -135,25 +119,26 @@ def export(index: str, to: str | os.PathLike, *, fmt: Format = "parquet", filter
     rows = catalog.rows(filters, columns=[c for c in _COLUMNS if c in catalog.columns]).to_pylist()
     if not rows:
         raise ValueError("the filters select no video: nothing written")
-    rows.sort(key=lambda r: (r["uri"], r["config_hash"]))
+    rows.sort(key=lambda r: r["uri"])
     emb = np.array([r["visual_embedding"] if r.get("visual_embedding") is not None else
                     np.zeros(len(next(x["visual_embedding"] for x in rows if x.get("visual_embedding") is not None)))
                     for r in rows], dtype=np.float32)
     groups = near_duplicate_groups(emb, [r["content_id"] for r in rows], dedup_threshold)
     kept = [r for i, r in enumerate(rows) if groups[i] == i]  # a group's first row (by uri) is its own root
-    prompt = caption_prompt or _caption_prompts(catalog)
     manifest = []
     for r in kept:
         split = _split(r["uri"], seed, val_fraction)
         group_id = hashlib.sha256(r["uri"].encode()).hexdigest()[:16]
-        pairs = [(prompt, r["caption"])] + [(a["question"], a["answer"]) for a in (r.get("answers") or [])]
-        for question, answer in pairs:
+        prompt = caption_prompt or r.get("caption_prompt") or DEFAULT_CAPTION_PROMPT
+        pairs = [(prompt, r["caption"], r.get("caption_model"))] + [
+            (a["question"], a["answer"], a.get("model")) for a in (r.get("answers") or [])]
+        for question, answer, model in pairs:
             if answer:
                 manifest.append({"uri": r["uri"], "video_id": r["video_id"], "content_id": r["content_id"],
                                  "question": question, "answer": answer, "split": split, "group_id": group_id,
                                  "duration_s": r.get("duration_s"), "codec": r.get("codec"),
                                  "width": r.get("width"), "height": r.get("height"), "start_s": None,
-                                 "end_s": None, "config_hash": r["config_hash"]})
+                                 "end_s": None, "model": model})
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent if target.parent.exists() else None))
     try:
         files = _write(tmp, fmt, manifest, catalog, shard_size)

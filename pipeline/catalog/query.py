@@ -20,13 +20,12 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pipeline.catalog.search import query_table
-from pipeline.io.sinks import connect_lance, open_table
 from pipeline.io.sources import S3Options, is_s3
-from pipeline.io.tables import sql_str
+from pipeline.store.lance import connect_lance, open_table, sql_str
 
 Mode = Literal["hybrid", "vector", "fts"]
 HIT_COLUMNS = ("video_id", "content_id", "uri", "caption", "answers", "duration_s", "codec", "width", "height",
-               "size", "indexed_at", "copy_of", "config_hash",
+               "size", "indexed_at", "copy_of", "caption_model", "stale",
                "segment_id", "segment", "start_s", "end_s", "media_fragment")  # the last: segments tables
 _SQL_WORDS = {
     "and", "or", "not", "in", "is", "null", "like", "ilike", "between", "true", "false", "timestamp", "date",
@@ -126,12 +125,12 @@ class Catalog:
         return rows
 
     def row(self, ref: str) -> dict[str, Any]:
-        """One row by video_id or uri (the newest if several configs indexed it)."""
+        """One video's row, by video_id or uri."""
         col = "uri" if ("/" in ref or ref.startswith("s3:")) else "video_id"
-        rows = self.table.search().where(f"{col} = {sql_str(ref)}").limit(None).to_list()
+        rows = self.table.search().where(f"{col} = {sql_str(ref)}").limit(1).to_list()
         if not rows:
             raise ValueError(f"no video with {col} {ref!r} in {self.uri}")
-        return max(rows, key=lambda r: r["indexed_at"])
+        return rows[0]
 
     def similar(self, ref: str, k: int = 10, filters: Filters | None = None) -> list[dict[str, Any]]:
         """Nearest videos by the visual embedding, without the video itself and its exact copies."""
@@ -147,8 +146,9 @@ class Catalog:
         base = self.row(ref)
         if base.get("visual_embedding") is None:
             raise ValueError(f"{ref} has no visual embedding")
+        # visual embeddings of one model only: during a backfill, rows still show the previous model's
         where = " AND ".join(filter(None, [f"content_id != {sql_str(base['content_id'])}",
-                                           f"config_hash = {sql_str(base['config_hash'])}",
+                                           f"visual_model = {sql_str(base['visual_model'])}",
                                            build_filter(filters or Filters(), target.columns)]))
         rows = query_table(target.table, None, list(base["visual_embedding"]), k,
                            vector_column="visual_embedding", where=where,

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.io.indexes import NPROBES, REFINE_FACTOR
-from pipeline.io.sinks import connect_lance
 from pipeline.io.sources import S3Options
+from pipeline.store.lance import connect_lance
+from pipeline.store.search_indexes import NPROBES, REFINE_FACTOR
 
 
 def query_table(tbl: Any, text: str | None = None, vector: Sequence[float] | None = None, k: int = 5, *,

@@ -23,7 +23,7 @@ from fastapi.templating import Jinja2Templates
 from pipeline.catalog.query import Catalog, Filters, parse_answer_filter
 from pipeline.io.fetch import local_path
 from pipeline.io.sources import S3Options, is_s3, split_s3_uri
-from pipeline.io.tables import sql_str
+from pipeline.store.lance import sql_str
 
 TEMPLATES = Path(__file__).with_name("templates")
 PRESIGN_S = 300
@@ -93,8 +93,7 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
             raise HTTPException(404, str(e)) from None
         similar = catalog.similar(video_id, k=8) if row.get("visual_embedding") is not None else []
         own = [] if moments is None else sorted(
-            moments.table.search().where(f"video_id = {sql_str(video_id)} AND config_hash = "
-                                         f"{sql_str(row['config_hash'])}")
+            moments.table.search().where(f"video_id = {sql_str(video_id)}")
             .select(["segment_id", "segment", "start_s", "end_s", "caption"]).limit(None).to_list(),
             key=lambda m: m["segment"])
         return templates.TemplateResponse(request, "video.html", {"index": index, "row": row, "t": t,

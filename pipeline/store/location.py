@@ -50,5 +50,10 @@ class IndexLocation:
         """The folder that holds the lock and the job registry."""
         return self.parquet_root or self.lancedb or "."
 
+    @property
+    def roots(self) -> list[str]:
+        """Every folder of the index (the registry is kept in each: `status` may be given either)."""
+        return [r for r in (self.parquet_root, self.lancedb) if r] or ["."]
+
 
 __all__ = ["IndexLocation", "CELLS_TABLE"]

@@ -50,23 +50,28 @@ def load_registry(root: str, s3: S3Options | None = None) -> list[Registered]:
     return sorted(out, key=lambda r: (r.registered_at, r.spec.job))
 
 
-def register(root: str, spec: JobSpec, run_id: str, s3: S3Options | None = None) -> list[Registered]:
-    """Record what `spec.job` asks now (call under the index lock); returns the registry after it."""
-    raw = read_small(_path(root, spec.job), s3)
+def register(roots: list[str], spec: JobSpec, run_id: str, s3: S3Options | None = None) -> list[Registered]:
+    """Record what `spec.job` asks now in each of the index's roots (its Parquet root and LanceDB folder: either
+    is what a user may point `status` at); call under the index lock. Returns the registry after it."""
+    raw = read_small(_path(roots[0], spec.job), s3)
     now = utc_now().isoformat()
     first = json.loads(raw)["registered_at"] if raw is not None else now
-    body = {"spec": spec.to_json(), "registered_at": first, "updated_at": now, "run_id": run_id}
-    fs, inner = filesystem(_path(root, spec.job), s3)
-    write_atomic(fs, inner, json.dumps(body, indent=2, sort_keys=True).encode())
-    return load_registry(root, s3)
+    body = json.dumps({"spec": spec.to_json(), "registered_at": first, "updated_at": now, "run_id": run_id},
+                      indent=2, sort_keys=True).encode()
+    for root in roots:
+        fs, inner = filesystem(_path(root, spec.job), s3)
+        write_atomic(fs, inner, body)
+    return load_registry(roots[0], s3)
 
 
-def unregister(root: str, job: str, s3: S3Options | None = None) -> bool:
-    fs, inner = filesystem(_path(root, job), s3)
-    if read_small(_path(root, job), s3) is None:
-        return False
-    fs.delete_file(inner)
-    return True
+def unregister(roots: list[str], job: str, s3: S3Options | None = None) -> bool:
+    found = False
+    for root in roots:
+        if read_small(_path(root, job), s3) is not None:
+            fs, inner = filesystem(_path(root, job), s3)
+            fs.delete_file(inner)
+            found = True
+    return found
 
 
 @dataclass

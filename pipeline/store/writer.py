@@ -34,7 +34,7 @@ from schemas import embedding_dims, segment_schema, video_schema
 from schemas.stages import COPY, SEGMENT, TALLY, TALLY_FIELDS
 
 log = logging.getLogger(__name__)
-COUNT_KEYS = ("listed", "skipped", "known_bad", "indexed", "copies", "errors", "model_calls", "decoded",
+COUNT_KEYS = ("listed", "skipped", "known_bad", "deferred", "indexed", "copies", "errors", "model_calls", "decoded",
               "visual_encodings", "cells_reused")
 Row = dict[str, Any]
 
@@ -53,7 +53,7 @@ class IndexWriter:
             migrate(location, spec, legacy_hash)
             for store in self._stores():
                 store.recover()
-            registry = register(location.root, spec, run_id, self.s3)
+            registry = register(location.roots, spec, run_id, self.s3)
         self.plan = plan_of(registry)
         for what in self.plan.conflicts(spec):
             log.warning("job '%s' also asks for %s: its results are kept in the cells table (search --model)",

@@ -67,7 +67,7 @@ def synth(out: str | os.PathLike, n: int, seed: int = 0, splits: Sequence[Split]
             attrs = {a: getattr(scene, a) for a in ATTRIBUTES}
             common = {"uri": uri, "video_id": object_id(uri), "content_id": None, "split": split,
                       "group_id": scene.clip_id, "duration_s": n_frames / fps, "codec": codec, "width": size,
-                      "height": size, "start_s": None, "end_s": None, "config_hash": None, **attrs}
+                      "height": size, "start_s": None, "end_s": None, "model": None, **attrs}
             rows.append({**common, "question": CAPTION_PROMPT, "answer": scene.caption(), "qtype": "caption"})
             for qtype, question in QUESTIONS.items():
                 rows.append({**common, "question": question, "answer": truth[qtype], "qtype": qtype})
