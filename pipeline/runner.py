@@ -203,7 +203,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     record = RunRecord(manifest_dir(job), run_id, job.output.s3)
     record.start({"run_id": run_id, "job": job.name, "config_hash": spec.spec, "model_id": facts["model_id"],
                   "engine": job.model.engine, "started_at": started_at.isoformat(), "job_config": job.redacted(),
-                  "outputs": output_locations(job)})
+                  "outputs": {**output_locations(job), "manifest": record.path}})
     stage_s = {"decode_s": 0.0, "model_s": 0.0, "embed_s": 0.0}
     writer = None
     try:

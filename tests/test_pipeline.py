@@ -75,8 +75,10 @@ def _tables(job):
 
 def test_one_row_per_good_video_one_error_per_bad_one(indexed):
     job, manifest = indexed
-    assert manifest["counts"] == {"listed": 6, "skipped": 0, "known_bad": 0, "indexed": 4, "copies": 0, "errors": 2,
-                                  "model_calls": 4}
+    q = len(job.questions)
+    assert manifest["counts"] == {"listed": 6, "skipped": 0, "known_bad": 0, "deferred": 0, "indexed": 4,
+                                  "copies": 0, "errors": 2, "model_calls": 4, "decoded": 4, "visual_encodings": 4,
+                                  "cells_reused": 0, "generations": {"caption": 4, "answer": 4 * q}}
     assert manifest["status"] == "succeeded"
     parquet, errors, _ = _tables(job)
     rows = {Path(u).name: r for u, r in zip(parquet["uri"].to_pylist(), parquet.to_pylist(), strict=True)}
@@ -107,7 +109,8 @@ def test_parquet_and_lancedb_match_the_schemas_and_each_other(indexed):
     assert len(by_id) == parquet.num_rows == 4
     for r in parquet.to_pylist():
         other = by_id[r["video_id"]]
-        for col in ("uri", "caption", "answers", "answers_text", "config_hash", "frame_indices", "run_id"):
+        for col in ("uri", "caption", "answers", "answers_text", "jobs_done", "caption_model", "frame_indices",
+                    "run_id"):
             assert r[col] == other[col], col
         np.testing.assert_array_equal(r["visual_embedding"], other["visual_embedding"])
 
@@ -136,14 +139,15 @@ def test_manifest_and_rerun_adds_nothing(indexed, s3_server, archive, tmp_path):
 
     job, manifest = indexed
     saved = json.loads(Path(manifest["outputs"]["manifest"]).read_text())
-    from pipeline.paths import checkpoint_id, resolve_model_path
+    from pipeline.runner import model_facts
 
     assert saved["run_id"] == manifest["run_id"]
-    assert saved["config_hash"] == job.config_hash(checkpoint_id(resolve_model_path(job.model.path)))
+    assert saved["config_hash"] == job.spec(model_facts(job)).spec
     again = run_job(load_job(None, _overrides(s3_server, archive, tmp_path)), progress=False)
     ray.shutdown()
     # Same content + same config: the 4 good videos are skipped, the 2 bad ones too (known bad, unchanged).
-    assert again["counts"] == {"listed": 6, "skipped": 4, "known_bad": 2, "indexed": 0, "copies": 0, "errors": 0,
-                               "model_calls": 0}
+    assert again["counts"] == {"listed": 6, "skipped": 4, "known_bad": 2, "deferred": 0, "indexed": 0,
+                               "copies": 0, "errors": 0, "model_calls": 0, "decoded": 0, "visual_encodings": 0,
+                               "cells_reused": 0, "generations": {"caption": 0, "answer": 0}}
     parquet, errors, lance = _tables(job)
     assert parquet.num_rows == 4 and lance.num_rows == 4 and errors.num_rows == 2
