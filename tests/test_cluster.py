@@ -313,9 +313,9 @@ def test_run_job_on_two_node_cluster(ray_cluster: TwoNodeCluster, tmp_path: Path
     import ray
 
     from pipeline.demo.clips import make_corrupt_video, make_test_video
-    from pipeline.store.files import read_parquet
     from pipeline.jobs import load_job
     from pipeline.runner import run_job
+    from pipeline.store.files import read_parquet
 
     clips = tmp_path / "clips"
     clips.mkdir()

@@ -117,8 +117,8 @@ def test_the_model_actor_overlaps_batches_when_its_input_is_ready(tmp_path: Path
     try:
         facts = model_facts(job)
         ops = stage_ops(job, facts)
-        plan = work_plan(job, job.config_hash(facts["checkpoint_id"]))
-        rows = [r for block in iter_work(plan) for r in block.to_dict("records") if r["kind"] == "work"]
+        plan = work_plan(job, job.spec(facts))
+        rows = [r for block in iter_work(plan) for r in block.to_pylist() if r["kind"] == "work"]
         decoded = ops["decode"](ray.data.from_items(rows)).materialize()
         result: pd.DataFrame = ops["model"](decoded).to_pandas()
         inputs = decoded.take_all()

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo.clips import make_corrupt_video, make_test_video
+from tests.faults import cli_killed_at
 
 REPO = Path(__file__).parents[1]
 TAG = "STLLM_RELIABILITY_TEST"
@@ -70,8 +71,8 @@ def _run(overrides: list[str], **kwargs):
 
 
 def _exactly_once(out: str, s3=None) -> tuple[list[dict], list[dict]]:
-    """(result rows, ledger rows); asserts one row per (object, config) in Parquet and LanceDB, and the same
-    rows in both."""
+    """(view rows, ledger rows); asserts one view row per object and one cell per key in Parquet and LanceDB, and the
+    same rows in both."""
     import duckdb
 
     from pipeline.store.files import read_parquet
@@ -84,16 +85,18 @@ def _exactly_once(out: str, s3=None) -> tuple[list[dict], list[dict]]:
     lance_errors = db.open_table("errors").to_arrow() if "errors" in db.table_names() else None
     rows = videos.to_pylist() if videos is not None else []
     ledger = errors.to_pylist() if errors is not None else []
-    keys = [(r["video_id"], r["config_hash"]) for r in rows]
+    keys = [r["video_id"] for r in rows]
     assert len(keys) == len(set(keys)), "duplicate rows in Parquet"
-    assert sorted(keys) == sorted(zip(lance.column("video_id").to_pylist(), lance.column("config_hash").to_pylist(),
-                                      strict=True)), "Parquet and LanceDB disagree"
+    assert sorted(keys) == sorted(lance.column("video_id").to_pylist()), "Parquet and LanceDB disagree"
     assert len({r["video_id"] for r in ledger}) == len(ledger), "duplicate ledger records"
     assert (lance_errors.num_rows if lance_errors is not None else 0) == len(ledger)
     if s3 is None and rows:  # a plain reader of the files: no duplicates without knowing our rules
-        dup = duckdb.sql(f"SELECT video_id, config_hash, count(*) n FROM read_parquet('{out}/parquet/videos/*.parquet')"
+        dup = duckdb.sql(f"SELECT video_id, count(*) n FROM read_parquet('{out}/parquet/videos/*.parquet')"
                          " GROUP BY ALL HAVING n > 1").fetchall()
         assert dup == []
+        cells = duckdb.sql(f"SELECT cell_id, count(*) n FROM read_parquet('{out}/parquet/cells/*.parquet')"
+                           " GROUP BY ALL HAVING n > 1").fetchall()
+        assert cells == []
     return rows, ledger
 
 
@@ -214,7 +217,9 @@ def test_killed_driver_then_rerun_is_exactly_once(tmp_path: Path) -> None:
     make_corrupt_video(src / "broken.mp4", "random")
     job = _job_file(tmp_path, _overrides(str(src), out, ("runtime.commit_every=2",)))
     # Killed by SIGKILL right after its second LanceDB commit, before the Parquet files are in place.
-    crashed = _cli_run(job, env={"STLLM_CRASH_AT": "lance-committed:2", "STLLM_INDEX_HOME": str(tmp_path)})
+    crashed = subprocess.run([sys.executable, "-c", cli_killed_at("lance-committed", 2, str(REPO)), "run", str(job),
+                              "--no-progress"], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "STLLM_INDEX_HOME": str(tmp_path)})
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     # Killed from outside while it runs (a second crash on top of the first's leftovers).
     env = {**os.environ, "STLLM_INDEX_HOME": str(tmp_path)}

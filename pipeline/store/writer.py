@@ -67,7 +67,7 @@ class IndexWriter:
         self.counts: Counter[str] = Counter(dict.fromkeys(COUNT_KEYS, 0))
         self.generations: Counter[str] = Counter(caption=0, answer=0)
         self.hold = SegmentHold() if spec.segmentation else None
-        self._content_done: set[str] = set()  # contents whose cells this run committed
+        self._content_done: dict[str, str] = {}  # content_id → the object that carried its work, this run
         self._content_failed: dict[str, Row] = {}  # content_id → its failure, this run
         self._pending_copies: dict[str, list[Row]] = {}  # copies waiting for their content's cells
         self._unwritten: list[Row] = []  # objects waiting for the embedding sizes (no vector seen yet)
@@ -145,7 +145,7 @@ class IndexWriter:
 
     # ---- committing --------------------------------------------------------------------------------------
 
-    def _resolve_copies(self, copies: list[Row], fresh: set[str], now: Any) -> tuple[list[Row], list[Row]]:
+    def _resolve_copies(self, copies: list[Row], fresh: dict[str, str], now: Any) -> tuple[list[Row], list[Row]]:
         """(copies whose content's cells exist now, ledger rows for copies of a content that failed); the others
         (their content is still being computed in this run) wait."""
         ready, failed = [], []
@@ -161,11 +161,12 @@ class IndexWriter:
                 else:
                     self._pending_copies.setdefault(cid, []).append(c)
                 continue
-            ready.append(c)
+            first = self._content_done.get(cid) or fresh.get(cid)
+            ready.append({**c, "copy_of": first} if c.get("wait") and first != c["video_id"] else c)
         return ready, failed
 
     def _commit(self, ok: list[Row], cells: list[Row], copies: list[Row], ledger: list[Row], now: Any) -> None:
-        fresh = {r["content_id"] for r in ok}
+        fresh = {r["content_id"]: r["video_id"] for r in ok}
         for cid in list(self._pending_copies):  # copies whose content finished (or failed) in this batch
             if cid in fresh or cid in self._content_failed:
                 copies += self._pending_copies.pop(cid)
@@ -194,7 +195,7 @@ class IndexWriter:
                 schema = video_schema(self.dims["caption_embedding"], self.dims["visual_embedding"])
                 unique = list({v["video_id"]: v for v in views}.values())
                 self.videos.commit(pa.Table.from_pylist(unique, schema=schema), run_id=self.run_id)
-        self._content_done |= fresh
+        self._content_done.update(fresh)
         self.counts["copies"] += len(copies)
         self.counts["errors"] += len(copy_failures)
 
@@ -234,7 +235,11 @@ class IndexWriter:
         self._pending_copies = {}
         if waiting:
             have = self._cells_by_content({c["content_id"] for c in waiting})
-            ready = [{**c, "wait": False} for c in waiting if c["content_id"] in have]
+            found = self.videos.lookup("content_id", sorted(have), ["content_id", "video_id", "copy_of"])
+            firsts = {r["content_id"]: r["copy_of"] or r["video_id"]
+                      for r in ([] if found is None else found.to_pylist())}
+            ready = [{**c, "wait": False, "copy_of": firsts.get(c["content_id"])} for c in waiting
+                     if c["content_id"] in have]
             lost = [ledger_row(c, self.spec.spec, self.run_id, now, "copy", "NoResult",
                                "no result for this content was produced", True)
                     for c in waiting if c["content_id"] not in have]
