@@ -154,13 +154,14 @@ def test_fixed_windows_job_and_a_broken_file(archive, tmp_path) -> None:
 
     errors = read_parquet(str(out / "parquet" / "errors")).to_pylist()
     assert [Path(e["uri"]).name for e in errors] == ["broken.mp4"] and errors[0]["stage"] == "decode"
-    # the job's segmentation is part of its config: another window length is another index row
+    # the job's segmentation derives its moments' cells: another window length asks for other cells
     from pipeline.jobs import load_job
+    from tests.test_sinks import FACTS
 
-    a = load_job(None, _overrides(src, out, ("segments.mode=fixed", "segments.length_s=20")))
-    b = load_job(None, _overrides(src, out, ("segments.mode=fixed", "segments.length_s=30")))
-    whole = load_job(None, _overrides(src, out))
-    assert len({a.config_hash(), b.config_hash(), whole.config_hash()}) == 3
+    a = load_job(None, _overrides(src, out, ("segments.mode=fixed", "segments.length_s=20"))).spec(FACTS)
+    b = load_job(None, _overrides(src, out, ("segments.mode=fixed", "segments.length_s=30"))).spec(FACTS)
+    whole = load_job(None, _overrides(src, out)).spec(FACTS)
+    assert whole.segmentation is None and len({a.segmentation, b.segmentation}) == 2
     with pytest.raises(Exception, match="overlap_s"):
         load_job(None, _overrides(src, out, ("segments.mode=fixed", "segments.length_s=5", "segments.overlap_s=5")))
 
@@ -187,7 +188,7 @@ import pandas as pd
 from pipeline.stages import DecodeStage
 segments = {{"mode": "fixed", "length_s": 5.0, "overlap_s": 0.0, "min_s": 1.0, "max_s": 30.0, "threshold": 27.0}}
 stage = DecodeStage(num_frames=8, image_size=224, timeout_s=120, segments=segments)
-row = pd.DataFrame([{{"uri": {str(big)!r}, "kind": "work", "video_id": "v"}}])
+row = pd.DataFrame([{{"uri": {str(big)!r}, "kind": "work", "video_id": "v", "need_segments": True}}])
 blocks = stage(row)
 first = next(blocks)  # warm: imports, decode worker, the whole-video pass
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
