@@ -117,3 +117,26 @@ def test_run_rejects_invalid_job_before_any_work(tmp_path):
 def test_convert_missing_source_is_a_clear_error(tmp_path):
     out = _cli("convert", str(tmp_path / "nope"), str(tmp_path / "dst"), timeout=120)
     assert out.returncode == 2 and "error:" in out.stderr
+
+
+def test_ask_without_model_uses_the_world_model_with_its_prompt(tmp_path):
+    """A new user's first `ask`: the shipped world model, in the prompt it was trained with, answers right."""
+    import os
+
+    from pipeline.demo.clips import encode_frames
+    from stllm.world.render import render
+    from stllm.world.scenes import QUESTIONS, sample_scene
+
+    scene = sample_scene(7, "heldout", 0)
+    clip = encode_frames(tmp_path / "world.mp4", "h264", render(scene), (scene.width, scene.height), scene.fps)
+    env = {**os.environ, "STLLM_INDEX_HOME": str(tmp_path / "home")}
+    out = _cli("ask", str(clip), QUESTIONS["colour"], "--json", "--max-new-tokens", "8", env=env)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["model"].endswith("demo_model") and data["prompt"] == "qa"
+    assert data["answer"].strip() == scene.colour, data
+    assert "synthetic-world" in out.stderr and "warning" not in out.stderr
+    out = _cli("ask", str(clip), QUESTIONS["colour"], "--prompt", "conversation", "--max-new-tokens", "2", env=env)
+    assert out.returncode == 0 and "trained with the 'qa' prompt preset" in out.stderr  # the user's choice, warned
+    model_help = " ".join(_cli("ask", "--help").stdout.split("--model MODEL")[-1].split("--engine")[0].split())
+    assert "'world'" in model_help and "(the default)" in model_help and "RANDOM" in model_help
