@@ -27,6 +27,13 @@ from pathlib import Path
 
 from pipeline.report import terminal
 
+RUN_EXIT_STATUS = """exit status:
+  0  the run succeeded; also when every video of the source was indexed already (nothing new)
+  1  the run failed, indexed none of its new videos, or more than runtime.max_error_fraction of them failed
+  2  invalid job file, or a source that does not exist or cannot be listed (nothing written, Ray not started)
+  3  the source holds no file with one of source.extensions (a warning names the source and the extensions
+     searched; nothing written)"""
+
 
 def _quiet(verbose: bool) -> None:
     # Keep the terminal readable: library progress bars and info logs are noise for a CLI user.
@@ -171,7 +178,8 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.jobs import JobError, load_job
+    from pipeline.jobs import JobError, job_warnings, load_job
+    from pipeline.preflight import EXIT_NO_VIDEOS, NoVideos
     from pipeline.runner import exit_status, run_job
 
     try:
@@ -179,7 +187,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except JobError as e:
         print(f"invalid job {args.job}:\n{e}", file=terminal("err"))
         return 2
-    manifest = run_job(job, address=args.address, progress=not args.no_progress, retry_errors=args.retry_errors)
+    for warning in job_warnings(job):
+        print(f"warning: {warning}", file=terminal("err"))
+    try:
+        manifest = run_job(job, address=args.address, progress=not args.no_progress,
+                           retry_errors=args.retry_errors)
+    except NoVideos as e:
+        print(f"warning: {e}\nnothing indexed, nothing written (exit status {EXIT_NO_VIDEOS})", file=terminal("err"))
+        return EXIT_NO_VIDEOS
     # Per-video failures are in the error ledger; the run fails when it indexed none of its new videos or more
     # than runtime.max_error_fraction of them failed (a run with nothing new succeeds).
     return exit_status(manifest, job.runtime.max_error_fraction)
@@ -283,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(a)
     a.set_defaults(func=cmd_ask)
 
-    r = sub.add_parser("run", help="index the videos of a job file")
+    r = sub.add_parser("run", help="index the videos of a job file", epilog=RUN_EXIT_STATUS,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("job", help="job YAML (see jobs/)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field, e.g. model.engine=vllm")
     r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")

@@ -153,12 +153,14 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     """Index what is new in the job's source; returns the run manifest (also written, see JobSinks)."""
     from pipeline.io.listing import has_new_work, new_work_dataset
     from pipeline.io.run_sinks import JobSinks
+    from pipeline.preflight import check_source
     from pipeline.redact import register_secret
     from pipeline.report import print_summary, progress_bar
 
     for s3 in (job.source.s3, job.output.s3):
         if s3 is not None:
             register_secret(s3.access_key_id, s3.secret)
+    check_source(job.source)  # a missing or empty source fails here: nothing written, nothing started
     t_start = time.perf_counter()
     started_at = datetime.now(UTC)
     run_id = f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
