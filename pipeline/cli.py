@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="last runs, counts and errors of an index")
     st.add_argument("index", help="the job's output.parquet root or output.lancedb folder (local or s3://)")
     st.add_argument("--runs", type=int, default=5, help="how many of the last runs to show")
-    st.add_argument("--manifest-dir", default=None, help="where the run manifests are (default: <index>/_manifests)")
+    st.add_argument("--manifest-dir", default=None, help="where the run manifests are (default: where the index's "
+                    "runs recorded them, i.e. the job's output.manifest_dir; else <index>/_manifests)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 

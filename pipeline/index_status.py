@@ -8,6 +8,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pipeline.io.index_record import recorded_manifest_dirs
 from pipeline.io.listing import IndexLocation
 from pipeline.io.sinks import filesystem, join_path, list_manifests, mark_interrupted
 from pipeline.io.sources import S3Options, is_s3
@@ -30,9 +31,15 @@ def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> 
     s3 = S3Options() if is_s3(index) else None
     loc = _locate(index, s3)
     videos, errors = loc.stores()
-    folder = manifest_dir or join_path(index, "_manifests")
-    mark_interrupted(folder, s3)
-    manifests = list_manifests(folder, s3)
+    # Where the runs' manifests are: as told, else as the index recorded (the job's output.manifest_dir), else
+    # the default of a job that set none.
+    folders = [manifest_dir] if manifest_dir else (recorded_manifest_dirs(index, s3)
+                                                   or [join_path(index, "_manifests")])
+    by_run: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        mark_interrupted(folder, s3)
+        by_run.update((m.get("run_id") or "", m) for m in list_manifests(folder, s3))
+    manifests = sorted(by_run.values(), key=lambda m: m.get("started_at") or "")
     by_type: Counter[str] = Counter()
     retryable = 0
     if errors.count():
@@ -47,7 +54,8 @@ def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> 
             by_type[f"{stage}: {kind}"] += 1
             retryable += bool(again)
     return {
-        "index": index, "videos": videos.count(), "errors": errors.count(), "retryable_errors": retryable,
+        "index": index, "manifest_dirs": folders, "videos": videos.count(), "errors": errors.count(),
+        "retryable_errors": retryable,
         "errors_by_type": dict(by_type.most_common()),
         "runs": [{k: m.get(k) for k in ("run_id", "job", "status", "started_at", "finished_at", "wall_s",
                                         "counts", "error")} for m in manifests[-runs:]],
@@ -69,7 +77,7 @@ def print_status(status: dict[str, Any]) -> None:
         for kind, n in status["errors_by_type"].items():
             t.add_row(kind, str(n))
         out.print(t)
-    t = Table(title=f"last {len(status['runs'])} runs")
+    t = Table(title=f"last {len(status['runs'])} runs (manifests in {', '.join(status['manifest_dirs'])})")
     for col in ("run", "status", "listed", "new", "copies", "skipped", "errors"):
         t.add_column(col, no_wrap=True)
     for r in status["runs"]:

@@ -151,6 +151,7 @@ def work_plan(job, config_hash: str, retry_errors: bool = False):
 
 def run_job(job, address: str | None = None, progress: bool = True, retry_errors: bool = False) -> dict[str, Any]:
     """Index what is new in the job's source; returns the run manifest (also written, see JobSinks)."""
+    from pipeline.io.index_record import record_manifest_dir
     from pipeline.io.listing import has_new_work, new_work_dataset
     from pipeline.io.run_sinks import JobSinks
     from pipeline.preflight import check_source
@@ -167,6 +168,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     facts = model_facts(job)
     config_hash = job.config_hash(facts["checkpoint_id"])
     sinks = JobSinks(job, run_id=run_id, config_hash=config_hash, model_id=facts["model_id"])
+    record_manifest_dir(job.output, sinks.manifest_dir())  # so `status INDEX` finds this run's manifest
     sinks.start_manifest({"run_id": run_id, "job": job.name, "config_hash": config_hash,
                           "model_id": facts["model_id"], "engine": job.model.engine,
                           "started_at": started_at.isoformat()})

@@ -142,6 +142,20 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(index, tmp_path: Path) ->
     assert out.returncode == 2 and "is not an index" in out.stderr
 
 
+def test_status_finds_the_runs_where_the_job_put_them(index) -> None:
+    """The job wrote its manifests to out/runs (output.manifest_dir), outside both index roots: the index
+    recorded where, and `status` of either root shows the run."""
+    from pipeline.index_status import index_status
+
+    out = _cli("status", str(index["lancedb"]), "--json")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["manifest_dirs"] == [str(index["runs"])]
+    assert status["runs"] and status["runs"][0]["status"] == "succeeded"
+    assert index_status(str(index["out"] / "parquet"))["runs"] == status["runs"]
+    assert index_status(str(index["lancedb"]), manifest_dir=str(index["out"]))["runs"] == []  # as told, still
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

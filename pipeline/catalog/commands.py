@@ -132,5 +132,6 @@ def add_commands(sub: Any) -> None:
     v.add_argument("--host", default="127.0.0.1", help="default: this machine only")
     v.add_argument("--port", type=int, default=8765)
     v.add_argument("--table", default="videos")
-    v.add_argument("--manifest-dir", default=None, help="the job's output.manifest_dir, for the runs view")
+    v.add_argument("--manifest-dir", default=None, help="the job's output.manifest_dir, for the runs view (default: "
+                   "where the index's runs recorded them)")
     v.set_defaults(func=cmd_serve)

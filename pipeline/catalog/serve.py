@@ -22,6 +22,7 @@ from fastapi.templating import Jinja2Templates
 
 from pipeline.catalog.query import Catalog, Filters, parse_answer_filter
 from pipeline.io.fetch import local_path
+from pipeline.io.index_record import recorded_manifest_dirs
 from pipeline.io.sources import S3Options, is_s3, split_s3_uri
 from pipeline.io.tables import sql_str
 
@@ -142,8 +143,11 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
     return app
 
 
-def _guess_manifests(index: str) -> str:
-    """The manifests of a job whose output.manifest_dir was not given: next to the LanceDB folder."""
+def _guess_manifests(index: str) -> str | None:
+    """Where the runs view reads manifests when --manifest-dir is not given: None when the index records where its
+    runs put them (`index_status` reads the record), else a folder next to the LanceDB folder."""
+    if recorded_manifest_dirs(index, S3Options() if is_s3(index) else None):
+        return None
     root = index.rstrip("/")
     for candidate in (f"{root}/_manifests", f"{os.path.dirname(root)}/runs", f"{os.path.dirname(root)}/_manifests"):
         if is_s3(candidate) or os.path.isdir(candidate):
