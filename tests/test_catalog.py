@@ -4,6 +4,7 @@ the web page in a real headless browser (Debian's Chromium, driven by Selenium).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -90,6 +91,9 @@ def test_similar_leaves_out_exact_copies(index) -> None:
     out = _cli("similar", str(index["lancedb"]), red, "--json")
     assert out.returncode == 0, out.stderr
     assert {Path(h["uri"]).name for h in json.loads(out.stdout)} == set(names)
+    plain = _cli("similar", str(index["lancedb"]), red)  # the table shows each hit's answers: there is no query
+    assert plain.returncode == 0 and "answers" in plain.stdout
+    assert plain.stdout.count("Which direction does it move?") == len(names), plain.stdout
 
 
 def test_export_is_deterministic_and_groups_near_copies(index, tmp_path: Path) -> None:
@@ -123,8 +127,25 @@ def test_export_is_deterministic_and_groups_near_copies(index, tmp_path: Path) -
 def test_bad_input_is_a_clear_error_and_writes_nothing(index, tmp_path: Path) -> None:
     out = _cli("search", str(index["lancedb"]), "video", "--where", "colour = 'red'")
     assert out.returncode == 2 and "unknown column 'colour'" in out.stderr
-    out = _cli("search", str(tmp_path / "nowhere"), "video")
+    # Read-only commands: a missing index is an error, and stays missing (LanceDB's connect used to create it).
+    nowhere, target = tmp_path / "nowhere", tmp_path / "export"
+    for args in (("search", str(nowhere), "video"), ("serve", str(nowhere), "--port", str(_free_port()))):
+        out = _cli(*args)
+        assert out.returncode == 2 and "is not an index" in out.stderr, (args, out.stderr)
+        assert not nowhere.exists(), args
+    from pipeline.catalog.export import export
+    from pipeline.catalog.query import Catalog
+    from pipeline.index_status import index_status
+
+    for read in (lambda: Catalog(str(nowhere)).similar("x"), lambda: export(str(nowhere), target),
+                 lambda: index_status(str(nowhere))):  # what `similar`, `export` and `status` call
+        with pytest.raises(ValueError, match="is not an index"):
+            read()
+        assert not nowhere.exists() and not target.exists()
+    (tmp_path / "plain").mkdir()
+    out = _cli("export", str(tmp_path / "plain"), "--to", str(target))  # a folder, not an index
     assert out.returncode == 2 and "is not an index" in out.stderr
+    assert not list((tmp_path / "plain").iterdir()) and not target.exists()
     target = tmp_path / "export"
     out = _cli("export", str(index["lancedb"]), "--to", str(target), "--where", "nope > 1")
     assert out.returncode == 2 and "unknown column 'nope'" in out.stderr and not target.exists()
@@ -138,8 +159,6 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(index, tmp_path: Path) ->
     lancedb.connect(str(empty)).create_table("videos", schema=schemas.video_schema(384, 176))
     out = _cli("search", str(empty), "video")
     assert out.returncode == 2 and "is empty" in out.stderr
-    out = _cli("status", str(tmp_path / "nowhere"))
-    assert out.returncode == 2 and "is not an index" in out.stderr
 
 
 def test_status_finds_the_runs_where_the_job_put_them(index) -> None:
@@ -154,6 +173,21 @@ def test_status_finds_the_runs_where_the_job_put_them(index) -> None:
     assert status["runs"] and status["runs"][0]["status"] == "succeeded"
     assert index_status(str(index["out"] / "parquet"))["runs"] == status["runs"]
     assert index_status(str(index["lancedb"]), manifest_dir=str(index["out"]))["runs"] == []  # as told, still
+
+
+def test_a_rerun_with_nothing_new_succeeds_and_keeps_full_paths_when_piped(index) -> None:
+    """Every video indexed already: exit 0, no Ray; the summary, piped, shows whole paths (rich cut them at 80
+    columns with "…")."""
+    out = index["out"]
+    job = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+    sets = [f"source.uri={index['src']}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lancedb",
+            f"output.manifest_dir={out}/runs", "model.max_new_tokens=6"]
+    run = _cli("run", str(job), *(a for s in sets for a in ("--set", s)))
+    assert run.returncode == 0, run.stderr
+    text = run.stdout
+    assert "…" not in text and "succeeded" in text
+    assert str(out / "parquet" / "videos") in text and f"{out / 'runs'}/" in text
+    assert re.search(r"skipped \(already indexed\)\s*│\s*5\s*│", text) and re.search(r"model calls\s*│\s*0\s", text)
 
 
 def _free_port() -> int:
