@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -198,6 +199,7 @@ def _free_port() -> int:
 
 def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
     from selenium import webdriver
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -227,15 +229,49 @@ def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
                     "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={tmp_path / 'chrome'}"):
             opts.add_argument(arg)
         browser = webdriver.Chrome(service=Service(driver_bin), options=opts)
+        names = {"red.mp4", "blue.mp4", "green.webm", "red_copy.mp4", "blue_near.mp4"}
+
+        def shown() -> list[str]:
+            return [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".hit .uri")]
+
+        def count_says(text: str) -> None:  # the new page is there (the old one had hits too)
+            WebDriverWait(browser, 60, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)) \
+                .until(lambda b: text in b.find_element(By.ID, "count").text)
+
         try:
+            browser.get(base + "/")  # the home, before any search: the latest indexed videos
+            assert {Path(u).name for u in shown()} == names
+            assert browser.find_element(By.ID, "count").text == "videos 1–5 of 5, newest first"
+            assert not browser.find_elements(By.CSS_SELECTOR, ".hit .score")  # no search, no score
+            browser.save_screenshot(str(tmp_path / "home.png"))
+            browser.get(base + "/?n=2")  # a page at a time, through the "older" links
+            pages = [shown()]
+            while browser.find_elements(By.ID, "older"):
+                browser.find_element(By.ID, "older").click()
+                count_says(f"videos {2 * len(pages) + 1}–")
+                pages.append(shown())
+            assert [len(p) for p in pages] == [2, 2, 1] and {Path(u).name for p in pages for u in p} == names
+            assert browser.find_element(By.ID, "newer")  # and back
+            browser.get(base + "/")
+            browser.find_element(By.NAME, "until").send_keys("2000-01-01")  # the until filter, as the CLI's --until
+            browser.find_element(By.ID, "go").click()
+            count_says("no video matches")
+            assert shown() == []
+            browser.find_element(By.NAME, "until").clear()
+            browser.find_element(By.NAME, "until").send_keys("2999-01-01")
+            browser.find_element(By.ID, "go").click()
+            count_says("of 5")
             browser.get(base + "/")
             box = browser.find_element(By.NAME, "q")
             box.send_keys("a video")
             browser.find_element(By.NAME, "prefix").send_keys(str(index["src"] / "b" / "green"))
             browser.find_element(By.ID, "go").click()
-            WebDriverWait(browser, 60).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".hit")))
+            count_says("result(s)")
             hits = browser.find_elements(By.CSS_SELECTOR, ".hit")
             assert len(hits) == 1 and hits[0].find_element(By.CSS_SELECTOR, ".uri").text.endswith("green.webm")
+            score, body = (hits[0].find_element(By.CSS_SELECTOR, c) for c in (".score", ".body"))
+            assert score.text.split()[0] == "score" and float(score.text.split()[1]) > 0
+            assert score.location["x"] >= body.location["x"] + body.size["width"]  # a column apart from the name
             img = hits[0].find_element(By.TAG_NAME, "img")
             WebDriverWait(browser, 30).until(lambda b: b.execute_script(
                 "return arguments[0].complete && arguments[0].naturalWidth > 0", img))
@@ -248,6 +284,8 @@ def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
             assert browser.find_element(By.ID, "caption").text
             assert browser.find_elements(By.CSS_SELECTOR, ".similar a")  # what looks like it
             browser.save_screenshot(str(tmp_path / "video.png"))
+            until = urllib.parse.urlencode({"q": "a video", "until": "2000-01-01"})
+            assert json.load(urllib.request.urlopen(f"{base}/api/search?{until}", timeout=60)) == []
             browser.get(base + "/runs")
             assert "succeeded" in browser.find_element(By.ID, "runs").text
             assert (tmp_path / "search.png").stat().st_size > 1000
