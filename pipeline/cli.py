@@ -27,6 +27,13 @@ from pathlib import Path
 
 from pipeline.report import terminal
 
+RUN_EXIT_STATUS = """exit status:
+  0  the run succeeded; also when every video of the source was indexed already (nothing new)
+  1  the run failed, indexed none of its new videos, or more than runtime.max_error_fraction of them failed
+  2  invalid job file, or a source that does not exist or cannot be listed (nothing written, Ray not started)
+  3  the source holds no file with one of source.extensions (a warning names the source and the extensions
+     searched; nothing written)"""
+
 
 def _quiet(verbose: bool) -> None:
     # Keep the terminal readable: library progress bars and info logs are noise for a CLI user.
@@ -43,8 +50,9 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--decoding", choices=["greedy", "original"], default="greedy",
                    help="original = the original's 5 beams and 300 new tokens (flags given here win)")
-    g.add_argument("--prompt", choices=["conversation", "qa", "mvbench"], default="conversation",
-                   help="prompt preset: conversation (system text), qa (none, as MSVD/MSRVTT-QA), mvbench")
+    g.add_argument("--prompt", choices=["conversation", "qa", "mvbench"], default=None,
+                   help="prompt preset: conversation (system text), qa (none, as MSVD/MSRVTT-QA), mvbench "
+                        "(default: the one the model was trained with, qa for 'world'; else conversation)")
     g.add_argument("--system", default=None, help="free system text instead of the preset's ('' = none)")
     g.add_argument("--answer-prefix", default=None, help="text the answer starts with, e.g. 'Best option:('")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (300 with --decoding original)")
@@ -57,7 +65,17 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
-def _generation_options(args: argparse.Namespace):
+def _prompt_preset(args: argparse.Namespace, model: str) -> str:
+    """--prompt, else the preset `model` was trained with, else conversation; a mismatch is warned about."""
+    from pipeline.model_names import preset_warning, trained_preset
+
+    preset = args.prompt or trained_preset(model) or "conversation"
+    if warning := preset_warning(model, preset):
+        print(f"warning: {warning}", file=terminal("err"))
+    return preset
+
+
+def _generation_options(args: argparse.Namespace, preset: str | None = None):
     from stllm.engine import decoding_preset
     from stllm.prompts import prompt_format
 
@@ -65,7 +83,8 @@ def _generation_options(args: argparse.Namespace):
     return decoding_preset(
         args.decoding, **given, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        prompt=prompt_format(args.prompt, system=args.system, answer_prefix=args.answer_prefix),
+        prompt=prompt_format(preset or args.prompt or "conversation", system=args.system,
+                             answer_prefix=args.answer_prefix),
     )
 
 
@@ -87,16 +106,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from pipeline.decode import DecodeError, decode_video
-    from pipeline.paths import ensure_tiny_model, resolve_model_path
+    from pipeline.model_names import DEFAULT_ASK_MODEL, NAMED_MODELS
+    from pipeline.paths import resolve_model_path
     from stllm import load_engine
     from stllm.configuration_stllm import STLLMConfig
     from stllm.engine import VideoRequest
 
     t0 = time.perf_counter()
-    options = _generation_options(args)  # bad flags fail before anything loads
-    model_dir = Path(resolve_model_path(args.model)) if args.model else ensure_tiny_model()
+    model = args.model or DEFAULT_ASK_MODEL
+    options = _generation_options(args, _prompt_preset(args, model))  # bad flags fail before anything loads
+    model_dir = Path(resolve_model_path(model))
     if not args.model:
-        print(f"(no --model given: using the tiny RANDOM demo model at {model_dir}; answers are noise)",
+        print(f"(no --model given: {NAMED_MODELS[model].what}; --model takes your converted checkpoint)",
               file=terminal("err"))
     config = STLLMConfig.from_pretrained(model_dir)
     sampling = args.frame_sampling or config.frame_sampling
@@ -157,7 +178,8 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.jobs import JobError, load_job
+    from pipeline.jobs import JobError, job_warnings, load_job
+    from pipeline.preflight import EXIT_NO_VIDEOS, NoVideos
     from pipeline.runner import exit_status, run_job
 
     try:
@@ -167,8 +189,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.limit is not None:
         job.source.limit = args.limit
-    manifest = run_job(job, address=args.address, progress=not args.no_progress, retry_errors=args.retry_errors,
-                       where=args.where)
+    for warning in job_warnings(job):
+        print(f"warning: {warning}", file=terminal("err"))
+    try:
+        manifest = run_job(job, address=args.address, progress=not args.no_progress,
+                           retry_errors=args.retry_errors, where=args.where)
+    except NoVideos as e:
+        print(f"warning: {e}\nnothing indexed, nothing written (exit status {EXIT_NO_VIDEOS})", file=terminal("err"))
+        return EXIT_NO_VIDEOS
     # Per-video failures are in the error ledger; the run fails when it indexed none of its new videos or more
     # than runtime.max_error_fraction of them failed (a run with nothing new succeeds).
     return exit_status(manifest, job.runtime.max_error_fraction)
@@ -258,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer one question about one video")
     a.add_argument("video")
     a.add_argument("question")
-    a.add_argument("--model", help="converted checkpoint folder, or 'world' (the shipped synthetic-world model); "
-                                   "default: the tiny random demo model")
+    a.add_argument("--model", help="converted checkpoint folder (`stllm-index convert`), or 'world': the shipped "
+                   "synthetic-world model, which knows only the coloured moving shapes of `stllm-index synth` clips "
+                   "(the default), or 'tiny': a tiny RANDOM model for tests (answers are noise)")
     a.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     a.add_argument("--frames", type=int, default=None, help="frames to sample (default: the model's)")
     a.add_argument("--frame-sampling", choices=["original", "midpoint"], default=None,
@@ -271,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(a)
     a.set_defaults(func=cmd_ask)
 
-    r = sub.add_parser("run", help="index the videos of a job file")
+    r = sub.add_parser("run", help="index the videos of a job file", epilog=RUN_EXIT_STATUS,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("job", help="job YAML (see jobs/)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field, e.g. model.engine=vllm")
     r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
@@ -288,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="last runs, counts and errors of an index")
     st.add_argument("index", help="the job's output.parquet root or output.lancedb folder (local or s3://)")
     st.add_argument("--runs", type=int, default=5, help="how many of the last runs to show")
-    st.add_argument("--manifest-dir", default=None, help="where the run manifests are (default: <index>/_manifests)")
+    st.add_argument("--manifest-dir", default=None, help="where the run manifests are (default: where the index's "
+                    "runs recorded them, i.e. the job's output.manifest_dir; else <index>/_manifests)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 

@@ -12,6 +12,7 @@ import pyarrow.fs as pafs
 
 from pipeline.io.sources import S3Options, is_s3
 from pipeline.store.files import filesystem, join_path
+from pipeline.store.index_record import recorded_manifest_dirs
 from pipeline.store.location import IndexLocation
 from pipeline.store.manifest import list_manifests, mark_interrupted
 from pipeline.store.registry import describe, load_registry
@@ -55,9 +56,15 @@ def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> 
     s3 = S3Options() if is_s3(index) else None
     loc = _locate(index, s3)
     videos, errors = loc.videos(), loc.errors()
-    folder = manifest_dir or join_path(index, "_manifests")
-    mark_interrupted(folder, s3)
-    manifests = list_manifests(folder, s3)
+    # Where the runs' manifests are: as told, else as the index recorded (the job's output.manifest_dir), else
+    # the default of a job that set none.
+    folders = [manifest_dir] if manifest_dir else (recorded_manifest_dirs(index, s3)
+                                                   or [join_path(index, "_manifests")])
+    by_run: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        mark_interrupted(folder, s3)
+        by_run.update((m.get("run_id") or "", m) for m in list_manifests(folder, s3))
+    manifests = sorted(by_run.values(), key=lambda m: m.get("started_at") or "")
     by_type: Counter[str] = Counter()
     retryable = 0
     table = errors.read_all(["stage", "error_type", "retryable"])
@@ -68,8 +75,9 @@ def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> 
             retryable += bool(again)
     n_videos = videos.count()
     return {
-        "index": index, "videos": n_videos, "stale": videos.count("stale = true") if videos.lance_table is not None
-        else _count_stale(videos), "errors": errors.count(), "retryable_errors": retryable,
+        "index": index, "manifest_dirs": folders, "videos": n_videos,
+        "stale": videos.count("stale = true") if videos.lance_table is not None else _count_stale(videos),
+        "errors": errors.count(), "retryable_errors": retryable,
         "errors_by_type": dict(by_type.most_common()),
         "jobs": describe(load_registry(loc.root, s3)), "coverage": coverage(loc, n_videos),
         "runs": [{k: m.get(k) for k in ("run_id", "job", "status", "started_at", "finished_at", "wall_s",
@@ -105,7 +113,7 @@ def print_status(status: dict[str, Any]) -> None:
         for kind, n in status["errors_by_type"].items():
             t.add_row(kind, str(n))
         out.print(t)
-    t = Table(title=f"last {len(status['runs'])} runs")
+    t = Table(title=f"last {len(status['runs'])} runs (manifests in {', '.join(status['manifest_dirs'])})")
     for col in ("run", "job", "status", "listed", "new", "from cells", "skipped", "errors", "captions", "answers"):
         t.add_column(col, no_wrap=True)
     for r in status["runs"]:

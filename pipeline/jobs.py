@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from pipeline.io.sources import DEFAULT_EXTENSIONS, S3Options
+from pipeline.model_names import preset_warning, trained_preset
 
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 TableName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
@@ -64,7 +65,10 @@ class SourceConfig(_Strict):
 
 class ModelConfig(_Strict):
     engine: Literal["hf", "vllm"] = "hf"
-    path: NonEmpty = Field(description="converted checkpoint folder, or 'tiny' (the tiny random demo model)")
+    path: NonEmpty = Field(description="a converted checkpoint folder (`stllm-index convert`); or 'world': the "
+                           "shipped synthetic-world model (it knows only the coloured moving shapes of `stllm-index "
+                           "synth` clips; its prompt preset 'qa' is applied unless prompt.preset is set); or "
+                           "'tiny': a tiny RANDOM model for tests (captions are noise)")
     num_frames: int | None = Field(default=None, ge=1, le=512, description="default: the checkpoint's")
     frame_sampling: Literal["original", "midpoint"] | None = Field(
         default=None, description="default: the checkpoint's (original: min(n, T) frames as get_seq_frames)")
@@ -87,7 +91,9 @@ class ModelConfig(_Strict):
 class PromptConfig(_Strict):
     """The prompt format (`stllm.prompts`): a named preset, optionally with free-text system text / prefix."""
 
-    preset: Literal["conversation", "qa", "mvbench"] = "conversation"
+    preset: Literal["conversation", "qa", "mvbench"] = Field(
+        default="conversation", description="conversation (system text), qa (none, as MSVD/MSRVTT-QA) or mvbench; "
+        "default: the preset the model was trained with when known (model.path 'world': qa), else conversation")
     system: str | None = Field(default=None, description="replaces the preset's system text ('' = none)")
     answer_prefix: str | None = Field(default=None, description="text the answer starts with, e.g. 'Best option:('")
 
@@ -202,6 +208,10 @@ class JobConfig(_Strict):
         if self.model.device == "cuda" and self.runtime.num_gpus_per_actor == 0:
             # Ray hides GPUs from actors that did not ask for one.
             raise ValueError("runtime.num_gpus_per_actor: must be > 0 when model.device is 'cuda'")
+        trained = trained_preset(self.model.path)
+        if trained is not None and "preset" not in self.prompt.model_fields_set:
+            # a model answers well only in the prompt it learned: a named model brings its own
+            self.prompt = self.prompt.model_copy(update={"preset": trained})
         return self
 
     def _decoding_fields(self) -> dict[str, Any]:
@@ -282,6 +292,12 @@ class JobConfig(_Strict):
                              prompt_format=asdict(self.prompt.format()), caption_prompt=self.caption_prompt,
                              questions=list(self.questions), embedder=self.embedder.model,
                              segments=self.segments.model_dump() if self.segments.mode != "whole" else None)
+
+
+def job_warnings(job: JobConfig) -> list[str]:
+    """What is valid but will not give the job good results, one line each (`stllm-index run` prints them)."""
+    warning = preset_warning(job.model.path, job.prompt.preset)
+    return [f"prompt.preset: {warning}"] if warning else []
 
 
 def _digest(obj: Any) -> str:

@@ -15,7 +15,7 @@ def index_home() -> Path:
 
 
 def default_model_dir() -> Path:
-    """Where the tiny random demo model is built on first use (no download, no network)."""
+    """Where the tiny random test model (`tiny`) is built on first use (no download, no network)."""
     from stllm.tiny import TINY_VERSION
 
     return index_home() / f"tiny-model-v{TINY_VERSION}"
@@ -54,7 +54,7 @@ def world_model_dir() -> Path:
 
 
 def resolve_model_path(path: str) -> str:
-    """`tiny` means the deterministic tiny random demo model, built on first use on each node; `world` the
+    """`tiny` means the deterministic tiny random test model, built on first use on each node; `world` the
     shipped synthetic-world model."""
     if path == "world":
         return str(world_model_dir())

@@ -27,9 +27,21 @@ def terminal(name: str = "out") -> TextIO:
     return _terminal.get(name) or (sys.stdout if name == "out" else sys.stderr)
 
 
+PIPED_WIDTH = 1000  # columns of output that is not a terminal: tables keep whole paths, rows stay one line
+
+
 def console() -> Console:
-    """A console on the user's stdout (the terminal even while library output goes to the log)."""
-    return Console(file=terminal("out"))
+    """A console on the user's stdout (the terminal even while library output goes to the log). When that is not a
+    terminal (a pipe, a file), wide enough that no path or id is cut with "…" (rich would take $COLUMNS or 80)."""
+    out = terminal("out")
+    return Console(file=out, width=None if _is_terminal(out) else PIPED_WIDTH)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # closed, or not a real file
+        return False
 
 
 def err_console() -> Console:

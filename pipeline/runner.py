@@ -182,14 +182,17 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
             where: str | None = None) -> dict[str, Any]:
     """Compute what the job's source is missing; returns the run manifest (also written as the run goes)."""
     from pipeline.io.listing import has_new_work, new_work_dataset
+    from pipeline.preflight import check_source
     from pipeline.redact import register_secret
     from pipeline.report import print_summary, progress_bar
+    from pipeline.store.index_record import record_manifest_dir
     from pipeline.store.manifest import RunRecord
     from pipeline.store.writer import IndexWriter
 
     for s3 in (job.source.s3, job.output.s3):
         if s3 is not None:
             register_secret(s3.access_key_id, s3.secret)
+    check_source(job.source)  # a missing or empty source fails here: nothing written, nothing started
     t_start = time.perf_counter()
     started_at = datetime.now(UTC)
     run_id = f"{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -201,6 +204,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
 
         check_columns(where, video_schema().names)
     record = RunRecord(manifest_dir(job), run_id, job.output.s3)
+    record_manifest_dir(job.output, record.folder)  # so `status INDEX` finds this run's manifest
     record.start({"run_id": run_id, "job": job.name, "config_hash": spec.spec, "model_id": facts["model_id"],
                   "engine": job.model.engine, "started_at": started_at.isoformat(), "job_config": job.redacted(),
                   "outputs": {**output_locations(job), "manifest": record.path}})

@@ -1,4 +1,4 @@
-"""A deterministic tiny random ST-LLM for tests and the offline demo, in the project's format.
+"""A deterministic tiny RANDOM ST-LLM (`model.path: tiny`) for tests and smoke runs, in the project's format.
 
 `build_tiny(dst)` writes what `stllm-index convert` writes (safetensors + config + both tokenizers + the
 weights hash). Sizes keep LLaMA head_dim 64, which vLLM's CPU kernels serve (16 is refused).

@@ -4,11 +4,13 @@ the web page in a real headless browser (Debian's Chromium, driven by Selenium).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -90,6 +92,9 @@ def test_similar_leaves_out_exact_copies(index) -> None:
     out = _cli("similar", str(index["lancedb"]), red, "--json")
     assert out.returncode == 0, out.stderr
     assert {Path(h["uri"]).name for h in json.loads(out.stdout)} == set(names)
+    plain = _cli("similar", str(index["lancedb"]), red)  # the table shows each hit's answers: there is no query
+    assert plain.returncode == 0 and "answers" in plain.stdout
+    assert plain.stdout.count("Which direction does it move?") == len(names), plain.stdout
 
 
 def test_export_is_deterministic_and_groups_near_copies(index, tmp_path: Path) -> None:
@@ -123,8 +128,25 @@ def test_export_is_deterministic_and_groups_near_copies(index, tmp_path: Path) -
 def test_bad_input_is_a_clear_error_and_writes_nothing(index, tmp_path: Path) -> None:
     out = _cli("search", str(index["lancedb"]), "video", "--where", "colour = 'red'")
     assert out.returncode == 2 and "unknown column 'colour'" in out.stderr
-    out = _cli("search", str(tmp_path / "nowhere"), "video")
+    # Read-only commands: a missing index is an error, and stays missing (LanceDB's connect used to create it).
+    nowhere, target = tmp_path / "nowhere", tmp_path / "export"
+    for args in (("search", str(nowhere), "video"), ("serve", str(nowhere), "--port", str(_free_port()))):
+        out = _cli(*args)
+        assert out.returncode == 2 and "is not an index" in out.stderr, (args, out.stderr)
+        assert not nowhere.exists(), args
+    from pipeline.catalog.export import export
+    from pipeline.catalog.query import Catalog
+    from pipeline.index_status import index_status
+
+    for read in (lambda: Catalog(str(nowhere)).similar("x"), lambda: export(str(nowhere), target),
+                 lambda: index_status(str(nowhere))):  # what `similar`, `export` and `status` call
+        with pytest.raises(ValueError, match="is not an index"):
+            read()
+        assert not nowhere.exists() and not target.exists()
+    (tmp_path / "plain").mkdir()
+    out = _cli("export", str(tmp_path / "plain"), "--to", str(target))  # a folder, not an index
     assert out.returncode == 2 and "is not an index" in out.stderr
+    assert not list((tmp_path / "plain").iterdir()) and not target.exists()
     target = tmp_path / "export"
     out = _cli("export", str(index["lancedb"]), "--to", str(target), "--where", "nope > 1")
     assert out.returncode == 2 and "unknown column 'nope'" in out.stderr and not target.exists()
@@ -138,8 +160,35 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(index, tmp_path: Path) ->
     lancedb.connect(str(empty)).create_table("videos", schema=schemas.video_schema(384, 176))
     out = _cli("search", str(empty), "video")
     assert out.returncode == 2 and "is empty" in out.stderr
-    out = _cli("status", str(tmp_path / "nowhere"))
-    assert out.returncode == 2 and "is not an index" in out.stderr
+
+
+def test_status_finds_the_runs_where_the_job_put_them(index) -> None:
+    """The job wrote its manifests to out/runs (output.manifest_dir), outside both index roots: the index
+    recorded where, and `status` of either root shows the run."""
+    from pipeline.index_status import index_status
+
+    out = _cli("status", str(index["lancedb"]), "--json")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["manifest_dirs"] == [str(index["runs"])]
+    assert status["runs"] and status["runs"][0]["status"] == "succeeded"
+    assert index_status(str(index["out"] / "parquet"))["runs"] == status["runs"]
+    assert index_status(str(index["lancedb"]), manifest_dir=str(index["out"]))["runs"] == []  # as told, still
+
+
+def test_a_rerun_with_nothing_new_succeeds_and_keeps_full_paths_when_piped(index) -> None:
+    """Every video indexed already: exit 0, no Ray; the summary, piped, shows whole paths (rich cut them at 80
+    columns with "…")."""
+    out = index["out"]
+    job = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+    sets = [f"source.uri={index['src']}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lancedb",
+            f"output.manifest_dir={out}/runs", "model.max_new_tokens=6"]
+    run = _cli("run", str(job), *(a for s in sets for a in ("--set", s)))
+    assert run.returncode == 0, run.stderr
+    text = run.stdout
+    assert "…" not in text and "succeeded" in text
+    assert str(out / "parquet" / "videos") in text and f"{out / 'runs'}/" in text
+    assert re.search(r"skipped \(already indexed\)\s*│\s*5\s*│", text) and re.search(r"model calls\s*│\s*0\s", text)
 
 
 def _free_port() -> int:
@@ -150,6 +199,7 @@ def _free_port() -> int:
 
 def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
     from selenium import webdriver
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -179,15 +229,49 @@ def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
                     "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={tmp_path / 'chrome'}"):
             opts.add_argument(arg)
         browser = webdriver.Chrome(service=Service(driver_bin), options=opts)
+        names = {"red.mp4", "blue.mp4", "green.webm", "red_copy.mp4", "blue_near.mp4"}
+
+        def shown() -> list[str]:
+            return [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".hit .uri")]
+
+        def count_says(text: str) -> None:  # the new page is there (the old one had hits too)
+            WebDriverWait(browser, 60, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)) \
+                .until(lambda b: text in b.find_element(By.ID, "count").text)
+
         try:
+            browser.get(base + "/")  # the home, before any search: the latest indexed videos
+            assert {Path(u).name for u in shown()} == names
+            assert browser.find_element(By.ID, "count").text == "videos 1–5 of 5, newest first"
+            assert not browser.find_elements(By.CSS_SELECTOR, ".hit .score")  # no search, no score
+            browser.save_screenshot(str(tmp_path / "home.png"))
+            browser.get(base + "/?n=2")  # a page at a time, through the "older" links
+            pages = [shown()]
+            while browser.find_elements(By.ID, "older"):
+                browser.find_element(By.ID, "older").click()
+                count_says(f"videos {2 * len(pages) + 1}–")
+                pages.append(shown())
+            assert [len(p) for p in pages] == [2, 2, 1] and {Path(u).name for p in pages for u in p} == names
+            assert browser.find_element(By.ID, "newer")  # and back
+            browser.get(base + "/")
+            browser.find_element(By.NAME, "until").send_keys("2000-01-01")  # the until filter, as the CLI's --until
+            browser.find_element(By.ID, "go").click()
+            count_says("no video matches")
+            assert shown() == []
+            browser.find_element(By.NAME, "until").clear()
+            browser.find_element(By.NAME, "until").send_keys("2999-01-01")
+            browser.find_element(By.ID, "go").click()
+            count_says("of 5")
             browser.get(base + "/")
             box = browser.find_element(By.NAME, "q")
             box.send_keys("a video")
             browser.find_element(By.NAME, "prefix").send_keys(str(index["src"] / "b" / "green"))
             browser.find_element(By.ID, "go").click()
-            WebDriverWait(browser, 60).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".hit")))
+            count_says("result(s)")
             hits = browser.find_elements(By.CSS_SELECTOR, ".hit")
             assert len(hits) == 1 and hits[0].find_element(By.CSS_SELECTOR, ".uri").text.endswith("green.webm")
+            score, body = (hits[0].find_element(By.CSS_SELECTOR, c) for c in (".score", ".body"))
+            assert score.text.split()[0] == "score" and float(score.text.split()[1]) > 0
+            assert score.location["x"] >= body.location["x"] + body.size["width"]  # a column apart from the name
             img = hits[0].find_element(By.TAG_NAME, "img")
             WebDriverWait(browser, 30).until(lambda b: b.execute_script(
                 "return arguments[0].complete && arguments[0].naturalWidth > 0", img))
@@ -200,6 +284,8 @@ def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
             assert browser.find_element(By.ID, "caption").text
             assert browser.find_elements(By.CSS_SELECTOR, ".similar a")  # what looks like it
             browser.save_screenshot(str(tmp_path / "video.png"))
+            until = urllib.parse.urlencode({"q": "a video", "until": "2000-01-01"})
+            assert json.load(urllib.request.urlopen(f"{base}/api/search?{until}", timeout=60)) == []
             browser.get(base + "/runs")
             assert "succeeded" in browser.find_element(By.ID, "runs").text
             assert (tmp_path / "search.png").stat().st_size > 1000

@@ -183,3 +183,30 @@ def test_actor_pools_are_fitted_to_the_cluster(overrides: list[str], cpus: float
     assert (job.runtime.decode_concurrency, job.runtime.model_cpus) == want
     rt = job.runtime
     assert rt.decode_concurrency * rt.decode_cpus + rt.model_pool_size * rt.model_cpus <= cpus + 1e-9
+
+
+def test_the_world_model_gets_the_prompt_it_was_trained_with() -> None:
+    from pipeline.jobs import job_warnings
+
+    world = load_job(ROOT / "jobs" / "world.yaml")  # the example job of the shipped model sets no preset
+    assert world.model.path == "world" and world.prompt.preset == "qa" and job_warnings(world) == []
+    assert load_job(None, ["model.path=world"]).prompt.preset == "qa"
+    assert load_job(None, ["model.path=world", "prompt.preset=qa"]).spec(FACTS) == \
+        load_job(None, ["model.path=world"]).spec(FACTS)  # the demo's explicit preset: the same cells
+    other = load_job(None, ["model.path=world", "prompt.preset=conversation"])
+    assert other.prompt.preset == "conversation"  # the job's choice stands, with a reason to change it
+    [warning] = job_warnings(other)
+    assert "'qa'" in warning and "'conversation'" in warning and "poor" in warning
+    others = [load_job(None, ov) for ov in ([], ["model.path=/models/x"], ["prompt.preset=mvbench"])]
+    assert [j.prompt.preset for j in others] == ["conversation", "conversation", "mvbench"]  # no training preset
+    assert all(job_warnings(j) == [] for j in others)
+
+
+def test_the_job_fields_name_the_shipped_models() -> None:
+    from pipeline.jobs import ModelConfig, PromptConfig
+
+    path = ModelConfig.model_fields["path"].description
+    assert "'world'" in path and "'tiny'" in path and "RANDOM" in path
+    assert "world" in PromptConfig.model_fields["preset"].description
+    demo = (ROOT / "jobs" / "demo.yaml").read_text()
+    assert "stllm-index demo" in demo and "jobs/world.yaml" in demo  # where the meaningful model is

@@ -40,14 +40,24 @@ def _print_hits(hits: list[dict[str, Any]], as_json: bool, title: str) -> None:
         return
     from rich.table import Table
 
+    answers = [answer_cell(h) for h in hits]
     table = Table(title=title, show_lines=True)
-    for col, kw in (("#", {"justify": "right"}), ("uri", {"overflow": "fold"}), ("caption", {}), ("answer", {}),
-                    ("score", {"justify": "right"})):
+    for col, kw in (("#", {"justify": "right"}), ("uri", {"overflow": "fold"}), ("caption", {}),
+                    *([("answers", {})] if any(answers) else []), ("score", {"justify": "right"})):
         table.add_column(col, **kw)
-    for i, h in enumerate(hits, 1):  # a moment of a long recording shows as uri#t=start,end
+    for i, (h, answer) in enumerate(zip(hits, answers, strict=True), 1):
+        # a moment of a long recording shows as uri#t=start,end
         table.add_row(str(i), h.get("media_fragment") or h["uri"], h.get("caption") or "",
-                      h.get("matching_answer") or "", f"{h['_score']:.3f}")
+                      *([answer] if any(answers) else []), f"{h['_score']:.3f}")
     console().print(table)
+
+
+def answer_cell(hit: dict[str, Any]) -> str:
+    """What a hit shows of its answers: the one that matched the search, else all of them (`similar` has no
+    query to match), one "question answer" line each; '' for a job without questions."""
+    if hit.get("matching_answer"):
+        return hit["matching_answer"]
+    return "\n".join(f"{a['question']} {a['answer']}" for a in hit.get("answers") or [])
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -132,5 +142,6 @@ def add_commands(sub: Any) -> None:
     v.add_argument("--host", default="127.0.0.1", help="default: this machine only")
     v.add_argument("--port", type=int, default=8765)
     v.add_argument("--table", default="videos")
-    v.add_argument("--manifest-dir", default=None, help="the job's output.manifest_dir, for the runs view")
+    v.add_argument("--manifest-dir", default=None, help="the job's output.manifest_dir, for the runs view (default: "
+                   "where the index's runs recorded them)")
     v.set_defaults(func=cmd_serve)

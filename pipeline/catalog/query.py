@@ -13,6 +13,7 @@ captions and answers, fused by reciprocal rank (LanceDB's RRF reranker).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class Catalog:
     def __init__(self, lancedb_uri: str, table: str = "videos", s3: S3Options | None = None):
         self.uri = lancedb_uri
         self.s3 = s3 if s3 is not None else (S3Options() if is_s3(lancedb_uri) else None)
+        if not is_s3(lancedb_uri) and not os.path.isdir(os.path.expanduser(lancedb_uri)):  # connect would create it
+            raise ValueError(f"{lancedb_uri} is not an index: no such folder (give the job's output.lancedb folder)")
         try:
             db = connect_lance(lancedb_uri, self.s3)
             self.table = open_table(db, table)

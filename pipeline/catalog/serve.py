@@ -1,7 +1,9 @@
 """`stllm-index serve INDEX`: a small read-only web app over an index (FastAPI + Jinja2, served by uvicorn).
 
-Pages: `/` search box with filters and results with thumbnails, caption and the matching answer (with
-"moments", the segments of long recordings instead, each opening its video at its start); `/video/<id>` a detail
+Pages: `/` search box with filters (those of the CLI: uri prefix, answer, where, since, until); before any search
+the latest indexed videos, newest first, a page at a time (the filters apply); results with thumbnails, caption,
+the matching answer and the score in a column of its own (with "moments", the segments of long recordings
+instead, each opening its video at its start); `/video/<id>` a detail
 view with a player (seeking to `?t=` seconds, e.g. a segment's start), every answer, the facts, the video's
 moments and the videos that look like it; `/runs` the last runs and the error ledger. Media: local files are
 served with range requests (the player seeks); `s3://` objects through a short-lived presigned URL. JSON:
@@ -15,18 +17,22 @@ import functools
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from pipeline.catalog.browse import PER_PAGE, latest_videos
 from pipeline.catalog.query import Catalog, Filters, parse_answer_filter
 from pipeline.io.fetch import local_path
 from pipeline.io.sources import S3Options, is_s3, split_s3_uri
+from pipeline.store.index_record import recorded_manifest_dirs
 from pipeline.store.lance import sql_str
 
 TEMPLATES = Path(__file__).with_name("templates")
 PRESIGN_S = 300
+MAX_PER_PAGE = 200
 
 
 def create_app(index: str, table: str = "videos", manifest_dir: str | None = None, embedder: str | None = None,
@@ -45,10 +51,7 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
 
         return load_text_embedder(embedder or DEFAULT_EMBEDDER)
 
-    def run_search(q: str, mode: str, prefix: str, answer: str, where: str, since: str, k: int,
-                   in_moments: bool = False) -> list[dict]:
-        filters = Filters(where=where or None, answers=[parse_answer_filter(answer)] if answer else [],
-                          prefix=prefix or None, since=since or None)
+    def run_search(q: str, mode: str, filters: Filters, k: int, in_moments: bool = False) -> list[dict]:
         vector = None if mode == "fts" else text_embedder().encode([q], normalize_embeddings=True)[0].tolist()
         target = catalog
         if in_moments:
@@ -65,22 +68,33 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
 
     @app.get("/")
     def page_search(request: Request, q: str = "", mode: str = "hybrid", prefix: str = "", answer: str = "",
-                    where: str = "", since: str = "", k: int = 20, segments: bool = False) -> Any:
-        hits, error = [], None
-        if q.strip():
-            try:
-                hits = run_search(q, mode, prefix, answer, where, since, k, segments)
-            except ValueError as e:
-                error = str(e)
+                    where: str = "", since: str = "", until: str = "", k: int = 20, segments: bool = False,
+                    page: int = 1, n: int = PER_PAGE) -> Any:
+        form = {"q": q, "mode": mode, "prefix": prefix, "answer": answer, "where": where, "since": since,
+                "until": until}
+        hits, latest, error = [], None, None
+        try:
+            filters = _filters(prefix, answer, where, since, until)
+            if q.strip():
+                hits = run_search(q, mode, filters, k, segments)
+            else:  # the home: what was indexed last, before anyone searches
+                latest = latest_videos(catalog, filters, page=page, per_page=min(max(n, 1), MAX_PER_PAGE))
+        except ValueError as e:
+            error = str(e)
+
+        def page_link(to: int) -> str:
+            return "/?" + urlencode({**{key: v for key, v in form.items() if v and key != "q"}, "page": to,
+                                     **({"n": n} if n != PER_PAGE else {})})
+
         return templates.TemplateResponse(request, "search.html", {
-            "index": index, "q": q, "mode": mode, "prefix": prefix, "answer": answer, "where": where,
-            "since": since, "hits": hits, "error": error, "segments": segments, "has_moments": moments is not None})
+            "index": index, **form, "hits": hits, "latest": latest, "page_link": page_link, "error": error,
+            "segments": segments, "has_moments": moments is not None})
 
     @app.get("/api/search")
     def api_search(q: str, mode: str = "hybrid", prefix: str = "", answer: str = "", where: str = "",
-                   since: str = "", k: int = 20, segments: bool = False) -> Any:
+                   since: str = "", until: str = "", k: int = 20, segments: bool = False) -> Any:
         try:
-            hits = run_search(q, mode, prefix, answer, where, since, k, segments)
+            hits = run_search(q, mode, _filters(prefix, answer, where, since, until), k, segments)
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return [{k: (str(v) if k == "indexed_at" else v) for k, v in h.items()} for h in hits]
@@ -141,8 +155,17 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
     return app
 
 
-def _guess_manifests(index: str) -> str:
-    """The manifests of a job whose output.manifest_dir was not given: next to the LanceDB folder."""
+def _filters(prefix: str, answer: str, where: str, since: str, until: str) -> Filters:
+    """The form's filters (empty fields: no filter), as the CLI's flags."""
+    return Filters(where=where or None, answers=[parse_answer_filter(answer)] if answer else [],
+                   prefix=prefix or None, since=since or None, until=until or None)
+
+
+def _guess_manifests(index: str) -> str | None:
+    """Where the runs view reads manifests when --manifest-dir is not given: None when the index records where its
+    runs put them (`index_status` reads the record), else a folder next to the LanceDB folder."""
+    if recorded_manifest_dirs(index, S3Options() if is_s3(index) else None):
+        return None
     root = index.rstrip("/")
     for candidate in (f"{root}/_manifests", f"{os.path.dirname(root)}/runs", f"{os.path.dirname(root)}/_manifests"):
         if is_s3(candidate) or os.path.isdir(candidate):

@@ -45,7 +45,7 @@ def load_train_config(path: str | os.PathLike | None, overrides: Sequence[str] =
                                  for err in e.errors())) from None
     from pipeline.paths import resolve_model_path
 
-    config.model = resolve_model_path(config.model)  # tiny: the demo's random model; world: the shipped one
+    config.model = resolve_model_path(config.model)  # tiny: the random test model; world: the shipped one
     for name in ("model", "manifest", "output"):
         setattr(config, name, os.path.expanduser(getattr(config, name)))
     return config
