@@ -188,7 +188,8 @@ def test_a_rerun_with_nothing_new_succeeds_and_keeps_full_paths_when_piped(index
     text = run.stdout
     assert "…" not in text and "succeeded" in text
     assert str(out / "parquet" / "videos") in text and f"{out / 'runs'}/" in text
-    assert re.search(r"skipped \(already indexed\)\s*│\s*5\s*│", text) and re.search(r"model calls\s*│\s*0\s", text)
+    assert re.search(r"skipped \(up to date\)\s*│\s*5\s*│", text)
+    assert re.search(r"indexed \(the model ran\)\s*│\s*0\s", text)
 
 
 def _free_port() -> int:
