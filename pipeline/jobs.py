@@ -136,7 +136,7 @@ class ScoresConfig(_Strict):
     blank: bool = Field(default=True, description="share of black or flat frames (score_blank_fraction)")
     cuts: bool = Field(default=True, description="shot cuts, where segments.mode is shots (score_cuts)")
     # Off by default: a real OCR engine costs ~26-35 ms CPU per frame; 4 frames cost over half of what decoding a
-    # short clip's 64 frames costs (~250 ms): the decode stage keeps 0.61 of its throughput (docs/curation.md).
+    # short clip's 64 frames costs (~250 ms): the decode stage keeps ~0.6 of its throughput (docs/curation.md).
     ocr: bool = Field(default=False, description="on-screen text on ocr_frames frames (score_text_fraction, "
                       "score_text)")
     ocr_frames: int = Field(default=4, ge=1, le=16, description="frames OCR reads per video or segment, spread "
