@@ -18,6 +18,7 @@ from benchmarks.common import RESULTS, Result, print_table, save
 
 SUITES = {
     "decode": ("benchmarks.decode", "bench_decode"),
+    "scores": ("benchmarks.scores", "bench_scores"),
     "pipeline": ("benchmarks.pipeline", "bench_pipeline"),
     "memory": ("benchmarks.pipeline", "bench_memory"),
     "engines": ("benchmarks.engines", "bench_engines"),

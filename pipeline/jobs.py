@@ -130,6 +130,25 @@ class SegmentsConfig(_Strict):
         return self
 
 
+class ScoresConfig(_Strict):
+    """Curation signals per video and per segment, computed in the decode stage from the frames it decodes anyway
+    (definitions, ranges and costs: docs/curation.md). Each one off: no column, no cost."""
+
+    motion: bool = Field(default=True, description="mean optical flow between sampled frames (score_motion)")
+    sharpness: bool = Field(default=True, description="variance of the Laplacian (score_sharpness)")
+    brightness: bool = Field(default=True, description="mean luma (score_brightness)")
+    contrast: bool = Field(default=True, description="luma standard deviation (score_contrast)")
+    static: bool = Field(default=True, description="share of unchanged frame pairs (score_static_fraction)")
+    blank: bool = Field(default=True, description="share of black or flat frames (score_blank_fraction)")
+    cuts: bool = Field(default=True, description="shot cuts, where segments.mode is shots (score_cuts)")
+    # Off by default: a real OCR engine costs ~26-35 ms CPU per frame; 4 frames cost over half of what decoding a
+    # short clip's 64 frames costs (~250 ms): the decode stage keeps ~0.6 of its throughput (docs/curation.md).
+    ocr: bool = Field(default=False, description="on-screen text on ocr_frames frames (score_text_fraction, "
+                      "score_text)")
+    ocr_frames: int = Field(default=4, ge=1, le=16, description="frames OCR reads per video or segment, spread "
+                            "evenly over the sampled ones, at the source's aspect ratio")
+
+
 class OutputConfig(_Strict):
     parquet: str | None = Field(default=None, description="root folder (local or s3://) of Parquet datasets")
     lancedb: str | None = Field(default=None, description="LanceDB database uri (local or s3://)")
@@ -188,6 +207,7 @@ class JobConfig(_Strict):
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
+    scores: ScoresConfig = Field(default_factory=ScoresConfig)
     output: OutputConfig
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 

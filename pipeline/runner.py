@@ -108,7 +108,7 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
                                        timeout_s=rt.decode_timeout_s, s3_options=job.source.s3,
                                        nice=rt.decode_nice, frame_sampling=facts["frame_sampling"],
                                        max_bytes=job.source.max_bytes, fetch_timeout_s=job.source.fetch_timeout_s,
-                                       segments=job.segments.model_dump()),
+                                       segments=job.segments.model_dump(), scores=job.scores.model_dump()),
             ray_remote_args_fn=restarts,
         )
 

@@ -76,7 +76,10 @@ class DecodeStage:
 
     def __init__(self, num_frames: int, image_size: int, timeout_s: float, s3_options: Any = None, nice: int = 0,
                  frame_sampling: str = "original", max_bytes: int | None = None,
-                 fetch_timeout_s: float | None = None, segments: dict[str, Any] | None = None):
+                 fetch_timeout_s: float | None = None, segments: dict[str, Any] | None = None,
+                 scores: dict[str, Any] | None = None):
+        from pipeline.decode.scores import Scorer
+
         if nice > os.getpriority(os.PRIO_PROCESS, 0):
             # Lower CPU priority for this actor and its decode subprocess (inherited): decoding fills the cycles
             # the model actors leave, instead of slowing the slowest stage where they share cores.
@@ -88,6 +91,7 @@ class DecodeStage:
         self.s3_options = s3_options
         self.max_bytes, self.fetch_timeout_s = max_bytes, fetch_timeout_s
         self.segments = segments if segments and segments.get("mode", "whole") != "whole" else None
+        self.scorer = Scorer(scores or {})  # the job's curation signals (`scores`: none without it)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame | Iterator[pd.DataFrame]:
         # A few rows per call: Ray Data's per-task overhead (scheduling, block building) costs more CPU than
@@ -96,9 +100,8 @@ class DecodeStage:
             return self._segmented(batch)  # a generator: Ray Data takes its blocks as they come
         return pd.DataFrame([self.decode_row(row) for row in batch.to_dict("records")])
 
-    @staticmethod
-    def _blank(row: dict[str, Any]) -> dict[str, Any]:
-        row = dict(row)
+    def _blank(self, row: dict[str, Any]) -> dict[str, Any]:
+        row = dict(row, **self.scorer.empty())
         row.update(frames=b"", frames_shape=[], frame_indices=[], duration_s=None, fps=None, width=None,
                    height=None, codec=None, decoder=None, n_frames=None, thumbnail=b"", decode_s=0.0,
                    error_stage=None, error_type=None, error_message=None, error_retryable=False,
@@ -118,14 +121,16 @@ class DecodeStage:
                          deadline_s=self.fetch_timeout_s) as path:
                 try:
                     v = decode_video(path, num_frames=self.num_frames, size=self.image_size,
-                                     timeout_s=self.timeout_s, sampling=self.frame_sampling)
+                                     timeout_s=self.timeout_s, sampling=self.frame_sampling, native=self.scorer.native)
                 except Exception as e:  # noqa: BLE001 — any decode failure becomes an error record
                     return _error(row, "decode", e)
         except TransientFetchError as e:
             return _error(row, "fetch", e, retryable=True)
         except Exception as e:  # noqa: BLE001 — any fetch failure becomes an error record
             return _error(row, "fetch", e)
-        return self._fill(row, v, t0)
+        row = self._fill(row, v, t0)
+        row.update(self.scorer(v.frames, v.frame_indices, v.fps, v.native_frames, name=row["uri"]))
+        return row
 
     @staticmethod
     def _fill(row: dict[str, Any], v: Any, t0: float) -> dict[str, Any]:
@@ -154,7 +159,7 @@ class DecodeStage:
         pass over all of it) and whose `segment_rows` says how many segment rows came before it. A failure
         after some segments turns the video row into the error record (the sink drops those segments)."""
         from pipeline.decode import decode_video
-        from pipeline.decode.segments import decode_segments, frame_index, plan_segments
+        from pipeline.decode.segments import decode_segments, frame_index, segment_plan
         from pipeline.io.fetch import TransientFetchError, fetched
 
         base = self._blank(row)
@@ -170,21 +175,22 @@ class DecodeStage:
             with fetched(base["uri"], self.s3_options, max_bytes=self.max_bytes,
                          deadline_s=self.fetch_timeout_s) as path:
                 try:
-                    video = self._fill(base, decode_video(path, num_frames=self.num_frames, size=self.image_size,
-                                                          timeout_s=self.timeout_s, sampling=self.frame_sampling),
-                                       t0)
+                    v = decode_video(path, num_frames=self.num_frames, size=self.image_size,
+                                     timeout_s=self.timeout_s, sampling=self.frame_sampling, native=self.scorer.native)
+                    video = self._fill(base, v, t0)
                     index = frame_index(path)  # one demux pass, for the plan and the decoding
-                    plan = plan_segments(path, self.segments["mode"], frames=index, fps=video["fps"], **spec)
+                    plan, cuts = segment_plan(path, self.segments["mode"], frames=index, fps=video["fps"], **spec)
                 except Exception as e:  # noqa: BLE001
                     yield _error(base, "decode", e)
                     return
+                video.update(self.scorer(v.frames, v.frame_indices, v.fps, v.native_frames, cuts, name=video["uri"]))
                 n = 0
                 if len(plan) > 1:
                     started = time.perf_counter()
                     try:
                         for seg in decode_segments(path, plan, self.num_frames, self.image_size,
-                                                   self.frame_sampling, frames=index):
-                            yield self._segment_row(video, seg)
+                                                   self.frame_sampling, frames=index, native=self.scorer.native):
+                            yield self._segment_row(video, seg, cuts)
                             n += 1
                             # the whole-file deadline, per segment (decoding runs here, in order, one pass)
                             if time.perf_counter() - started > self.timeout_s * (n + 1):
@@ -199,13 +205,14 @@ class DecodeStage:
         except Exception as e:  # noqa: BLE001
             yield _error(base, "fetch", e)
 
-    @staticmethod
-    def _segment_row(video: dict[str, Any], seg: Any) -> dict[str, Any]:
+    def _segment_row(self, video: dict[str, Any], seg: Any, cuts: list[int] | None) -> dict[str, Any]:
         row = dict(video)
         s = seg.segment
         row.update(kind=SEGMENT, segment_id=f"{video['video_id']}:{s.index:05d}", segment=s.index,
                    start_s=s.start_s, end_s=s.end_s, frames=seg.frames.tobytes(), frames_shape=list(seg.frames.shape),
                    frame_indices=[int(i) for i in seg.frame_indices], thumbnail=seg.thumbnail_jpeg)
+        row.update(self.scorer(seg.frames, seg.frame_indices, video["fps"], seg.native_frames, cuts,
+                               (s.start_frame, s.end_frame), name=row["segment_id"]))
         return row
 
 

@@ -60,7 +60,7 @@ def test_unknown_and_missing_fields(tmp_path: Path) -> None:
         load_job(tmp_path / "typo.yaml")
     lines = str(e.value).splitlines()
     assert "field 'model': required field is missing" in lines
-    allowed = "name, source, model, caption_prompt, questions, prompt, embedder, segments, output, runtime"
+    allowed = "name, source, model, caption_prompt, questions, prompt, embedder, segments, scores, output, runtime"
     assert f"field 'modle': unknown field (allowed: {allowed})" in lines
     with pytest.raises(JobError, match=r"field 'runtime.decode_timout_s': unknown field \(allowed: address,"):
         load_job(None, ["runtime.decode_timout_s=3"])

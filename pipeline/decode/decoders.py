@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -54,12 +54,13 @@ class DecodedVideo:
     codec: str  # canonical FFmpeg name: h264, hevc, vp9, av1, ...
     decoder: str  # "decord" or "pyav"
     thumbnail_jpeg: bytes = field(repr=False)
+    # a few of the frames at the source's aspect ratio (uint8 (k, h, w, 3), longer side <= NATIVE_MAX_SIDE), when
+    # asked for (`native`): what OCR reads (pipeline.decode.scores)
+    native_frames: np.ndarray | None = field(default=None, repr=False)
 
     def info(self) -> dict[str, Any]:
         """Everything but the frames (what a result row stores)."""
-        d = asdict(self)
-        del d["frames"]
-        return d
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("frames", "native_frames")}
 
 
 # ---------------------------------------------------------------- decoders (run in the worker or inline)
@@ -94,9 +95,11 @@ def probe(data: Source) -> dict[str, Any]:
         raise DecodeError("probe", f"not a readable video ({type(e).__name__}: {e})") from None
 
 
+Decoded = tuple[np.ndarray, list[int], int, bytes, np.ndarray | None]  # frames, indices, n, thumbnail, native
+
+
 def _decode_decord(data: Source, num_frames: int, size: int | None, sampling: FrameSampling,
-                   progress: Progress, probed: Callable[[], object] = lambda: None
-                   ) -> tuple[np.ndarray, list[int], int, bytes]:
+                   progress: Progress, probed: Callable[[], object] = lambda: None, native: int = 0) -> Decoded:
     """`probed()` waits for the probe running beside decord's open (and raises its error): a file the probe
     rejects is never read by decord."""
     import decord
@@ -112,7 +115,7 @@ def _decode_decord(data: Source, num_frames: int, size: int | None, sampling: Fr
     if n < 1:
         raise DecodeError("decord.open", "decord reports zero frames")
     indices = frame_indices(n, num_frames, sampling)
-    collector = FrameCollector(indices, size)
+    collector = FrameCollector(indices, size, native)
     unique = sorted(set(indices))  # already clipped to n-1: never ask past the reported end (#373)
     runs = [unique]
     if size is not None and _PARTS > 1 and (not isinstance(data, (bytes, bytearray, memoryview))
@@ -132,7 +135,7 @@ def _decode_decord(data: Source, num_frames: int, size: int | None, sampling: Fr
         raise e if isinstance(e, DecodeError) else DecodeError("decord.read", short_message(e)) from None
     progress("transform")
     frames, thumb = collector.result()
-    return frames, indices, n, thumb
+    return frames, indices, n, thumb, collector.native_frames()
 
 
 def _count_packets(data: Source) -> int:
@@ -144,7 +147,7 @@ def _count_packets(data: Source) -> int:
 
 
 def _decode_pyav(data: Source, num_frames: int, size: int | None, sampling: FrameSampling, header_frames: int,
-                 progress: Progress) -> tuple[np.ndarray, list[int], int, bytes]:
+                 progress: Progress, native: int = 0) -> Decoded:
     import av
 
     progress("pyav.open")
@@ -156,7 +159,7 @@ def _decode_pyav(data: Source, num_frames: int, size: int | None, sampling: Fram
     if n < 1:
         raise DecodeError("pyav.open", "the video stream has no frames")
     indices = frame_indices(n, num_frames, sampling)
-    collector = FrameCollector(indices, size)
+    collector = FrameCollector(indices, size, native)
     wanted, last = set(indices), max(indices)
     progress("pyav.read")
     decoded, last_frame = 0, None
@@ -188,11 +191,12 @@ def _decode_pyav(data: Source, num_frames: int, size: int | None, sampling: Fram
         n = decoded
     progress("transform")
     frames, thumb = collector.result()
-    return frames, indices, n, thumb
+    return frames, indices, n, thumb, collector.native_frames()
 
 
 def decode_inline(data: Source, num_frames: int, size: int | None, decoder: Decoder, sampling: FrameSampling,
-            progress: Progress = _no_progress) -> DecodedVideo:
+            progress: Progress = _no_progress, native: int = 0) -> DecodedVideo:
+    """`native`: keep that many of the sampled frames at the source's aspect ratio too (`native_frames`)."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     progress("probe")
@@ -204,7 +208,7 @@ def decode_inline(data: Source, num_frames: int, size: int | None, decoder: Deco
     result = None
     if decoder in ("auto", "decord"):
         try:
-            result = _decode_decord(data, num_frames, size, sampling, progress, probing.result)
+            result = _decode_decord(data, num_frames, size, sampling, progress, probing.result, native)
             used = "decord"
         except (DecodeError, ImportError) as e:  # ImportError: platforms without a decord wheel
             if decoder == "decord":
@@ -213,13 +217,13 @@ def decode_inline(data: Source, num_frames: int, size: int | None, decoder: Deco
     facts = probing.result()  # a probe error wins over decord's (it is the clearer message)
     if result is None:
         try:
-            result = _decode_pyav(data, num_frames, size, sampling, facts["frames"], progress)
+            result = _decode_pyav(data, num_frames, size, sampling, facts["frames"], progress, native)
         except DecodeError as e:
             if first_error is not None:
                 raise DecodeError(e.stage, f"{e.message} (decord: {first_error})") from None
             raise
         used = "pyav"
-    frames, indices, n, thumb = result
+    frames, indices, n, thumb, kept = result
     return DecodedVideo(frames=frames, frame_indices=indices, n_frames=n, fps=facts["fps"],
                         duration_s=facts["duration_s"], width=facts["width"], height=facts["height"],
-                        codec=facts["codec"], decoder=used, thumbnail_jpeg=thumb)
+                        codec=facts["codec"], decoder=used, thumbnail_jpeg=thumb, native_frames=kept)

@@ -19,6 +19,9 @@ from stllm.transforms import resize_crop_image
 
 Source = bytes | os.PathLike | str  # the video's bytes, or a local file the decoders read (and seek) themselves
 THUMBNAIL_MAX_WIDTH = 320
+# Frames kept at the source's aspect ratio for OCR (`native`): the longer side at most this (no upscale): text in a
+# corner or a caption line across the width survives, unlike in the model's centre crop.
+NATIVE_MAX_SIDE = 640
 # Resize threads on all cores but the decoding one (measured on 2 cores: an oversubscribed core slows both).
 _THREADS = int(os.environ.get("STLLM_DECODE_THREADS", max(1, min(4, (os.cpu_count() or 1) - 1))))
 
@@ -85,13 +88,32 @@ def resize_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def spread_positions(count: int, k: int) -> list[int]:
+    """`k` of `count` positions spread evenly (the middles of k equal parts), fewer when count < k."""
+    return sorted({(2 * i + 1) * count // (2 * k) for i in range(k)}) if k > 0 and count > 0 else []
+
+
+def native_copy(frame: np.ndarray, max_side: int = NATIVE_MAX_SIDE) -> np.ndarray:
+    """A copy of an RGB frame at its own aspect ratio, the longer side at most `max_side` (area-averaged)."""
+    import cv2
+
+    h, w = frame.shape[:2]
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return frame.copy()  # decord's buffers are reused: never keep a view
+    return cv2.resize(frame, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
 class FrameCollector:
     """Resizes frames as they arrive (on the pool), writing each into its slots of the output array.
-    With size None the frames are kept at their native size (one copy, no resize)."""
+    With size None the frames are kept at their native size (one copy, no resize). `native`: that many of the
+    frames, spread evenly, are also kept at the source's aspect ratio (`native_frames`, for OCR)."""
 
-    def __init__(self, indices: Sequence[int], size: int | None):
+    def __init__(self, indices: Sequence[int], size: int | None, native: int = 0):
         self.size = size
         self.count = len(indices)
+        self.native_pos = set(spread_positions(self.count, native))
+        self.native: dict[int, np.ndarray] = {}
         self.out: np.ndarray | None = None
         if size is not None:
             self.out = np.empty((self.count, size, size, 3), dtype=np.uint8)
@@ -113,6 +135,7 @@ class FrameCollector:
             raise DecodeError("transform", f"frame size changed: {frame.shape} vs {self.out.shape[1:]}")
         for pos in slots:
             self.out[pos] = frame
+        self._keep_native(slots, frame)
         if self.thumb_pos in slots:
             self.thumbnail = thumbnail_jpeg(Image.fromarray(frame))
 
@@ -126,8 +149,23 @@ class FrameCollector:
         small = resize_crop_image(img, self.size)
         for pos in slots:
             self.out[pos] = small
+        self._keep_native(slots, frame)
         if self.thumb_pos in slots:
             self.thumbnail = thumbnail_jpeg(img)
+
+    def _keep_native(self, slots: list[int], frame: np.ndarray) -> None:
+        for pos in slots:
+            if pos in self.native_pos:
+                self.native[pos] = native_copy(frame)
+                return  # a frame in several slots is kept once
+
+    def native_frames(self) -> np.ndarray | None:
+        """The frames kept at the source's aspect ratio, in order, as uint8 (k, h, w, 3); None when none was
+        asked for. Call after `result`. A frame whose size differs from the first one's (a stream that changes
+        size midway) is left out."""
+        frames = [self.native[p] for p in sorted(self.native)]
+        frames = [f for f in frames if f.shape == frames[0].shape]
+        return np.stack(frames) if frames else None
 
     def result(self) -> tuple[np.ndarray, bytes]:
         """Wait for the resizes; the decoding thread, now free, takes over those the pool has not started."""
@@ -150,5 +188,5 @@ class FrameCollector:
                 f.exception()
 
 
-__all__ = ["DecodeError", "DecodeTimeout", "FrameCollector", "Source", "THUMBNAIL_MAX_WIDTH", "open_source",
-           "resize_pool", "short_message", "thumbnail_jpeg"]
+__all__ = ["NATIVE_MAX_SIDE", "DecodeError", "DecodeTimeout", "FrameCollector", "Source", "THUMBNAIL_MAX_WIDTH",
+           "native_copy", "open_source", "resize_pool", "short_message", "spread_positions", "thumbnail_jpeg"]

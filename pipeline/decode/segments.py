@@ -59,6 +59,7 @@ class DecodedSegment:
     frames: np.ndarray  # uint8 (T, size, size, 3)
     frame_indices: list[int]  # in the whole video
     thumbnail_jpeg: bytes = field(repr=False)
+    native_frames: np.ndarray | None = field(default=None, repr=False)  # as `DecodedVideo.native_frames`
 
 
 @dataclass
@@ -141,17 +142,27 @@ def plan_segments(data: Source, mode: SegmentMode, *, length_s: float = 10.0, ov
     """The segments of a video file. A video no longer than one window (`length_s`, or `max_s` for shots)
     stays one segment, as does every video in mode `whole`. `frames` / `fps`: the file's `frame_index` and
     frame rate when the caller has them already (no second pass over the file)."""
+    return segment_plan(data, mode, length_s=length_s, overlap_s=overlap_s, min_s=min_s, max_s=max_s,
+                        threshold=threshold, frames=frames, fps=fps)[0]
+
+
+def segment_plan(data: Source, mode: SegmentMode, *, length_s: float = 10.0, overlap_s: float = 0.0,
+                 min_s: float = 2.0, max_s: float = 30.0, threshold: float = 27.0, frames: FrameIndex | None = None,
+                 fps: float | None = None) -> tuple[list[Segment], list[int] | None]:
+    """`plan_segments`, and the frames where the shot detector found a new shot starting: None where it did
+    not run (modes whole and fixed, and a video that stays one segment). The curation scores count them."""
     n = (frames or frame_index(data))[0].size
     fps = fps or probe(data)["fps"]
     if n < 1 or fps <= 0:
         raise DecodeError("probe", f"cannot segment: {n} frames at {fps} fps")
     single = length_s if mode == "fixed" else max_s
     if mode == "whole" or n <= single * fps:
-        return [Segment(0, 0, n, fps)]
+        return [Segment(0, 0, n, fps)], None
     if mode == "fixed":
-        return fixed_segments(n, fps, length_s, overlap_s, min_s)
+        return fixed_segments(n, fps, length_s, overlap_s, min_s), None
     if mode == "shots":
-        return shot_segments(detect_cuts(data, threshold), n, fps, min_s, max_s)
+        cuts = detect_cuts(data, threshold)
+        return shot_segments(cuts, n, fps, min_s, max_s), cuts
     raise ValueError(f"segment mode must be whole, fixed or shots, got {mode!r}")
 
 
@@ -182,9 +193,9 @@ def frame_index(data: Source) -> FrameIndex:
 
 def decode_segments(data: Source, segments: list[Segment], num_frames: int, size: int | None = 224,
                     sampling: FrameSampling = "original", counts: DecodeCounts | None = None,
-                    frames: FrameIndex | None = None) -> Iterator[DecodedSegment]:
+                    frames: FrameIndex | None = None, native: int = 0) -> Iterator[DecodedSegment]:
     """Each segment's sampled frames, resized like the whole-video path, in segment order (see the module doc).
-    `frames`: the file's `frame_index`, when the caller has it already."""
+    `frames`: the file's `frame_index`, when the caller has it already. `native`: as `decode_video`'s."""
     import av
 
     counts = counts if counts is not None else DecodeCounts()
@@ -206,7 +217,7 @@ def decode_segments(data: Source, segments: list[Segment], num_frames: int, size
     def deliver(index: int, rgb: np.ndarray) -> None:
         for k in waiting.pop(index, ()):
             if k not in open_:
-                open_[k] = FrameCollector(wanted[k], size)
+                open_[k] = FrameCollector(wanted[k], size, native)
             open_[k].add(index, rgb)
 
     try:
@@ -237,8 +248,9 @@ def decode_segments(data: Source, segments: list[Segment], num_frames: int, size
                     deliver(target, frame.to_ndarray(format="rgb24"))
                 counts.frames_used += 1
                 while next_out < len(segments) and last_needed[next_out] <= at:
-                    out, thumb = open_.pop(next_out).result()
-                    yield DecodedSegment(segments[next_out], out, wanted[next_out], thumb)
+                    collector = open_.pop(next_out)
+                    out, thumb = collector.result()
+                    yield DecodedSegment(segments[next_out], out, wanted[next_out], thumb, collector.native_frames())
                     next_out += 1
     except DecodeError:
         raise

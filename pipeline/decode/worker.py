@@ -38,9 +38,9 @@ _WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOL
 
 
 def decode_video_inline(data: Source, num_frames: int, size: int | None = 224, *, decoder: Decoder = "auto",
-                        sampling: FrameSampling = "original") -> DecodedVideo:
+                        sampling: FrameSampling = "original", native: int = 0) -> DecodedVideo:
     """`decode_video` in the calling process: no timeout, no process overhead (benchmarks, debugging)."""
-    return decode_inline(data, num_frames, size, decoder, sampling)
+    return decode_inline(data, num_frames, size, decoder, sampling, native=native)
 
 
 class _Channel:
@@ -111,7 +111,8 @@ def worker_main(fd: int) -> None:
 
         progress = functools.partial(_report_stage, chan, req.get("stage_hook"))
         try:
-            video = decode_inline(data, req["num_frames"], req["size"], req["decoder"], req["sampling"], progress)
+            video = decode_inline(data, req["num_frames"], req["size"], req["decoder"], req["sampling"], progress,
+                                  req.get("native", 0))
         except DecodeError as e:
             chan.send(("error", type(e).__name__, e.stage, e.message))
             continue
@@ -121,8 +122,12 @@ def worker_main(fd: int) -> None:
         info = video.info()
         frames = np.ascontiguousarray(video.frames)
         info["shape"] = frames.shape
+        native = video.native_frames
+        info["native_shape"] = native.shape if native is not None else None
         chan.send(("ok", info))
         chan.send_raw(frames.reshape(-1))
+        if native is not None:
+            chan.send_raw(np.ascontiguousarray(native).reshape(-1))
 
 
 class DecodeWorker:
@@ -203,8 +208,9 @@ class DecodeWorker:
 
     def decode(self, data: Source, num_frames: int, size: int | None = 224, timeout_s: float = 60.0, *,
                decoder: Decoder = "auto", sampling: FrameSampling = "original",
-               stage_hook: Callable[[str], object] | None = None) -> DecodedVideo:
+               stage_hook: Callable[[str], object] | None = None, native: int = 0) -> DecodedVideo:
         """Decode in the worker; raise DecodeTimeout (after killing it) if it takes over `timeout_s`.
+        `native`: also bring back that many frames at the source's aspect ratio (`native_frames`).
 
         `stage_hook(stage)` (picklable, e.g. `tests.faults.StallAt("decord.read", 60)`) is called in the
         worker as each stage starts: tests use it to simulate a stuck or crashing decoder.
@@ -218,7 +224,7 @@ class DecodeWorker:
         chan = self._chan
         self._tasks += 1
         req = {"num_frames": num_frames, "size": size, "decoder": decoder, "sampling": sampling,
-               "stage_hook": stage_hook}
+               "stage_hook": stage_hook, "native": native}
         if isinstance(data, (bytes, bytearray, memoryview)):
             req["nbytes"] = len(data)
         else:
@@ -245,6 +251,10 @@ class DecodeWorker:
                     info = msg[1]
                     frames = np.empty(info.pop("shape"), dtype=np.uint8)
                     chan.recv_into(frames)
+                    native_shape = info.pop("native_shape")
+                    if native_shape is not None:
+                        info["native_frames"] = np.empty(native_shape, dtype=np.uint8)
+                        chan.recv_into(info["native_frames"])
                     return DecodedVideo(frames=frames, **info)
         except (EOFError, OSError):
             code = None
@@ -275,9 +285,10 @@ atexit.register(_shutdown_shared)
 
 def decode_video(data: Source, num_frames: int, size: int | None = 224, timeout_s: float = 60.0, *,
                  decoder: Decoder = "auto", sampling: FrameSampling = "original",
-                 stage_hook: Callable[[str], object] | None = None) -> DecodedVideo:
+                 stage_hook: Callable[[str], object] | None = None, native: int = 0) -> DecodedVideo:
     """Sample `num_frames` frames of a video (its bytes, or a local file path the decoders read themselves),
     resized and centre-cropped to size×size (size=None: native frames, no resize — to measure the sampling).
+    `native`: also keep that many of them, spread evenly, at the source's aspect ratio (`native_frames`: OCR).
 
     Runs in this process's shared decode worker, bounded by `timeout_s`. With `decoder="auto"`, decord is
     tried first and PyAV takes over when decord fails; if decord *hangs* (killed at the timeout), the
@@ -288,7 +299,7 @@ def decode_video(data: Source, num_frames: int, size: int | None = 224, timeout_
     with _shared_lock:
         if _shared is None:
             _shared = DecodeWorker()
-        kwargs = dict(decoder=decoder, sampling=sampling, stage_hook=stage_hook)
+        kwargs = dict(decoder=decoder, sampling=sampling, stage_hook=stage_hook, native=native)
         try:
             return _shared.decode(data, num_frames, size, timeout_s, **kwargs)
         except DecodeTimeout as e:

@@ -1,19 +1,23 @@
 """The demo's sample clips (also the tests' fixtures), encoded with PyAV (no files shipped, no network).
 
 A clip shows a coloured background and a white square moving left to right by a known amount per frame,
-so a test can tell which frame it got (`square_x`). Encoders present in this PyAV build (checked with
-`av.codecs_available`): libx264, libx265, libvpx-vp9, libsvtav1 (AV1; libaom/rav1e are absent).
+so a test can tell which frame it got (`square_x`). `PlantedClip` clips carry known curation properties (still
+or moving, blurred, dark, washed out, black stretches, burned-in text): the ground truth of the scores.
+Encoders present in this PyAV build (checked with `av.codecs_available`): libx264, libx265, libvpx-vp9,
+libsvtav1 (AV1; libaom/rav1e are absent).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 Codec = Literal["h264", "hevc", "vp9", "av1"]
 
@@ -184,3 +188,97 @@ def scene_starts(scenes: list[tuple[float, str, str]], fps: int) -> list[int]:
         out.append(round(t * fps))
         t += duration
     return out
+
+
+# ---------------------------------------------------------------- clips with planted curation properties
+
+
+@dataclass(frozen=True)
+class PlantedClip:
+    """A clip whose curation properties are known (the ground truth of `pipeline.decode.scores`): a textured
+    background with textured sprites over it, drawn from `seed`, and one property changed at a time."""
+
+    seed: int
+    moving: bool = True  # the sprites move (speeds drawn per sprite) or everything stands still
+    blur: float = 0.0  # Gaussian sigma in pixels (0: sharp)
+    gain: float = 1.0  # brightness: every pixel times this (dark clips: ~0.25)
+    contrast: float = 1.0  # deviation from the frame's mean grey times this (washed-out clips: ~0.25)
+    black: tuple[float, float] | None = None  # this share [start, end) of the clip is black frames
+    text: str | None = None  # a line of text burned into every frame
+    n_frames: int = 24
+    fps: int = 12
+    size: tuple[int, int] = (320, 240)
+
+
+SPRITES = 3
+
+
+def _texture(rng: np.random.Generator, w: int, h: int, shapes: int) -> Image.Image:
+    """Random rectangles, ellipses and lines in random colours over a random grey: edges everywhere."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(60, 200, 3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(shapes):
+        x0, y0 = int(rng.integers(-w // 4, w)), int(rng.integers(-h // 4, h))
+        x1, y1 = x0 + int(rng.integers(4, max(5, w // 3))), y0 + int(rng.integers(4, max(5, h // 3)))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        kind = int(rng.integers(3))
+        if kind == 0:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+        elif kind == 1:
+            draw.ellipse((x0, y0, x1, y1), fill=colour)
+        else:
+            draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, 4)))
+    return img
+
+
+def planted_frames(clip: PlantedClip) -> Iterable[np.ndarray]:
+    """The clip's RGB uint8 (H, W, 3) frames, deterministic for the clip."""
+    import cv2
+    from PIL import ImageDraw, ImageFont
+
+    w, h = clip.size
+    rng = np.random.default_rng([clip.seed, 25])
+    background = _texture(rng, w, h, 60)
+    side = min(w, h)
+    sprites = []
+    for _ in range(SPRITES):
+        r = int(side * rng.uniform(0.12, 0.2))
+        sprite = _texture(rng, 2 * r, 2 * r, 12)
+        mask = Image.new("L", (2 * r, 2 * r), 0)
+        ImageDraw.Draw(mask).ellipse((0, 0, 2 * r - 1, 2 * r - 1), fill=255)
+        angle = rng.uniform(0, 2 * np.pi)
+        speed = rng.uniform(0.3, 0.7) * side  # pixels per second
+        sprites.append((sprite, mask, r, rng.uniform(0, w - 2 * r), rng.uniform(0, h - 2 * r),
+                        speed * np.cos(angle), speed * np.sin(angle)))
+    font = ImageFont.load_default(size=max(12, side // 9))
+    text_at = (int(rng.integers(4, max(5, w // 4))), int(rng.integers(h // 2, h - side // 9 - 8)))
+    black = range(round(clip.black[0] * clip.n_frames), round(clip.black[1] * clip.n_frames)) if clip.black else ()
+
+    def bounce(p: float, span: float) -> float:  # a path reflected at the frame's edges
+        p %= 2 * span
+        return p if p <= span else 2 * span - p
+
+    for i in range(clip.n_frames):
+        if i in black:
+            yield np.zeros((h, w, 3), np.uint8)
+            continue
+        t = i / clip.fps if clip.moving else 0.0
+        img = background.copy()
+        for sprite, mask, r, x, y, vx, vy in sprites:
+            img.paste(sprite, (round(bounce(x + vx * t, w - 2 * r)), round(bounce(y + vy * t, h - 2 * r))), mask)
+        if clip.text:
+            ImageDraw.Draw(img).text(text_at, clip.text, font=font, fill=(255, 255, 255), stroke_width=2,
+                                     stroke_fill=(0, 0, 0))
+        frame = np.asarray(img, dtype=np.float32)
+        if clip.blur:
+            frame = cv2.GaussianBlur(frame, (0, 0), clip.blur)
+        if clip.contrast != 1.0:
+            frame = frame.mean() + (frame - frame.mean()) * clip.contrast
+        yield np.clip(frame * clip.gain, 0, 255).round().astype(np.uint8)
+
+
+def make_planted_clip(path: str | os.PathLike, clip: PlantedClip, codec: Codec = "h264") -> Path:
+    """Encode `planted_frames(clip)` into a real video file."""
+    return encode_frames(path, codec, planted_frames(clip), clip.size, clip.fps)
