@@ -311,7 +311,8 @@ class JobConfig(_Strict):
                              dtype=self.model.dtype, generation=self._generation(),
                              prompt_format=asdict(self.prompt.format()), caption_prompt=self.caption_prompt,
                              questions=list(self.questions), embedder=self.embedder.model,
-                             segments=self.segments.model_dump() if self.segments.mode != "whole" else None)
+                             segments=self.segments.model_dump() if self.segments.mode != "whole" else None,
+                             scores=self.scores.model_dump())
 
 
 def job_warnings(job: JobConfig) -> list[str]:

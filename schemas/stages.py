@@ -29,7 +29,7 @@ def listing_schema() -> pa.Schema:
         pa.field("wait", pa.bool_()),
         # what the model must generate (null / empty: nothing), and for the video's segments
         pa.field("caption_prompt", pa.string()), pa.field("questions", pa.list_(pa.string())),
-        pa.field("need_media", pa.bool_()), pa.field("need_visual", pa.bool_()),
+        pa.field("need_media", pa.bool_()), pa.field("need_visual", pa.bool_()), pa.field("need_scores", pa.bool_()),
         pa.field("need_segments", pa.bool_()), pa.field("segment_caption_prompt", pa.string()),
         pa.field("segment_questions", pa.list_(pa.string())),
         pa.field("reused", pa.int64()),  # cells of this job that were there already

@@ -42,7 +42,7 @@ def _rows_of(plan: WorkPlan) -> tuple[dict[str, dict], dict[str, int]]:
 
 def _cells(content: str, spec=SPEC, skip: tuple[str, ...] = ()) -> list[dict]:
     now = datetime.now(UTC)
-    wanted = [("media", spec.media, None), ("visual", spec.visual, None),
+    wanted = [("media", spec.media, None), ("visual", spec.visual, None), ("scores", spec.scores, None),
               *((a.kind, a.derivation, a.prompt) for a in spec.asks)]
     return [{"cell_id": cell_id(content, "", d), "content_id": content, "scope": "", "kind": kind, "derivation": d,
              "prompt": prompt, "text": "{}" if kind == "media" else "x", "run_id": "r0", "created_at": now}
@@ -146,7 +146,7 @@ def test_only_the_missing_cells_are_asked_for(tmp_path: Path) -> None:
     rows, _ = _rows_of(_plan(src, out, spec=more))
     assert {r["kind"] for r in rows.values()} == {WORK}
     assert all((r["caption_prompt"], r["questions"], r["need_visual"], r["need_media"], r["reused"]) ==
-               (None, ["Is it red?"], False, False, 5) for r in rows.values())
+               (None, ["Is it red?"], False, False, 6) for r in rows.values())
     # a question dropped: nothing to compute, the view is rebuilt from the cells
     fewer = load_job(None, [f'questions=["{q1}"]']).spec(FACTS)
     rows, _ = _rows_of(_plan(src, out, spec=fewer))

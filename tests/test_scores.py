@@ -116,7 +116,7 @@ def test_cut_count_comes_from_the_shot_detector(tmp_path) -> None:
     path = make_scene_video(tmp_path / "scenes.mp4", scenes, fps=8)
     segments = {"mode": "shots", "length_s": 10.0, "overlap_s": 0.0, "min_s": 1.0, "max_s": 2.0, "threshold": 27.0}
     rows = list(_stage(ALL_ON | {"ocr": False}, segments=segments).decode_rows(
-        {"uri": str(path), "video_id": "scenes", "kind": "work"}))
+        {"uri": str(path), "video_id": "scenes", "kind": "work", "need_segments": True}))
     video, parts = rows[-1], rows[:-1]
     assert video["error_stage"] is None and video["score_cuts"] == 3
     # shots are cut at the cuts and split at max_s: no cut lies inside a segment
@@ -124,7 +124,7 @@ def test_cut_count_comes_from_the_shot_detector(tmp_path) -> None:
     assert all(p["score_motion"] is not None and p["score_brightness"] is not None for p in parts)
     fixed = dict(segments, mode="fixed", length_s=4.0)
     rows = list(_stage(ALL_ON | {"ocr": False}, segments=fixed).decode_rows(
-        {"uri": str(path), "video_id": "scenes", "kind": "work"}))
+        {"uri": str(path), "video_id": "scenes", "kind": "work", "need_segments": True}))
     assert [r["score_cuts"] for r in rows] == [None] * len(rows)  # no detector ran: unknown, not 0
     from pipeline.decode.segments import decode_segments, plan_segments
 

@@ -297,7 +297,8 @@ def _work(r: dict, spec, **extra) -> dict:
         "kind": "work", "uri": r["uri"], "size": r["size"], "etag": r["etag"], "mtime": 1.7e9,
         "video_id": r["video_id"], "content_id": r["content_id"], "copy_of": None, "prev_attempts": 0,
         "first_seen": None, "indexed_at": None, "wait": False, "caption_prompt": cap,
-        "questions": [a.prompt for a in spec.questions], "need_media": True, "need_visual": True,
+        "questions": [a.prompt for a in spec.questions], "need_media": True, "need_visual": True, "need_scores": True,
+        "score_motion": 0.1, "score_sharpness": 300.0,
         "need_segments": False, "reused": 0, "frame_indices": r["frame_indices"], "duration_s": r["duration_s"],
         "fps": r["fps"], "width": r["width"], "height": r["height"], "codec": r["codec"], "decoder": r["decoder"],
         "n_frames": r["n_frames"], "thumbnail": r["thumbnail"], "decode_s": 0.2, "error_stage": None,
@@ -358,9 +359,10 @@ def test_writer_cells_view_copies_and_ledger(tmp_path: Path) -> None:
     assert [(a["question"], a["model"], a["run"]) for a in row["answers"]] == [
         (a.prompt, "tiny:residual:8", "run-1") for a in spec.questions]
     cells = read_parquet(f"{tmp_path}/parquet/cells").to_pylist()
-    assert len(cells) == 4 * 5 and {c["kind"] for c in cells} == {"media", "visual", "caption", "answer"}
+    assert len(cells) == 4 * 6 and {c["kind"] for c in cells} == {"media", "visual", "caption", "answer", "scores"}
+    assert (row["score_motion"], row["score_sharpness"], row["score_text"]) == (0.1, 300.0, None)
     db = connect_lance(f"{tmp_path}/lancedb")
-    assert db.open_table("videos").count_rows() == 5 and db.open_table("cells").count_rows() == 20
+    assert db.open_table("videos").count_rows() == 5 and db.open_table("cells").count_rows() == 24
     ledger = {e["video_id"]: e for e in read_parquet(f"{tmp_path}/parquet/errors").to_pylist()}
     assert set(ledger) == {"bad1", "bad2"} and ledger["bad1"]["attempts"] == 1
     assert ledger["bad1"]["config_hash"] == spec.spec and db.open_table("errors").count_rows() == 2

@@ -64,6 +64,7 @@ def _row(kind: str, src: VideoSource, vid: str, cid: str | None, **extra: Any) -
     return {"kind": kind, "uri": src.uri, "video_id": vid, "content_id": cid, "size": src.size, "etag": src.etag,
             "mtime": src.mtime, "copy_of": None, "prev_attempts": 0, "first_seen": None, "indexed_at": None,
             "wait": False, "caption_prompt": None, "questions": [], "need_media": False, "need_visual": False,
+            "need_scores": False,
             "need_segments": False, "segment_caption_prompt": None, "segment_questions": [], "reused": 0,
             **extra}
 
@@ -139,6 +140,7 @@ def _segment_needs(spec: JobSpec, scopes: dict[str, set[str]]) -> Needs | None:
         n = needs(spec, scopes.get(segment_scope(spec.segmentation, i), set()))
         merged.media |= n.media
         merged.visual |= n.visual
+        merged.scores |= n.scores
         merged.asks += [a for a in n.asks if a not in merged.asks]
     return merged if merged else None
 
@@ -147,7 +149,8 @@ def _work_fields(video: Needs, segs: Needs | None) -> dict[str, Any]:
     cap = next((a.prompt for a in video.asks if a.kind == "caption"), None)
     seg_cap = None if segs is None else next((a.prompt for a in segs.asks if a.kind == "caption"), None)
     return {"caption_prompt": cap, "questions": [a.prompt for a in video.asks if a.kind == "answer"],
-            "need_media": video.media, "need_visual": video.visual, "need_segments": segs is not None,
+            "need_media": video.media, "need_visual": video.visual, "need_scores": video.scores,
+            "need_segments": segs is not None,
             "segment_caption_prompt": seg_cap,
             "segment_questions": [] if segs is None else [a.prompt for a in segs.asks if a.kind == "answer"]}
 
@@ -201,7 +204,7 @@ def iter_work(plan: WorkPlan) -> Iterator[pa.Table]:
             elif cid is not None and not video and segs is None:
                 rows.append(_row(COPY, src, vid, cid, reused=n_required, **own, **history))
             else:
-                reused = n_required - (len(video.asks) + video.media + video.visual)
+                reused = n_required - (len(video.asks) + video.media + video.visual + video.scores)
                 rows.append(_row(WORK, src, vid, cid, reused=max(reused, 0), **_work_fields(video, segs), **own,
                                  **history))
                 if cid is not None:

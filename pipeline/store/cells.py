@@ -12,6 +12,7 @@ bytes) asking the same thing share one cell:
 | caption | checkpoint, frames, sampling, dtype, decoding, prompt format, caption prompt (+ the text embedder) |
 | answer  | the same with the question in place of the caption prompt |
 | plan    | the job's segmentation (mode, lengths, threshold) |
+| scores  | the job's curation signals (which are on, OCR frames), frames, sampling |
 
 A segment's cells have the same derivations under the scope "<segmentation>:<index>".
 """
@@ -63,19 +64,20 @@ class JobSpec:
     asks: tuple[Ask, ...]  # the caption first when the job asks for one
     embedder: str
     segmentation: str | None = None  # None: whole videos only
+    scores: str | None = None  # None: no curation signals
     spec: str = field(default="")  # a hash of all of the above: what a rerun of this job may skip
 
     def __post_init__(self) -> None:
         if not self.spec:
             object.__setattr__(self, "spec", digest([self.job, self.model_id, self.media, self.visual,
                                                      [asdict(a) for a in self.asks], self.embedder,
-                                                     self.segmentation]))
+                                                     self.segmentation, self.scores]))
 
     @classmethod
     def build(cls, *, job: str, model_id: str, checkpoint: str, num_frames: int, frame_sampling: str,
               dtype: str | None, generation: dict[str, Any], prompt_format: dict[str, Any],
               caption_prompt: str | None, questions: list[str], embedder: str,
-              segments: dict[str, Any] | None = None) -> JobSpec:
+              segments: dict[str, Any] | None = None, scores: dict[str, Any] | None = None) -> JobSpec:
         frames = {"num_frames": num_frames, "frame_sampling": frame_sampling}
         media = digest({"kind": "media", **frames})
         visual = digest({"kind": "visual", "checkpoint": checkpoint, **frames})
@@ -87,8 +89,10 @@ class JobSpec:
                                                                "embedder": embedder})))
         asks += [Ask("answer", q, digest({"kind": "answer", **model, "text": q})) for q in questions]
         segmentation = digest({"kind": "plan", **segments, **frames}) if segments else None
+        on = {k: v for k, v in (scores or {}).items() if v is not False}
+        scored = digest({"kind": "scores", **on, **frames}) if any(v is True for v in on.values()) else None
         return cls(job=job, model_id=model_id, media=media, visual=visual, asks=tuple(asks), embedder=embedder,
-                   segmentation=segmentation)
+                   segmentation=segmentation, scores=scored)
 
     @property
     def caption(self) -> Ask | None:
@@ -100,14 +104,15 @@ class JobSpec:
 
     def required(self) -> set[str]:
         """The derivations a video (or a segment) needs for this job to be done with it."""
-        return {self.media, self.visual, *(a.derivation for a in self.asks)}
+        return {self.media, self.visual, *(a.derivation for a in self.asks), *([self.scores] if self.scores else [])}
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "asks": [asdict(a) for a in self.asks]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobSpec:
-        fields = {k: data[k] for k in ("job", "model_id", "media", "visual", "embedder", "segmentation", "spec")}
+        fields = {k: data.get(k) for k in ("job", "model_id", "media", "visual", "embedder", "segmentation", "scores",
+                                           "spec")}
         return cls(**fields, asks=tuple(Ask(**a) for a in data["asks"]))
 
 
@@ -118,9 +123,10 @@ class Needs:
     asks: list[Ask] = field(default_factory=list)
     media: bool = False
     visual: bool = False
+    scores: bool = False  # the decode stage's curation signals (no model work)
 
     def __bool__(self) -> bool:
-        return bool(self.asks or self.media or self.visual)
+        return bool(self.asks or self.media or self.visual or self.scores)
 
 
 def needs(spec: JobSpec, have: set[str]) -> Needs:
@@ -128,13 +134,16 @@ def needs(spec: JobSpec, have: set[str]) -> Needs:
     media record means the model must run on the frames anyway: every ask is redone with it."""
     media, visual = spec.media not in have, spec.visual not in have
     asks = list(spec.asks) if (media or visual) else [a for a in spec.asks if a.derivation not in have]
-    return Needs(asks=asks, media=media, visual=visual)
+    return Needs(asks=asks, media=media, visual=visual, scores=spec.scores is not None and spec.scores not in have)
 
 
 def media_json(r: dict[str, Any], keys: tuple[str, ...]) -> str:
     return json.dumps({k: r.get(k) for k in keys}, sort_keys=True)
 
 
+# the decode stage's curation signals (pipeline.decode.scores), as the view shows them
+SCORE_COLUMNS = ("score_motion", "score_sharpness", "score_brightness", "score_contrast", "score_static_fraction",
+                 "score_blank_fraction", "score_cuts", "score_text_fraction", "score_text")
 VIDEO_MEDIA = ("duration_s", "fps", "width", "height", "codec", "decoder", "n_frames", "frame_indices")
 SEGMENT_MEDIA = ("start_s", "end_s", "frame_indices")
 
@@ -154,6 +163,9 @@ def new_cells(r: dict[str, Any], spec: JobSpec, scope: str, *, run_id: str, now:
     if r.get("need_media"):
         keys = SEGMENT_MEDIA if scope else VIDEO_MEDIA
         out.append(cell("media", spec.media, text=media_json(r, keys), thumbnail=r.get("thumbnail") or None))
+    if r.get("need_scores") and spec.scores is not None:
+        out.append(cell("scores", spec.scores, text=json.dumps({k: r.get(k) for k in SCORE_COLUMNS},
+                                                                sort_keys=True)))
     if r.get("need_visual") and r.get("visual_embedding") is not None:
         out.append(cell("visual", spec.visual, model_id=spec.model_id, visual_embedding=list(r["visual_embedding"])))
     asked = {(a.kind, a.prompt): a for a in spec.asks}
@@ -184,4 +196,4 @@ def cells_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 __all__ = ["Ask", "JobSpec", "Needs", "cell_id", "cells_table", "digest", "needs", "new_cells", "plan_cell",
-           "segment_scope", "VIDEO_MEDIA", "SEGMENT_MEDIA"]
+           "segment_scope", "SCORE_COLUMNS", "VIDEO_MEDIA", "SEGMENT_MEDIA"]

@@ -86,6 +86,7 @@ class ViewPlan:
     visual: str = ""
     visual_model: str = ""
     segmentation: str | None = None
+    scores: str | None = None
 
     @classmethod
     def of(cls, specs: list[JobSpec]) -> ViewPlan:
@@ -103,6 +104,7 @@ class ViewPlan:
                     seen.add(a.prompt)
                     plan.questions.append((a, s.job))
         plan.segmentation = next((s.segmentation for s in specs if s.segmentation), None)
+        plan.scores = owner.scores or next((s.scores for s in specs if s.scores), None)
         return plan
 
     def conflicts(self, spec: JobSpec) -> list[str]:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from pipeline.store.cells import segment_scope
+from pipeline.store.cells import SCORE_COLUMNS, segment_scope
 from pipeline.store.registry import ViewPlan
 from schemas import flatten_answers, media_fragment
 
@@ -100,8 +100,15 @@ def _shown(cells: list[Cell], plan: ViewPlan, dims: dict[str, int | None]) -> di
     stale |= old
     out.update(answers=answers, answers_text=flatten_answers(answers),
                visual_embedding=None if vis is None else list(vis["visual_embedding"]),
-               visual_model=None if vis is None else vis.get("model_id"), stale=stale)
+               visual_model=None if vis is None else vis.get("model_id"), stale=stale, **_scores(cells, plan))
     return out
+
+
+def _scores(cells: list[Cell], plan: ViewPlan) -> dict[str, Any]:
+    """The curation signals: the current job's, else the latest computed (they depend on the frames only)."""
+    cell, _ = pick(cells, "scores", plan.scores or "")
+    values = {} if cell is None else json.loads(cell["text"])
+    return {k: values.get(k) for k in SCORE_COLUMNS}
 
 
 def _media(cells: list[Cell], plan: ViewPlan) -> tuple[dict[str, Any], bytes | None]:

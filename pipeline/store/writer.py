@@ -128,8 +128,9 @@ class IndexWriter:
         out = new_cells(r, self.spec, "", run_id=self.run_id, now=now, caption_embedding=r.get("caption_embedding"))
         if self.hold is not None and r.get("need_segments"):
             parts = self.hold.segments_of(r["video_id"])
-            for seg in parts:
-                seg = {**seg, "content_id": r["content_id"]}
+            for seg in parts:  # decoded again as a whole: every cell of each moment is (re)written
+                seg = {**seg, "content_id": r["content_id"], "need_media": True, "need_visual": True,
+                       "need_scores": True}
                 out += new_cells(seg, self.spec, segment_scope(self.spec.segmentation, int(seg["segment"])),
                                  run_id=self.run_id, now=now, caption_embedding=seg.get("caption_embedding"))
             spans = [(float(s["start_s"]), float(s["end_s"])) for s in parts] or [
