@@ -1,134 +1,163 @@
-"""Pipeline benchmarks on CPU with the tiny model.
+"""Pipeline benchmarks on CPU with the tiny model, on clips whose frames all differ (no cache of the engine or the
+index can serve one clip's work for another's).
 
-pipeline_vs_slowest_stage: end-to-end wall time of a job over the wall time of its slowest stage run
-alone through the same Ray Data operators (decode actors; the model actor, which also embeds the text).
-≤ 1.15 means the stages overlap instead of running one after the other.
+pipeline_vs_slowest_stage: end-to-end wall time of a job over the wall time of its slowest stage run alone
+through the same Ray Data operators (the decode actors; the model actor, which also embeds the text), each on a
+fresh Ray cluster (the same cold state on both sides: actors, engine and caches start empty) on the same clips.
+Repetitions interleave the three; the figure is the median of the per-repetition ratios.
 
-rss_growth_50_to_500: peak memory of the whole job (driver + every Ray process, summed as PSS so pages shared
-through Ray's object store count once) for 500 short videos over that for 50, minus 1. Memory must not grow
-with the archive's size.
+peak_rss_1000_over_500 (memory): the peak RSS of every process of a run (driver, raylet, the decode actor, its
+decode subprocess, the model actor, ...) at several archive sizes, each size on a fresh Ray cluster; the figure
+is the largest ratio, over the processes, of the peak at the largest size over that at half of it — memory must
+level off, not grow with the archive. The whole tree's PSS (shared pages counted once) beside it.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from benchmarks.common import Result, tree_rss_bytes
+from benchmarks.common import ProcessMemory, Result, from_reps, spread
 
 COMMON = [
     "runtime.decode_concurrency=1", "runtime.decode_cpus=0.5", "runtime.model_cpus=1.0", "runtime.batch_size=8",
     "runtime.skip_existing=false", "model.max_new_tokens=16", "runtime.buffer_mb=64",
 ]
+CLIP_SIZE, CLIP_FRAMES = (160, 120), 48
 
 
-def _make_clips(folder: Path, n: int, distinct: int = 8) -> Path:
-    """n short clips: `distinct` generated ones, then variants of them, each made unique by a trailing MP4
-    `free` box — the same decoding work, but distinct bytes, so the index runs the model for every one (exact
-    copies would reuse one result)."""
-    import struct
-
+def distinct_clips(folder: Path, n: int, first_seed: int = 0) -> Path:
+    """n short generated clips, each from its own seed: distinct bytes AND distinct frames (the engine's
+    feature caches and the index's copy detection see n different videos)."""
     from pipeline.demo.clips import make_test_video
 
     folder.mkdir(parents=True, exist_ok=True)
-    seeds = [make_test_video(folder / f"seed{i}.mp4", "h264", n_frames=48, size=(160, 120), seed=i)
-             for i in range(distinct)]
-    for i in range(n - distinct):
-        box = struct.pack(">I", 16) + b"free" + struct.pack(">Q", i)
-        (folder / f"copy{i:04d}.mp4").write_bytes(seeds[i % distinct].read_bytes() + box)
+    for i in range(n):
+        path = folder / f"clip{first_seed + i:05d}.mp4"
+        if not path.exists():
+            make_test_video(path, "h264", n_frames=CLIP_FRAMES, size=CLIP_SIZE, seed=first_seed + i)
     return folder
 
 
-def _work_rows(job) -> list[dict]:
+def work_rows(job) -> list[dict]:
     """The job's rows as the listing sends them into the stages (every one needs the model here)."""
     from pipeline.io.listing import iter_work
     from pipeline.runner import model_facts, work_plan
 
-    plan = work_plan(job, job.config_hash(model_facts(job)["checkpoint_id"]))
-    rows = [r for block in iter_work(plan) for r in block.to_dict("records") if r["kind"] == "work"]
-    return rows
+    plan = work_plan(job, job.spec(model_facts(job)))
+    return [r for block in iter_work(plan) for r in block.to_pylist() if r["kind"] == "work"]
 
 
-def _job(clips: Path, out: Path, extra: list[str] = ()):
+def make_job(clips: Path, out: Path, extra: list[str] = ()):
     from pipeline.jobs import load_job
 
     return load_job(None, [f"source.uri={clips}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lance",
                            f"output.manifest_dir={out}/runs", *COMMON, *extra])
 
 
-def bench_pipeline(videos: int = 192, rounds: int = 2) -> list[Result]:
-    """Rounds interleave the end-to-end run and the stages alone (this VM's speed drifts); best of each."""
+def _stage_alone(clips: Path, out: Path, stage: str) -> float:
+    """Wall seconds of one stage over the job's rows on a fresh cluster; the model stage's input is decoded
+    beforehand (not timed)."""
     import ray
 
-    from pipeline.runner import init_ray, model_facts, run_job, stage_ops
+    from pipeline.runner import init_ray, model_facts, stage_ops
 
-    best: dict[str, float] = {}
-
-    def keep(name: str, seconds: float) -> None:
-        best[name] = min(best.get(name, float("inf")), seconds)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        job = _job(_make_clips(tmp / "clips", videos), tmp / "out")
-        init_ray(None, job)
-        facts = model_facts(job)
-        rows = _work_rows(job)
-        ops = stage_ops(job, facts)
-        run_job(_job(tmp / "clips", tmp / "warm", ["source.limit=2"]), progress=False)  # warm caches/imports
-        for r in range(rounds):
-            t0 = time.perf_counter()
-            decoded = ops["decode"](ray.data.from_items(rows)).materialize()
-            keep("decode", time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            ops["model"](decoded).materialize()
-            keep("model", time.perf_counter() - t0)
-            del decoded
-            manifest = run_job(_job(tmp / "clips", tmp / f"out{r}"), progress=False)
-            assert manifest["counts"]["indexed"] == videos, manifest["counts"]
-            keep("end_to_end", manifest["wall_s"])
-        ray.shutdown()
-    stages = {k: v for k, v in best.items() if k != "end_to_end"}
-    slowest = max(stages, key=stages.get)
-    return [Result("pipeline_vs_slowest_stage", best["end_to_end"] / stages[slowest], "<= 1.15", detail={
-        "videos": videos, "rounds": rounds, "end_to_end_s": round(best["end_to_end"], 2), "slowest_stage": slowest,
-        **{f"{k}_alone_s": round(v, 2) for k, v in stages.items()}})]
-
-
-def _peak_rss(fn) -> tuple[float, object]:
-    peak, stop = [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], tree_rss_bytes())
-            time.sleep(0.2)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
+    ray.shutdown()
+    job = make_job(clips, out)
+    init_ray(None, job)
     try:
-        out = fn()
+        ops = stage_ops(job, model_facts(job))
+        rows = ray.data.from_items(work_rows(job))
+        if stage == "model":
+            rows = ops["decode"](rows).materialize()
+        t0 = time.perf_counter()
+        n = ops[stage](rows).materialize().count()
+        wall = time.perf_counter() - t0
     finally:
-        stop.set()
-        t.join()
-    return peak[0], out
+        ray.shutdown()
+    assert n == len(list(clips.glob("*.mp4"))), n
+    return wall
 
 
-def bench_memory(small: int = 50, large: int = 500) -> list[Result]:
+def _end_to_end(clips: Path, out: Path) -> float:
     import ray
 
     from pipeline.runner import run_job
 
-    peaks = {}
+    ray.shutdown()
+    try:
+        manifest = run_job(make_job(clips, out), progress=False)
+    finally:
+        ray.shutdown()
+    n = len(list(clips.glob("*.mp4")))
+    assert manifest["counts"]["indexed"] == n, manifest["counts"]
+    return float(manifest["wall_s"])
+
+
+def bench_pipeline(quick: bool = False, videos: int | None = None, reps: int = 3) -> list[Result]:
+    videos = videos or (48 if quick else 192)
+    times: dict[str, list[float]] = {"end_to_end": [], "decode": [], "model": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        clips = _make_clips(tmp / "clips", large)
-        for n in (small, large):
-            ray.shutdown()  # a fresh local cluster per size: the peak belongs to that run alone
-            job = _job(clips, tmp / f"out{n}", [f"source.limit={n}", "questions=[]"])
-            peaks[n], manifest = _peak_rss(lambda job=job: run_job(job, progress=False))
-            assert manifest["counts"]["indexed"] == n, manifest["counts"]
+        clips = distinct_clips(tmp / "clips", videos)
+        _end_to_end(distinct_clips(tmp / "warm", 4, first_seed=90_000), tmp / "warm-out")  # imports, model build
+        for r in range(reps):
+            times["decode"].append(_stage_alone(clips, tmp / f"d{r}", "decode"))
+            times["model"].append(_stage_alone(clips, tmp / f"m{r}", "model"))
+            times["end_to_end"].append(_end_to_end(clips, tmp / f"e{r}"))
+    ratios = [e / max(d, m) for e, d, m in zip(times["end_to_end"], times["decode"], times["model"], strict=True)]
+    slowest = "model" if statistics.median(times["model"]) >= statistics.median(times["decode"]) else "decode"
+    return [from_reps("pipeline_vs_slowest_stage", ratios, "<= 1.15", baseline={
+        "what": "the slowest stage alone, same operators, fresh cluster", "stage": slowest,
+        "videos_per_s": round(videos / statistics.median(times[slowest]), 2)}, detail={
+        "videos": videos, "distinct_frames": True, "reps": reps,
+        **{f"{k}_s": [round(x, 2) for x in v] for k, v in times.items()},
+        "end_to_end_videos_per_s": round(videos / statistics.median(times["end_to_end"]), 2)})]
+
+
+def _memory_run(clips: Path, out: Path, n: int) -> dict[str, Any]:
+    import ray
+
+    from pipeline.runner import run_job
+
+    ray.shutdown()  # a fresh local cluster per size: the peak belongs to that run alone
+    job = make_job(clips, out, [f"source.limit={n}", "questions=[]"])
+    try:
+        with ProcessMemory() as mem:
+            t0 = time.perf_counter()
+            manifest = run_job(job, progress=False)
+            wall = time.perf_counter() - t0
+    finally:
         ray.shutdown()
-    growth = peaks[large] / peaks[small] - 1
-    return [Result(f"rss_growth_{small}_to_{large}", growth, "<= 0.10", detail={
-        f"peak_rss_{small}_mib": round(peaks[small] / 2**20), f"peak_rss_{large}_mib": round(peaks[large] / 2**20)})]
+    assert manifest["counts"]["indexed"] == n, manifest["counts"]
+    return {"peak_mib": mem.peak_mib(), "parts_mib": mem.parts_mib(), "tree_pss_mib": round(mem.tree_pss_peak / 2**20),
+            "wall_s": round(wall, 1), "timeline": mem.timeline}
+
+
+def bench_memory(quick: bool = False, sizes: tuple[int, ...] | None = None) -> list[Result]:
+    sizes = sizes or ((40, 120, 240) if quick else (50, 250, 500, 1000))
+    runs: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clips = distinct_clips(tmp / "clips", max(sizes))
+        for n in sizes:
+            runs[n] = _memory_run(clips, tmp / f"out{n}", n)
+    big, half = sizes[-1], sizes[-2]
+    roles = sorted(set(runs[big]["peak_mib"]) & set(runs[half]["peak_mib"]))
+    ratio = {r: runs[big]["peak_mib"][r] / max(runs[half]["peak_mib"][r], 1e-9) for r in roles}
+    worst = max(ratio, key=ratio.get)
+    per_size = {n: {"peak_rss_mib": runs[n]["peak_mib"], "tree_pss_mib": runs[n]["tree_pss_mib"],
+                    "wall_s": runs[n]["wall_s"]} for n in sizes}
+    return [
+        Result(f"peak_rss_{big}_over_{half}", ratio[worst], "<= 1.05", detail={
+            "worst_process": worst, "ratio_by_process": {r: round(v, 3) for r, v in ratio.items()},
+            "sizes": list(sizes), "per_size": per_size, "parts_at_peak_mib": runs[big]["parts_mib"],
+            "buffer_mb": 64, "clip": f"{CLIP_SIZE[0]}x{CLIP_SIZE[1]}, {CLIP_FRAMES} frames, distinct"},
+            baseline={"what": f"the same run at {half} videos", "peak_rss_mib": runs[half]["peak_mib"]}),
+        Result(f"tree_pss_{big}_over_{half}", runs[big]["tree_pss_mib"] / runs[half]["tree_pss_mib"], "<= 1.05",
+               detail={"tree_pss_mib": {n: runs[n]["tree_pss_mib"] for n in sizes},
+                       "growth_per_size": spread([runs[n]["tree_pss_mib"] for n in sizes])}),
+    ]

@@ -1,0 +1,101 @@
+"""The README's performance table, generated from benchmarks/results.json (never typed by hand).
+
+    python -m benchmarks.table [--results PATH]      # prints the markdown table
+
+Each row: the figure (median of its repetitions, with the range), its goal, whether it is met, the baseline it is
+compared with and that baseline's own speed, and its run: the UTC date, the commit (+ if the tree was dirty) and
+the load others put on the machine meanwhile. Figures measured on a busy machine, at quick scale, or whose code
+changed since (`make bench-check`) say so; when the figures come from more than one run, the header says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.record import RESULTS, load, stale
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def _value(fig: dict[str, Any]) -> str:
+    unit = "" if fig["unit"] == "ratio" else f" {fig['unit']}"
+    text = f"**{_num(fig['value'])}**{unit}"
+    reps = fig.get("reps")
+    if reps:
+        text += f" ({_num(reps['min'])}–{_num(reps['max'])}, {reps['n']} reps)"
+    return text
+
+
+def _baseline(fig: dict[str, Any]) -> str:
+    b = fig.get("baseline") or {}
+    if not b:
+        return ""
+    what = b.get("what", "")
+    speed = ", ".join(f"{k.replace('_', ' ')} {_num(v)}" for k, v in b.items()
+                      if k != "what" and isinstance(v, (int, float)))
+    return f"{what}{': ' + speed if speed else ''}"
+
+
+def _run(fig: dict[str, Any]) -> str:
+    run = fig.get("run") or {}
+    commit = (run.get("commit") or "?")[:8] + ("+dirty" if run.get("dirty") else "")
+    during = (run.get("load") or {}).get("during", {})
+    others = during.get("others_busy_cores_mean")
+    return f"{(run.get('measured_at') or '?')[:10]} {commit}, others {others} cores"
+
+
+def _notes(name: str, fig: dict[str, Any], changed: dict[str, list[str]]) -> str:
+    run = fig.get("run") or {}
+    notes = []
+    if run.get("scale") != "full":
+        notes.append(f"{run.get('scale', '?')} scale")
+    if not run.get("quiet"):
+        notes.append("busy machine: needs a quiet rerun")
+    if name in changed:
+        notes.append(f"code changed since ({len(changed[name])} files)")
+    return "; ".join(notes)
+
+
+def markdown(data: dict[str, Any], only_suites: list[str] | None = None) -> str:
+    figs = {k: v for k, v in data.get("benchmarks", {}).items() if only_suites is None or v["suite"] in only_suites}
+    if not figs:
+        return "(no figures)"
+    changed = stale(data)
+    runs = sorted({(f["run"]["measured_at"][:10], (f["run"].get("commit") or "?")[:8]) for f in figs.values()})
+    machines = sorted({f"{m.get('cpu_model')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB"
+                       for f in figs.values() if (m := f["run"].get("machine"))})
+    lines = [f"Machine: {'; '.join(machines)}. "
+             + (f"Figures from {len(runs)} runs: {', '.join(f'{d} ({c})' for d, c in runs)}." if len(runs) > 1
+                else f"One run: {runs[0][0]} ({runs[0][1]})."),
+             "",
+             "| benchmark | goal | measured | met | baseline | run (UTC, commit, others' load) | notes |",
+             "|---|---|---|---|---|---|---|"]
+    for name, fig in figs.items():
+        met = {True: "yes", False: "**no**", None: "—"}[fig.get("met")]
+        goal = "—" if fig["goal"] == "info" else fig["goal"].replace(">=", "≥").replace("<=", "≤")
+        lines.append(f"| `{name}` | {goal} | {_value(fig)} | {met} | {_baseline(fig)} | {_run(fig)} | "
+                     f"{_notes(name, fig, changed)} |")
+    return "\n".join(lines)
+
+
+def print_results(path: Path = RESULTS, only_suites: list[str] | None = None) -> None:
+    print(markdown(load(path), only_suites))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    print(markdown(load(args.results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
