@@ -104,6 +104,25 @@ def native_copy(frame: np.ndarray, max_side: int = NATIVE_MAX_SIDE) -> np.ndarra
     return cv2.resize(frame, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
+class _Resize:
+    """One queued resize. The decoding thread takes over those the pool has not started by cancelling them, but a
+    cancelled item stays in the pool's queue until a (lowest-priority) resize thread pops it: cleared, it holds
+    neither the frame nor the collector's output meanwhile (on busy cores they piled up: 11 segments' outputs)."""
+
+    __slots__ = ("collector", "slots", "frame")
+
+    def __init__(self, collector: FrameCollector, slots: list[int], frame: np.ndarray):
+        self.collector: FrameCollector | None = collector
+        self.slots, self.frame = slots, frame
+
+    def __call__(self) -> None:
+        if self.collector is not None:
+            self.collector._one(self.slots, self.frame)
+
+    def clear(self) -> None:
+        self.collector, self.frame = None, None
+
+
 class FrameCollector:
     """Resizes frames as they arrive (on the pool), writing each into its slots of the output array.
     With size None the frames are kept at their native size (one copy, no resize). `native`: that many of the
@@ -122,12 +141,13 @@ class FrameCollector:
             self.slots.setdefault(idx, []).append(pos)
         self.thumb_pos = self.count // 2
         self.thumbnail = b""
-        self._queued: list[tuple[Future[None], list[int], np.ndarray]] = []
+        self._queued: list[tuple[Future[None], _Resize]] = []
 
     def add(self, index: int, frame: np.ndarray) -> None:
         slots = self.slots[index]
         if self.size is not None:
-            self._queued.append((resize_pool().submit(self._one, slots, frame), slots, frame))
+            job = _Resize(self, slots, frame)
+            self._queued.append((resize_pool().submit(job), job))
             return
         if self.out is None:
             self.out = np.empty((self.count, *frame.shape), dtype=np.uint8)
@@ -170,22 +190,30 @@ class FrameCollector:
     def result(self) -> tuple[np.ndarray, bytes]:
         """Wait for the resizes; the decoding thread, now free, takes over those the pool has not started."""
         try:
-            for f, slots, frame in reversed(self._queued):  # the pool works from the front
+            for f, job in reversed(self._queued):  # the pool works from the front
                 if f.cancel():
-                    self._one(slots, frame)
-            for f, _, _ in self._queued:
+                    self._one(job.slots, job.frame)
+            for f, _ in self._queued:
                 if not f.cancelled():
                     f.result()
         except Exception as e:  # noqa: BLE001
             raise DecodeError("transform", short_message(e)) from None
+        finally:
+            self._release()
         assert self.out is not None
         return self.out, self.thumbnail
 
     def drain(self) -> None:
         """Cancel or wait for queued work, ignoring its errors (the caller is already failing)."""
-        for f, _, _ in self._queued:
+        for f, _ in self._queued:
             if not f.cancel():
                 f.exception()
+        self._release()
+
+    def _release(self) -> None:
+        for _, job in self._queued:
+            job.clear()
+        self._queued = []
 
 
 __all__ = ["NATIVE_MAX_SIDE", "DecodeError", "DecodeTimeout", "FrameCollector", "Source", "THUMBNAIL_MAX_WIDTH",
