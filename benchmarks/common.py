@@ -24,7 +24,7 @@ class Result:
 
     name: str
     value: float
-    goal: str  # e.g. ">= 0.9"; "info" for a figure without a goal
+    goal: str  # ">= 0.9", "<= 20", "in [0.9, 1.1]"; "info" for a figure without a goal
     unit: str = "ratio"
     detail: dict[str, Any] = field(default_factory=dict)
     reps: list[float] = field(default_factory=list)
@@ -34,6 +34,9 @@ class Result:
     def met(self) -> bool | None:
         if self.goal == "info":
             return None
+        if self.goal.startswith("in ["):
+            lo, hi = (float(x) for x in self.goal[4:].rstrip("]").split(","))
+            return lo <= self.value <= hi
         op, target = self.goal.split()
         t = float(target)
         return {">=": self.value >= t, "<=": self.value <= t, "==": self.value == t}[op]

@@ -39,7 +39,6 @@ SUITES = {
 def run_suite(name: str, quick: bool, results: Path) -> int:
     from benchmarks.common import LoadMonitor
     from benchmarks.record import save
-    from benchmarks.table import print_results
 
     module, fn = SUITES[name]
     try:
@@ -51,7 +50,6 @@ def run_suite(name: str, quick: bool, results: Path) -> int:
     except Exception:  # noqa: BLE001 — report; the parent goes on with the other suites
         traceback.print_exc()
         return 1
-    print_results(results, only_suites=[name])
     return 0
 
 
