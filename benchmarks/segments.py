@@ -1,57 +1,32 @@
-"""Long recordings: producing every window's frames vs one sequential decode of the whole file.
+"""Long recordings.
 
-A 30-minute 640×360 recording made of the real clips in ../shared/videos played one after another, over and
-over (re-encoded with H.264 at 10 fps, a keyframe every second, as streaming encodes have); fixed 20 s
-windows with 8 frames each (the model's sampling inside the window: sparse), through
-`pipeline.decode.segments.decode_segments` (seeks to the keyframe before a wanted frame when that skips
-frames), resized to 224 as the pipeline does. The floor is PyAV decoding every frame once, without any
-conversion. Both best of 2, interleaved.
+long_video_decode_vs_sequential_kf{1s,2.5s,default}: producing every window's frames over one sequential decode of
+the whole file, at three keyframe intervals. The recording (`benchmarks.clips.recording`): the real clips back to
+back for 30 minutes, 640×360 at 10 fps, H.264 with x264's defaults and a keyframe every 1 s, every 2.5 s, or x264's
+own GOP (250 frames = 25 s here, plus scene-cut keyframes). Fixed 20 s windows with 8 frames each (the model's
+sampling inside the window: a wanted frame every 2.5 s) through `pipeline.decode.segments.decode_segments`,
+resized to 224 as the pipeline does. The floor: PyAV decoding every frame once with its frame threads (both
+cores), no conversion. Repetitions interleave the two; median and range of the per-repetition ratios; frames
+decoded per frame used beside each.
+
+segment_marginal_cost_20_over_5min: indexing wall time (the whole `run`, start-up included, tiny model, fixed 10 s
+windows) of generated recordings of 2.5, 5, 10 and 20 minutes. The marginal cost per minute at 5 minutes is the
+slope from 2.5 to 5, at 20 minutes the slope from 10 to 20; the figure is their ratio (per repetition). The fixed
+cost and the marginal cost per minute of a least-squares line through the four sizes are in the details.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from benchmarks.common import SHARED_VIDEOS, Result
+from benchmarks.common import Result, from_reps, spread
 
-
-def _real_recording(path: Path, minutes: float, fps: int, size: tuple[int, int]) -> Path:
-    """The shared real clips back to back until `minutes` are filled, resampled to `fps` by time."""
-    from fractions import Fraction
-
-    import av
-
-    clips = sorted(SHARED_VIDEOS.glob("*.mp4"))
-    if not clips:
-        raise FileNotFoundError(f"no real clips in {SHARED_VIDEOS}")
-    total, written = round(minutes * 60 * fps), 0
-    with av.open(str(path), mode="w") as out:
-        stream = out.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        stream.options = {"preset": "veryfast", "g": str(fps), "keyint_min": str(fps), "sc_threshold": "0"}
-        while written < total:
-            for clip in clips:
-                with av.open(str(clip)) as c:
-                    s = c.streams.video[0]
-                    next_t = 0.0
-                    for frame in c.decode(s):
-                        if frame.time is None or frame.time < next_t:
-                            continue
-                        next_t += 1.0 / fps
-                        img = frame.reformat(width=size[0], height=size[1], format="yuv420p")
-                        img.pts, img.time_base = written, Fraction(1, fps)
-                        for packet in stream.encode(img):
-                            out.mux(packet)
-                        written += 1
-                        if written >= total:
-                            break
-                if written >= total:
-                    break
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+KEYFRAMES = {"1s": 1.0, "2.5s": 2.5, "default": None}
+GOALS = {"1s": "<= 0.5", "2.5s": "<= 0.5", "default": "<= 1.0"}
 
 
 def _sequential(path: Path) -> int:
@@ -63,33 +38,45 @@ def _sequential(path: Path) -> int:
         return sum(1 for _ in c.decode(s))
 
 
-def bench_segments(minutes: float = 30.0, fps: int = 10, window_s: float = 20.0, frames: int = 8) -> list[Result]:
+def bench_segments(quick: bool = False, reps: int = 3, window_s: float = 20.0, frames: int = 8) -> list[Result]:
+    from benchmarks.clips import keyframe_count, recording
     from pipeline.decode.segments import DecodeCounts, decode_segments, plan_segments
 
-    with tempfile.TemporaryDirectory() as tmp:
+    minutes = 3.0 if quick else 30.0
+    out = []
+    for tag, keyint in KEYFRAMES.items():
         t0 = time.perf_counter()
-        path = _real_recording(Path(tmp) / "long.mp4", minutes, fps, (640, 360))
-        encode_s = time.perf_counter() - t0
+        path = recording(minutes, keyint)
+        made_s = time.perf_counter() - t0
         segments = plan_segments(path, "fixed", length_s=window_s)
         seq, win, counts = [], [], DecodeCounts()
-        for _ in range(2):
-            t0 = time.perf_counter()
-            n = _sequential(path)
-            seq.append(time.perf_counter() - t0)
-            counts = DecodeCounts()
-            t0 = time.perf_counter()
-            produced = sum(1 for _ in decode_segments(path, segments, frames, size=224, counts=counts))
-            win.append(time.perf_counter() - t0)
-        size_mb = path.stat().st_size / 1e6
-    assert produced == len(segments)
-    return [Result("long_video_decode_vs_sequential", min(win) / min(seq), "<= 0.5", detail={
-        "minutes": minutes, "fps": fps, "frames": n, "size_mb": round(size_mb, 1), "windows": len(segments),
-        "frames_per_window": frames, "windows_s": round(min(win), 2), "sequential_s": round(min(seq), 2),
-        "frames_decoded_per_frame_used": round(counts.frames_decoded / counts.frames_used, 2),
-        "seeks": counts.seeks, "encode_s": round(encode_s, 1)})]
+        _sequential(path)  # warm: the file in the page cache
+        for r in range(reps):
+            order = ("seq", "win") if r % 2 == 0 else ("win", "seq")
+            for kind in order:
+                t0 = time.perf_counter()
+                if kind == "seq":
+                    n = _sequential(path)
+                    seq.append(time.perf_counter() - t0)
+                else:
+                    counts = DecodeCounts()
+                    produced = sum(1 for _ in decode_segments(path, segments, frames, size=224, counts=counts))
+                    win.append(time.perf_counter() - t0)
+                    assert produced == len(segments)
+        n_frames, n_keys = keyframe_count(path)
+        out.append(from_reps(f"long_video_decode_vs_sequential_kf{tag}", [w / s for w, s in zip(win, seq, strict=True)],
+                             GOALS[tag], baseline={"what": "PyAV decoding every frame once, frame threads",
+                                                   "frames_per_s": round(n / statistics.median(seq), 1)}, detail={
+            "minutes": minutes, "fps": 10, "size": "640x360", "frames": n, "keyframes": n_keys,
+            "keyframe_interval_s": round(n_frames / 10 / max(n_keys, 1), 2), "encoder": "x264 defaults (medium)",
+            "windows": len(segments), "frames_per_window": frames, "windows_s": [round(x, 2) for x in win],
+            "sequential_s": [round(x, 2) for x in seq],
+            "frames_decoded_per_frame_used": round(counts.frames_decoded / max(counts.frames_used, 1), 2),
+            "seeks": counts.seeks, "made_s": round(made_s, 1)}))
+    return out
 
 
-def _index_once(src: Path, out: Path) -> dict:
+def _index_once(src: Path, out: Path) -> dict[str, Any]:
     import ray
 
     from pipeline.jobs import load_job
@@ -100,17 +87,26 @@ def _index_once(src: Path, out: Path) -> dict:
                           f"output.manifest_dir={out}/runs", "segments.mode=fixed", "segments.length_s=10",
                           "model.max_new_tokens=8", "runtime.decode_cpus=0.5", "runtime.model_cpus=1.0"])
     t0 = time.perf_counter()
-    manifest = run_job(job, progress=False)
+    try:
+        manifest = run_job(job, progress=False)
+    finally:
+        ray.shutdown()
     wall = time.perf_counter() - t0
-    ray.shutdown()
     assert manifest["status"] == "succeeded" and manifest["counts"]["indexed"] == 1, manifest["counts"]
     return {"wall_s": wall, "model_calls": manifest["counts"]["model_calls"]}
 
 
-def bench_segment_linearity(minutes: float = 10.0) -> list[Result]:
-    """Indexing wall time (the whole `run`, start-up included) of a 2×-long generated recording vs the 1× one,
-    fixed 10 s windows, tiny model; 1× run twice (the first warms caches), then 2×."""
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares y = a + b·x: (a, b)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def bench_segment_linearity(quick: bool = False, reps: int = 3) -> list[Result]:
     from pipeline.demo.clips import SCENE_COLOURS, make_scene_video
+
+    sizes = (0.5, 1.0, 2.0, 4.0) if quick else (2.5, 5.0, 10.0, 20.0)
 
     def scenes(total_s: float) -> list[tuple[float, str, str]]:
         colours, motions, out, t = list(SCENE_COLOURS), ("left", "right", "up", "down"), [], 0.0
@@ -120,13 +116,32 @@ def bench_segment_linearity(minutes: float = 10.0) -> list[Result]:
             t += d
         return out
 
+    walls: dict[float, list[float]] = {m: [] for m in sizes}
+    calls: dict[float, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for name, m in (("short", minutes), ("long", 2 * minutes)):
-            make_scene_video(root / name / f"{name}.mp4", scenes(m * 60), fps=4)
-        _index_once(root / "short", root / "warm")
-        one = _index_once(root / "short", root / "one")
-        two = _index_once(root / "long", root / "two")
-    return [Result("segment_cost_linearity", two["wall_s"] / one["wall_s"], "<= 2.1", detail={
-        "minutes": [minutes, 2 * minutes], "wall_s": [round(one["wall_s"], 1), round(two["wall_s"], 1)],
-        "model_calls": [one["model_calls"], two["model_calls"]]})]
+        for m in sizes:
+            make_scene_video(root / f"m{m:g}" / "rec.mp4", scenes(m * 60), fps=4)
+        _index_once(root / f"m{sizes[0]:g}", root / "warm")  # imports, the model's first build
+        for r in range(reps):
+            for m in (sizes if r % 2 == 0 else sizes[::-1]):
+                got = _index_once(root / f"m{m:g}", root / f"out-{m:g}-{r}")
+                walls[m].append(got["wall_s"])
+                calls[m] = got["model_calls"]
+    a, b, c, d = sizes
+
+    def ratio(r: int) -> float:
+        at5 = (walls[b][r] - walls[a][r]) / (b - a)
+        at20 = (walls[d][r] - walls[c][r]) / (d - c)
+        return at20 / at5
+
+    fixed, marginal = _line(list(sizes), [statistics.median(walls[m]) for m in sizes])
+    return [from_reps(f"segment_marginal_cost_{d:g}_over_{b:g}min", [ratio(r) for r in range(reps)], "in [0.9, 1.1]",
+                      baseline={"what": f"the marginal cost per minute at {b:g} min (slope {a:g}→{b:g} min)",
+                                "s_per_minute": round(statistics.median((walls[b][r] - walls[a][r]) / (b - a)
+                                                                        for r in range(reps)), 2)},
+                      detail={"minutes": list(sizes), "wall_s": {f"{m:g}": [round(x, 1) for x in walls[m]]
+                                                                 for m in sizes},
+                              "model_calls": {f"{m:g}": calls[m] for m in sizes},
+                              "fit_fixed_s": round(fixed, 2), "fit_marginal_s_per_minute": round(marginal, 2),
+                              "wall_spread": {f"{m:g}": spread(walls[m]) for m in sizes}})]
