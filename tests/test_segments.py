@@ -18,6 +18,8 @@ from pipeline.decode.segments import (
     detect_cuts,
     fixed_segments,
     plan_segments,
+    read_strategy,
+    seek_reads,
     shot_segments,
 )
 from pipeline.demo.clips import SCENE_COLOURS, make_corrupt_video, make_scene_video, scene_starts
@@ -124,6 +126,17 @@ def test_sparse_windows_seek_instead_of_decoding_everything(tmp_path) -> None:
     out = list(decode_segments(path, segments, 2, size=32, counts=counts))
     assert len(out) == 12 and counts.frames_used == 24
     assert counts.frames_decoded < 0.25 * 240 * FPS and counts.seeks >= 12  # a few frames per keyframe
+
+
+def test_read_strategy_follows_the_keyframes() -> None:
+    needed = list(range(13, 1800, 20))  # a wanted frame every 2 s at 10 fps
+    every_second = list(range(0, 1800, 10))
+    assert seek_reads(needed, every_second) == (4 * 90, 90)  # from the keyframe before each: 4 frames, a seek each
+    assert read_strategy(needed, every_second) == "slice"  # short runs after each seek
+    x264_default = list(range(0, 1800, 250))  # 250-frame GOP: reading mostly goes on, frame threads pay
+    decoded, seeks = seek_reads(needed, x264_default)
+    assert seeks == 8 and decoded > 0.8 * (needed[-1] + 1)  # one seek per keyframe: most frames decoded anyway
+    assert read_strategy(needed, x264_default) == "frame"
 
 
 def test_memory_holds_only_the_open_segments(recording) -> None:
