@@ -73,9 +73,21 @@ def file_hash(rel: str) -> str | None:
         return None
 
 
-def imported_sources() -> dict[str, str]:
-    """{repo-relative path: hash} of the project's modules this process has imported: the code a suite ran (its
-    Ray workers and decode subprocesses import the same modules)."""
+def start() -> dict[str, Any]:
+    """What a suite runs on, taken before it starts (the tree may change while it runs): the commit and the hash of
+    every source file."""
+    files = {}
+    for root in SOURCE_ROOTS:
+        for path in sorted((REPO / root).rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            if rel not in NOT_CODE_PATHS and (h := file_hash(rel)):
+                files[rel] = h
+    return {"git": git_state(), "files": files}
+
+
+def imported_sources(files: dict[str, str]) -> dict[str, str]:
+    """{repo-relative path: hash at the start} of the project's modules this process has imported: the code a
+    suite ran (its Ray workers and decode subprocesses import the same modules)."""
     out = {}
     for mod in list(sys.modules.values()):
         f = getattr(mod, "__file__", None)
@@ -85,8 +97,8 @@ def imported_sources() -> dict[str, str]:
             rel = Path(f).resolve().relative_to(REPO).as_posix()
         except ValueError:
             continue
-        if rel.startswith(SOURCE_ROOTS) and rel not in NOT_CODE_PATHS and (h := file_hash(rel)):
-            out[rel] = h
+        if rel in files:
+            out[rel] = files[rel]
     return dict(sorted(out.items()))
 
 
@@ -98,12 +110,14 @@ def load(path: Path = RESULTS) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def save(results: list[Result], suite: str, load_info: dict[str, Any], scale: str, path: Path = RESULTS) -> None:
-    """Replace `suite`'s figures in the results file with `results`, each with this run's provenance."""
+def save(results: list[Result], suite: str, load_info: dict[str, Any], scale: str, began: dict[str, Any],
+         path: Path = RESULTS) -> None:
+    """Replace `suite`'s figures in the results file with `results`, each with this run's provenance (`began`:
+    `start()`'s, taken before the suite ran)."""
     data = load(path)
     figures = {k: v for k, v in data.get("benchmarks", {}).items() if v.get("suite") != suite}
-    sources = imported_sources()
-    run = {"measured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), **git_state(), "machine": machine(),
+    sources = imported_sources(began["files"])
+    run = {"measured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), **began["git"], "machine": machine(),
            "load": load_info, "quiet": quiet(load_info), "scale": scale}
     for r in results:
         entry = asdict(r)

@@ -38,15 +38,17 @@ SUITES = {
 
 def run_suite(name: str, quick: bool, results: Path) -> int:
     from benchmarks.common import LoadMonitor
-    from benchmarks.record import save
+    from benchmarks.record import save, start
 
     module, fn = SUITES[name]
     try:
         bench = getattr(__import__(module, fromlist=[fn]), fn)
         kwargs = {"quick": True} if quick and "quick" in inspect.signature(bench).parameters else {}
+        began = start()
         with LoadMonitor() as monitor:
             out = bench(**kwargs)
-        save(out, suite=name, load_info=monitor.summary(), scale="quick" if quick else "full", path=results)
+        save(out, suite=name, load_info=monitor.summary(), scale="quick" if quick else "full", began=began,
+             path=results)
     except Exception:  # noqa: BLE001 — report; the parent goes on with the other suites
         traceback.print_exc()
         return 1
