@@ -299,3 +299,29 @@ def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(5)
+
+
+def test_near_visual_keeps_to_one_model_and_leaves_a_content_out(tmp_path) -> None:
+    """`similar`'s query: without filters the nearest hits are filtered afterwards; where that leaves fewer than k
+    (a backfill: most rows still show another model's embedding) it filters first, so k hits still come back."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.catalog.query import Catalog
+    from pipeline.store.lance import connect_lance
+
+    rng = np.random.default_rng(0)
+    n = 60
+    vectors = rng.standard_normal((n, 8)).astype(np.float32)
+    models = ["old"] * 50 + ["new"] * 10  # the nearest rows are mostly the old model's
+    connect_lance(str(tmp_path)).create_table("videos", pa.table({
+        "video_id": [f"v{i}" for i in range(n)], "content_id": [f"c{i // 2}" for i in range(n)],
+        "uri": [f"/v/{i}.mp4" for i in range(n)], "caption": [""] * n, "visual_model": models,
+        "visual_embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 8)}))
+    cat = Catalog(str(tmp_path))
+    hits = cat.near_visual(vectors[55], "new", k=5, leave_out="c27")
+    ids = [h["video_id"] for h in hits]
+    assert len(ids) == 5 and all(int(i[1:]) >= 50 for i in ids)  # the new model's rows only
+    assert "v54" not in ids and "v55" not in ids  # the content left out, both its copies
+    first = cat.near_visual(vectors[10], "old", k=3)
+    assert [h["video_id"] for h in first][0] == "v10" and all(h["_score"] <= 1.0 + 1e-6 for h in first)

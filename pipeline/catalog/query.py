@@ -25,6 +25,7 @@ from pipeline.io.sources import S3Options, is_s3
 from pipeline.store.lance import connect_lance, open_table, sql_str
 
 Mode = Literal["hybrid", "vector", "fts"]
+SIMILAR_SPARE = 10  # hits asked for beyond k by `similar`, for the video's own copies it leaves out
 HIT_COLUMNS = ("video_id", "content_id", "uri", "caption", "answers", "duration_s", "codec", "width", "height",
                "size", "indexed_at", "copy_of", "caption_model", "stale",
                "segment_id", "segment", "start_s", "end_s", "media_fragment")  # the last: segments tables
@@ -149,13 +150,28 @@ class Catalog:
         base = self.row(ref)
         if base.get("visual_embedding") is None:
             raise ValueError(f"{ref} has no visual embedding")
-        # visual embeddings of one model only: during a backfill, rows still show the previous model's
-        where = " AND ".join(filter(None, [f"content_id != {sql_str(base['content_id'])}",
-                                           f"visual_model = {sql_str(base['visual_model'])}",
-                                           build_filter(filters or Filters(), target.columns)]))
-        rows = query_table(target.table, None, list(base["visual_embedding"]), k,
-                           vector_column="visual_embedding", where=where,
-                           columns=[c for c in HIT_COLUMNS if c in target.columns])
+        return target.near_visual(base["visual_embedding"], base["visual_model"], k=k, filters=filters,
+                                  leave_out=base["content_id"])
+
+    def near_visual(self, vector: Sequence[float], visual_model: str, *, k: int = 10, filters: Filters | None = None,
+                    leave_out: str | None = None) -> list[dict[str, Any]]:
+        """The rows nearest `vector` by the visual embedding of `visual_model` (during a backfill, rows still show
+        the previous model's), without the content `leave_out` (a video and its exact copies)."""
+        own = [f"visual_model = {sql_str(visual_model)}",
+               *([f"content_id != {sql_str(leave_out)}"] if leave_out is not None else [])]
+        user = build_filter(filters or Filters(), self.columns)
+        columns = [c for c in HIT_COLUMNS if c in self.columns]
+        vector = list(vector)
+        rows: list[dict[str, Any]] = []
+        if user is None:
+            # Without the user's filters, the nearest hits are filtered afterwards, a few more asked for to make up
+            # for the video's own copies: a prefilter scans the whole visual_model column first (twice the query's
+            # time at 100k rows). Fewer than k left (a backfill: many rows of another model): the exact way below.
+            rows = query_table(self.table, None, vector, k + SIMILAR_SPARE, vector_column="visual_embedding",
+                               where=" AND ".join(own), columns=columns, prefilter=False)[:k]
+        if len(rows) < k:
+            rows = query_table(self.table, None, vector, k, vector_column="visual_embedding",
+                               where=" AND ".join(filter(None, [*own, user])), columns=columns)
         for r in rows:
             r["_score"] = _score(r)
         return rows
