@@ -1,10 +1,10 @@
 """Engine benchmarks: vLLM over hf throughput on the same tiny weights and batch; ViT passes per video.
 
 Both engines stay up and take turns on the same fresh clips (`ROUNDS` rounds, new clips each round, so no
-ViT cache hit carries over); each engine's best round counts. On a shared 2-core machine single runs swing
-by 10× or more (other processes' load; the hf engine's two OpenMP threads suffer most), so a one-shot
-figure mostly measures the neighbours. Each engine runs with its defaults: hf with two torch threads and
-batches of 32 pairs (96 pairs in one batch is no faster), vLLM with its CPU defaults (one worker thread,
+ViT cache hit carries over); a round's ratio is hf's time over vLLM's on its clips, the figure the median over
+the rounds (range beside). On a shared 2-core machine single runs swing by 10× or more (other processes' load;
+the hf engine's two OpenMP threads suffer most). Each engine runs with its defaults: hf with two torch threads
+and batches of 32 pairs (96 pairs in one batch is no faster), vLLM with its CPU defaults (one worker thread,
 the other core reserved for its scheduler and our input processing).
 """
 
@@ -15,9 +15,7 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
-
-from benchmarks.common import Result
+from benchmarks.common import Result, from_reps
 
 QUESTIONS = ["Describe the video in detail.", "What is happening?", "Where does it take place?"]
 ROUNDS = 3
@@ -35,7 +33,9 @@ def _tokens(results) -> list[list[list[int]]]:
     return [[a.token_ids for a in r.answers] for r in results]
 
 
-def bench_engines(videos: int = 32, max_new_tokens: int = 32, rounds: int = ROUNDS) -> list[Result]:
+def bench_engines(quick: bool = False, videos: int | None = None, max_new_tokens: int = 32,
+                  rounds: int = ROUNDS) -> list[Result]:
+    videos = videos or (8 if quick else 32)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from stllm.engine import GenerationOptions
     from stllm.hf_engine import HFEngine
@@ -71,23 +71,18 @@ def bench_engines(videos: int = 32, max_new_tokens: int = 32, rounds: int = ROUN
                     timings["hf"] = hf.last_timings
         finally:
             engine.close()
-    ratio = min(hf_s) / min(vllm_s)  # videos/s of vLLM over videos/s of hf, best rounds
     pairs = videos * len(QUESTIONS)
     return [
-        Result("vllm_vs_hf_throughput", ratio, ">= 3", detail={
+        from_reps("vllm_vs_hf_throughput", [h / v for h, v in zip(hf_s, vllm_s, strict=True)], ">= 3", baseline={
+            "what": "the hf engine, same weights, clips and batch", "videos_per_s": round(videos / statistics.median(
+                hf_s), 3)}, detail={
             "videos": videos, "questions": len(QUESTIONS), "max_new_tokens": max_new_tokens, "rounds": rounds,
-            "hf_videos_per_s": round(videos / min(hf_s), 3), "vllm_videos_per_s": round(videos / min(vllm_s), 3),
-            "median_ratio": round(statistics.median(h / v for h, v in zip(hf_s, vllm_s, strict=True)), 3),
+            "vllm_videos_per_s": round(videos / statistics.median(vllm_s), 3),
             "hf_s": [round(x, 2) for x in hf_s], "vllm_s": [round(x, 2) for x in vllm_s],
             "identical_answers": f"{min(same)}/{pairs}",
             **{f"{e}_{k}": round(v, 2) for e, t in timings.items() for k, v in t.items()}}),
         Result("vit_forwards_per_video", float(max(vit)), "== 1", unit="passes",
-               detail={"questions_per_video": len(QUESTIONS), "engine": "vllm"}),
+               detail={"questions_per_video": len(QUESTIONS), "engine": "vllm", "rounds": rounds}),
     ]
 
 
-if __name__ == "__main__":
-    from benchmarks.common import print_table
-
-    print_table(bench_engines())
-    np.set_printoptions()
