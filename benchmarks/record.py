@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict
@@ -122,7 +123,7 @@ def save(results: list[Result], suite: str, load_info: dict[str, Any], scale: st
     for r in results:
         entry = asdict(r)
         if r.reps:
-            entry["reps"] = {"values": [round(x, 4) for x in r.reps], "median": round(r.value, 4),
+            entry["reps"] = {"values": [round(x, 4) for x in r.reps], "median": round(statistics.median(r.reps), 4),
                              "min": round(min(r.reps), 4), "max": round(max(r.reps), 4), "n": len(r.reps)}
         else:
             entry.pop("reps")
