@@ -56,6 +56,8 @@ def _notes(name: str, fig: dict[str, Any], changed: dict[str, list[str]]) -> str
     notes = []
     if run.get("scale") != "full":
         notes.append(f"{run.get('scale', '?')} scale")
+    elif fig.get("detail", {}).get("scale") not in (None, "recipe"):  # e.g. the world suite at fewer steps
+        notes.append(f"{fig['detail']['scale']} scale: {fig['detail'].get('note', 'not the product figure')}")
     if not run.get("quiet"):
         notes.append("busy machine: needs a quiet rerun")
     if name in changed:

@@ -1,134 +1,189 @@
-"""The paper's claim on a toy scale, with the synthetic world's ground truth.
+"""The paper's claims on a toy scale, with the synthetic world's ground truth — compared runs trained alike.
 
-The first run trains stage 1 of the recipe (the vision tower; or `WORLD_STAGE1` names a folder to take it from);
-every run then trains stage 2 (2a, the language stage, 2b) from that same vision tower with a fresh LLM
-(`WORLD_BENCH_STEPS` shortens stage 2b); accuracy is measured on held-out clips from fresh seeds. Each run takes
-~15 min on one core:
-`python -m benchmarks.world RUN` trains one (residual, all, mean: the recipe, with the seed's masking + MVM in
-stage 2b; residual-no-masking: without) into `WORLD_BENCH_CACHE` (default benchmarks/world-runs), so runs can go
-side by side; the suite uses the runs found there (`--from-model RUN MODEL EVAL_DATA` grades a model trained
-elsewhere, e.g. `make demo-model`'s, which is the residual run).
+Every compared run uses ONE recipe (`pipeline.training.world_model.WorldRecipe`) but for what is compared: the same
+stage 1 (trained once, cached, loaded by every run the same way), the same stage-2 steps (2a, the language stage,
+2b), data, seeds and steps; a run differs only in `video_input` or in 2b's masking. Each run's result is cached
+under the hash of its full recipe (`benchmarks/world-runs/<run>-<hash>.json`): a changed recipe is a new run,
+never a stale one. Accuracy is graded per held-out clip and question (the hf engine), so effects come with a 95%
+paired bootstrap interval over the clips.
 
-- `temporal_accuracy_all_vs_mean`: video_input all, residual and mean. Mean pooling is invariant to time
-  reversal, so it can at best tell the axis of motion (≤ 0.55 on four directions); all frame tokens in the LLM
-  (and the global-local residual input) can tell left from right. Value: direction accuracy of `all` minus `mean`.
-- `mvm_masking_effect`: residual with vs without dynamic masking + MVM (stage 2): held-out accuracy, and
-  accuracy when the clip is sampled at fewer (4) or more (16) frames than in training (8). Value: mean accuracy
-  over the three frame counts with masking minus without.
+- `temporal_accuracy_all_vs_mean`: direction accuracy of `all` (every frame's tokens in the LLM) minus `mean`
+  (mean pooling: time-reversal invariant, at best the axis of motion, ≤ 0.55 on four directions), 8 frames.
+- `mvm_masking_effect`: residual with vs without dynamic masking + MVM in 2b: the accuracy difference over EVERY
+  question kind (captions included) and the frame counts 4, 8 and 16 (trained at 8), with its interval; per kind
+  in the details.
+
+Scales: `recipe` (the shipped model's steps; ~15–30 min per run on one core, 4 runs + stage 1), `reduced`
+(`WORLD_BENCH_SCALE=reduced`: ~1/8 of every stage's steps — NOT the product's figures, a check of the method),
+`quick` (`--quick`: a few steps, 60 training scenes: the method runs end to end, the figures mean nothing).
+`python -m benchmarks.world RUN...` trains runs ahead (e.g. side by side in several shells).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.common import Result
 
-STEPS = os.environ.get("WORLD_BENCH_STEPS")  # steps of stage 2b (default: the recipe's)
-TRAIN_CLIPS, EVAL_CLIPS = 600, 100
-
-
-def _train_and_eval(work: Path, mode: str, masking: bool, stage1: Path | None,
-                    frame_counts: tuple[int, ...] = (8,)) -> dict[str, Any]:
-    from pipeline.training.world_model import WorldRecipe, build_demo_model
-
-    steps = WorldRecipe().stage2  # the recipe's 2a and 2b; masking (and WORLD_BENCH_STEPS) in 2b only
-    last = steps[-1].model_copy(update={"overrides": [*steps[-1].overrides, f"masking={str(masking).lower()}",
-                                                      *([f"max_steps={STEPS}"] if STEPS else [])]})
-    recipe = WorldRecipe(video_input=mode, train_clips=TRAIN_CLIPS, eval_clips=EVAL_CLIPS,
-                         stage2=[*steps[:-1], last], stage2_overrides=["save_every=100000"])
-    model = work / "model"
-    report = build_demo_model(work, model, recipe, progress=False, stage1=stage1)
-    if stage1 is None:  # the next runs reuse this vision tower
-        shutil.copytree(work / "stage1", CACHE / "stage1", dirs_exist_ok=True)
-    return {"accuracy_by_frames": grade_frames(model, work / "data" / "eval", frame_counts, report),
-            "seconds": report["times"]}
-
-
-def grade_frames(model: Path, eval_data: Path, frame_counts: tuple[int, ...],
-                 report: dict[str, Any] | None = None) -> dict[int, dict[str, float]]:
-    """Held-out accuracy of `model` with its clips sampled at each of `frame_counts` frames (trained at 8)."""
-    from pipeline.training.world import evaluate
-
-    out = {8: report["eval"]["heldout"]["accuracy"]} if report else {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in frame_counts:
-            if n in out:
-                continue
-            variant = Path(tmp) / f"model-{n}f"
-            shutil.copytree(model, variant)
-            cfg = json.loads((variant / "config.json").read_text())
-            cfg["num_frames"] = n
-            (variant / "config.json").write_text(json.dumps(cfg))
-            out[n] = evaluate(str(variant), eval_data)["splits"]["heldout"]["accuracy"]
-    return out
-
-
+CACHE = Path(os.environ.get("WORLD_BENCH_CACHE", Path(__file__).parent / "world-runs"))
 RUNS = {"residual": ("residual", True), "all": ("all", True), "mean": ("mean", True),  # the recipe: masking + MVM
         "residual-no-masking": ("residual", False)}
-CACHE = Path(os.environ.get("WORLD_BENCH_CACHE", Path(__file__).parent / "world-runs"))
+# (train clips, eval clips, stage-1 steps, 2a steps, language steps, 2b steps); None: the recipe's own
+SCALES: dict[str, tuple[int, int, int | None, int | None, int | None, int | None]] = {
+    "recipe": (600, 100, None, None, None, None),
+    "reduced": (600, 100, 250, 200, 50, 250),
+    "quick": (60, 30, 20, 20, 10, 30),
+}
+BOOTSTRAP = 2000
 
 
-def _frame_counts(name: str) -> tuple[int, ...]:
-    """Residual runs are also graded at fewer and more frames than trained with (the masking argument)."""
-    return (4, 8, 16) if RUNS[name][0] == "residual" else (8,)
+def scale_name(quick: bool) -> str:
+    return "quick" if quick else os.environ.get("WORLD_BENCH_SCALE", "recipe")
 
 
-def run_one(name: str, stage1: Path | None = None) -> dict[str, Any]:
-    """Train and grade one run of the suite; the result is kept in `CACHE/name.json`."""
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def recipe_for(name: str, scale: str) -> Any:
+    """The run's full recipe: the shipped one at `scale`, with its `video_input` and 2b's masking."""
+    from pipeline.training.world_model import WorldRecipe
+
     mode, masking = RUNS[name]
-    stage1 = stage1 or (Path(os.environ["WORLD_STAGE1"]) if os.environ.get("WORLD_STAGE1") else None)
-    if stage1 is None and (CACHE / "stage1" / "config.json").exists():
-        stage1 = CACHE / "stage1"
+    train, evals, s1, s2a, lang, s2b = SCALES[scale]
+    base = WorldRecipe()
+    pretrain = base.pretrain.model_copy(update={"steps": s1}) if s1 else base.pretrain
+    language = base.language.model_copy(update={"steps": lang}) if lang else base.language
+    a, b = base.stage2
+    if s2a:
+        a = a.model_copy(update={"overrides": [*a.overrides, f"max_steps={s2a}"]})
+    b = b.model_copy(update={"overrides": [*b.overrides, f"masking={str(masking).lower()}",
+                                           *([f"max_steps={s2b}"] if s2b else [])]})
+    return WorldRecipe(video_input=mode, train_clips=train, eval_clips=evals, pretrain=pretrain, language=language,
+                       stage2=[a, b], stage2_overrides=["save_every=100000"])
+
+
+def _stage1(recipe: Any) -> Path:
+    """Stage 1 (the vision tower), trained once per (seed, stage-1 config) and shared by every compared run."""
+    from stllm.loading import save_model_folder
+    from stllm.world.model import build_world_model
+    from stllm.world.pretrain import VisionPretrainer
+
+    folder = CACHE / f"stage1-{_digest([recipe.seed, recipe.pretrain.model_dump()])}"
+    if (folder / "config.json").exists():
+        return folder
+    model, processor = build_world_model(seed=recipe.seed, video_input=recipe.video_input)
+    pretrainer = VisionPretrainer(model, processor, recipe.pretrain)
+    report = {"last": pretrainer.train(progress=False), "heldout_frames": pretrainer.evaluate(split="heldout")}
+    tmp = folder.with_name(folder.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_folder(model, processor, tmp)
+    (tmp / "stage1.json").write_text(json.dumps(report, indent=2, default=str))
+    tmp.rename(folder)
+    return folder
+
+
+def _graded(model: Path, eval_data: Path, frames: int) -> list[dict[str, Any]]:
+    """Every held-out (clip, question) graded, the model's clips sampled at `frames` frames (trained at 8)."""
+    from pipeline.training.world import evaluate
+
     with tempfile.TemporaryDirectory() as tmp:
-        result = _train_and_eval(Path(tmp), mode, masking, stage1, frame_counts=_frame_counts(name))
-    result["stage2_steps"] = STEPS or "recipe"
+        variant = Path(tmp) / "model"
+        shutil.copytree(model, variant)
+        cfg = json.loads((variant / "config.json").read_text())
+        cfg["num_frames"] = frames
+        (variant / "config.json").write_text(json.dumps(cfg))
+        out = Path(tmp) / "graded.jsonl"
+        evaluate(str(variant), eval_data, answers_out=out)
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return [{"uri": Path(r["uri"]).name, "qtype": r["qtype"], "right": bool(r["right"])} for r in rows
+            if r["split"] == "heldout"]
+
+
+def run_one(name: str, scale: str) -> dict[str, Any]:
+    """Train and grade one run (or take it from the cache: same recipe hash)."""
+    from pipeline.training.world_model import build_demo_model
+
+    recipe = recipe_for(name, scale)
+    frame_counts = (4, 8, 16) if RUNS[name][0] == "residual" else (8,)
+    stage1 = _stage1(recipe)
+    key = _digest({"recipe": recipe.model_dump(), "stage1": stage1.name, "frames": frame_counts})
+    path = CACHE / f"{name}-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        report = build_demo_model(work, work / "model", recipe, progress=False, stage1=stage1)
+        graded = {str(n): _graded(work / "model", work / "data" / "eval", n) for n in frame_counts}
+    result = {"run": name, "scale": scale, "recipe_hash": key, "recipe": recipe.model_dump(), "stage1": stage1.name,
+              "graded": graded, "times": report["times"]}
     CACHE.mkdir(parents=True, exist_ok=True)
-    (CACHE / f"{name}.json").write_text(json.dumps(result, indent=2))
+    path.write_text(json.dumps(result))
     return result
 
 
-def bench_world() -> list[Result]:
-    runs = {}
-    for name in RUNS:
-        cached = CACHE / f"{name}.json"
-        found = json.loads(cached.read_text()) if cached.exists() else {}
-        runs[name] = found if found.get("stage2_steps") == (STEPS or "recipe") else run_one(name)
-        runs[name]["accuracy_by_frames"] = {int(k): v for k, v in runs[name]["accuracy_by_frames"].items()}
-    direction = {m: runs[m]["accuracy_by_frames"][8]["direction"] for m in ("all", "residual", "mean")}
-    temporal = Result(
-        "temporal_accuracy_all_vs_mean", direction["all"] - direction["mean"], ">= 0.3", detail={
-                "goal": "mean <= 0.55 on four directions (it cannot tell the sense of motion); all not limited",
-                "direction": direction, "stage2_steps": STEPS or "recipe", "train_scenes": TRAIN_CLIPS,
-                "heldout_clips": EVAL_CLIPS,
-                "heldout_accuracy": {m: runs[m]["accuracy_by_frames"][8] for m in ("all", "residual", "mean")}})
+def _per_clip(run: dict[str, Any], frames: tuple[int, ...], kinds: tuple[str, ...] | None = None
+              ) -> dict[str, float]:
+    """{clip: share right over its questions of `kinds` (all when None) and the frame counts}."""
+    acc: dict[str, list[bool]] = {}
+    for n in frames:
+        for r in run["graded"][str(n)]:
+            if kinds is None or r["qtype"] in kinds:
+                acc.setdefault(r["uri"], []).append(r["right"])
+    return {u: float(np.mean(v)) for u, v in acc.items()}
 
-    def mean_acc(run: dict[str, Any]) -> float:
-        accs = [a for by_q in run["accuracy_by_frames"].values() for q, a in by_q.items() if q != "caption"]
-        return sum(accs) / len(accs)
 
+def paired_effect(a: dict[str, float], b: dict[str, float], seed: int = 0) -> dict[str, float]:
+    """Mean over the clips of a − b, and its 95% percentile bootstrap interval (clips resampled, paired)."""
+    clips = sorted(set(a) & set(b))
+    d = np.array([a[c] - b[c] for c in clips])
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (BOOTSTRAP, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"effect": round(float(d.mean()), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
+            "clips": len(clips)}
+
+
+def _accuracy(run: dict[str, Any], frames: int) -> dict[str, float]:
+    by: dict[str, list[bool]] = {}
+    for r in run["graded"][str(frames)]:
+        by.setdefault(r["qtype"], []).append(r["right"])
+    return {k: round(float(np.mean(v)), 3) for k, v in sorted(by.items())}
+
+
+def bench_world(quick: bool = False) -> list[Result]:
+    scale = scale_name(quick)
+    runs = {name: run_one(name, scale) for name in RUNS}
+    label = {"scale": scale, **({"note": "NOT the product's figures: fewer steps than the recipe"}
+                                if scale != "recipe" else {})}
+    kinds = sorted({r["qtype"] for r in runs["residual"]["graded"]["8"]})
+    direction = paired_effect(_per_clip(runs["all"], (8,), ("direction",)),
+                              _per_clip(runs["mean"], (8,), ("direction",)))
+    temporal = Result("temporal_accuracy_all_vs_mean", direction["effect"], ">= 0.3", detail={
+        **label, "interval": direction, "goal_mean": "mean <= 0.55 on four directions; all not limited",
+        "accuracy_8_frames": {m: _accuracy(runs[m], 8) for m in ("all", "residual", "mean")},
+        "recipe_hashes": {m: runs[m]["recipe_hash"] for m in runs}, "stage1": runs["all"]["stage1"]})
+    frames = (4, 8, 16)
     masked, plain = runs["residual"], runs["residual-no-masking"]
-    mvm = Result("mvm_masking_effect", mean_acc(masked) - mean_acc(plain), ">= 0",
-                 detail={"stage2_steps": STEPS or "recipe", "with_masking_mvm": masked["accuracy_by_frames"],
-                         "without": plain["accuracy_by_frames"], "note": "no goal set by the issue; accuracy "
-                         "at 4 / 8 / 16 frames, trained at 8"})
+    overall = paired_effect(_per_clip(masked, frames), _per_clip(plain, frames))
+    per_kind = {k: paired_effect(_per_clip(masked, frames, (k,)), _per_clip(plain, frames, (k,))) for k in kinds}
+    mvm = Result("mvm_masking_effect", overall["effect"], "info", detail={
+        **label, "interval": overall, "question_kinds": kinds, "frames": list(frames), "per_kind": per_kind,
+        "with_masking_mvm": {n: _accuracy(masked, n) for n in frames},
+        "without": {n: _accuracy(plain, n) for n in frames}, "trained_at_frames": 8})
     return [temporal, mvm]
 
 
 if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1] == "--from-model":  # a run of the recipe made elsewhere: RUN MODEL_DIR EVAL_DATA
-        name, model_dir, data = sys.argv[2:5]
-        graded = {"accuracy_by_frames": grade_frames(Path(model_dir), Path(data), _frame_counts(name)),
-                  "stage2_steps": STEPS or "recipe", "model": model_dir}
-        CACHE.mkdir(parents=True, exist_ok=True)
-        (CACHE / f"{name}.json").write_text(json.dumps(graded, indent=2))
-        print(name, json.dumps(graded["accuracy_by_frames"]))
-    else:
-        for run in sys.argv[1:]:
-            print(run, json.dumps(run_one(run)["accuracy_by_frames"]))
+    for arg in sys.argv[1:]:
+        got = run_one(arg, scale_name(False))
+        print(arg, got["recipe_hash"], {n: _accuracy(got, int(n)) for n in got["graded"]})
