@@ -93,6 +93,15 @@ def test_one_row_per_good_video_one_error_per_bad_one(indexed):
     assert err == {"random.mp4": "decode", "truncated.mp4": "decode"}
 
 
+def test_blocks_fit_the_rows_in_flight_budget(indexed):
+    """A block is what Ray Data builds in an actor and stores whole: 8 of them fit `runtime.buffer_mb` (at Ray's
+    128 MiB default one decode block outgrew a 64 MiB budget, and the actors' memory grew to it)."""
+    import ray
+
+    job, _ = indexed
+    assert ray.data.DataContext.get_current().target_max_block_size <= job.runtime.buffer_mb * 2**20 // 8
+
+
 def test_parquet_and_lancedb_match_the_schemas_and_each_other(indexed):
     from schemas import check_table, error_schema, video_schema
 
