@@ -3,7 +3,8 @@
   stllm-index convert SRC DST        released ST-LLM weights → the project's safetensors folder
   stllm-index ask VIDEO "question"   answer one question about one video (try a checkpoint)
   stllm-index run JOB.yaml           index what is new in a job's source (local folder or s3:// prefix)
-  stllm-index status INDEX           last runs, counts and errors of an index
+  stllm-index status INDEX           last runs, coverage of each job's cells, errors of an index
+  stllm-index prune INDEX            unregister a job, drop superseded cells (history), --dry-run first
   stllm-index search INDEX "text"    hybrid search with filters (--where, --answer, --prefix, --since)
   stllm-index similar INDEX VIDEO    visually similar videos (exact copies left out)
   stllm-index export INDEX --to DIR  a curated subset as a fine-tuning manifest (parquet, jsonl, webdataset)
@@ -214,6 +215,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Unregister a job and/or drop superseded cells; prints what goes (nothing changes with --dry-run)."""
+    from pipeline.index_status import locate
+    from pipeline.io.sources import S3Options, is_s3
+    from pipeline.store.prune import prune
+
+    if not args.job and not args.superseded:
+        raise ValueError("prune: say what to prune: --job NAME and/or --superseded")
+    loc = locate(args.index, S3Options() if is_s3(args.index) else None)
+    report = prune(loc, job=args.job, superseded=args.superseded, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report, indent=2), file=terminal())
+        return 0
+    verb = "would go" if args.dry_run else "gone"
+    out = terminal()
+    if report["jobs"]:
+        print(f"job {report['jobs'][0]}: unregistered ({verb}); its questions leave the view"
+              + ("" if args.dry_run else f" ({report['views_rebuilt']} view rows rebuilt)"), file=out)
+    cells = sum(report["cells"].values())
+    by = ", ".join(f"{k} {v}" for k, v in sorted(report["cells"].items())) or "none"
+    models = ", ".join(f"{k} {v}" for k, v in sorted(report["models"].items()))
+    print(f"superseded cells {verb}: {cells} ({by}){f'; by model: {models}' if models else ''}", file=out)
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.training.world import synth
 
@@ -322,6 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "runs recorded them, i.e. the job's output.manifest_dir; else <index>/_manifests)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    pr = sub.add_parser("prune", help="unregister a job, drop cells no job asks for (history), with a dry run")
+    pr.add_argument("index", help="the job's output.parquet root or output.lancedb folder (local or s3://)")
+    pr.add_argument("--job", default=None, help="unregister this job: its questions leave the view (rebuilt from "
+                    "the cells, no model work); its cells stay unless --superseded")
+    pr.add_argument("--superseded", action="store_true", help="delete cells no registered job asks for (earlier "
+                    "models, dropped questions, old prompts) where the current result is there")
+    pr.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_prune)
 
     from pipeline.catalog.commands import add_commands
 

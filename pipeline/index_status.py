@@ -12,13 +12,17 @@ import pyarrow.fs as pafs
 
 from pipeline.io.sources import S3Options, is_s3
 from pipeline.store.files import filesystem, join_path
-from pipeline.store.index_record import recorded_manifest_dirs
+from pipeline.store.index_record import recorded_location, recorded_manifest_dirs
 from pipeline.store.location import IndexLocation
 from pipeline.store.manifest import list_manifests, mark_interrupted
 from pipeline.store.registry import describe, load_registry
 
 
-def _locate(index: str, s3: S3Options | None) -> IndexLocation:
+def locate(index: str, s3: S3Options | None) -> IndexLocation:
+    """The index one of whose roots (its Parquet root or LanceDB folder) is `index`: both stores as its runs
+    recorded them, else the one store found there."""
+    if (recorded := recorded_location(index, s3)) is not None:
+        return recorded
     fs, inner = filesystem(index, s3)
     names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))}
     if not names:
@@ -54,7 +58,7 @@ def coverage(loc: IndexLocation, videos: int) -> list[dict[str, Any]]:
 
 def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> dict[str, Any]:
     s3 = S3Options() if is_s3(index) else None
-    loc = _locate(index, s3)
+    loc = locate(index, s3)
     videos, errors = loc.videos(), loc.errors()
     # Where the runs' manifests are: as told, else as the index recorded (the job's output.manifest_dir), else
     # the default of a job that set none.

