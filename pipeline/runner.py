@@ -185,6 +185,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     from pipeline.preflight import check_source
     from pipeline.redact import register_secret
     from pipeline.report import print_summary, progress_bar
+    from pipeline.store.background import BackgroundWriter
     from pipeline.store.index_record import record_manifest_dir
     from pipeline.store.manifest import RunRecord
     from pipeline.store.writer import IndexWriter
@@ -210,6 +211,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                   "outputs": {**output_locations(job), "manifest": record.path}})
     stage_s = {"decode_s": 0.0, "model_s": 0.0, "embed_s": 0.0}
     writer = None
+    writer_stats: dict[str, Any] = {}
     try:
         writer = IndexWriter(index_location(job), spec, run_id=run_id,
                              legacy_hash=job.config_hash(facts["checkpoint_id"]))
@@ -219,18 +221,23 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
             ds = new_work_dataset(plan)
             for op in stage_ops(job, facts).values():
                 ds = op(ds)
+            background = BackgroundWriter(writer, max_rows=job.runtime.commit_every,
+                                          max_seconds=job.runtime.commit_seconds)
             with progress_bar(None, enabled=progress) as bar:
-                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=job.runtime.commit_every,
-                                             prefetch_batches=1):
-                    for col in stage_s:
-                        if col in batch.column_names:
-                            stage_s[col] += float(pc.sum(batch.column(col)).as_py() or 0.0)
-                    delta = writer.write(batch)
-                    c = writer.counts
-                    bar.update(done=c["indexed"] + c["copies"] + c["errors"],
-                               total=c["listed"] - c["skipped"] - c["known_bad"] - c["deferred"],
-                               errors=c["errors"], advanced=delta["indexed"] + delta["copies"] + delta["errors"])
-                    record.beat(counts=writer.counts_json())
+                try:
+                    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+                        for col in stage_s:
+                            if col in batch.column_names:
+                                stage_s[col] += float(pc.sum(batch.column(col)).as_py() or 0.0)
+                        background.submit(batch)
+                        c = writer.counts
+                        bar.update(done=c["indexed"] + c["copies"] + c["errors"],
+                                   total=c["listed"] - c["skipped"] - c["known_bad"] - c["deferred"],
+                                   errors=c["errors"])
+                        record.beat(counts=writer.counts_json(), writer=background.stats())
+                finally:
+                    background.close()
+            writer_stats = background.stats()
         else:  # nothing new: count what the listing holds without starting anything
             from pipeline.io.listing import iter_work
 
@@ -246,7 +253,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     wall = time.perf_counter() - t_start
     manifest = record.end(
         status="succeeded", finished_at=datetime.now(UTC).isoformat(), wall_s=round(wall, 3),
-        counts=writer.counts_json(), stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
+        counts=writer.counts_json(), writer=writer_stats, stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
         videos_per_s=round(writer.counts["indexed"] / wall, 4) if wall else None)
     if progress:
         print_summary(manifest)

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pipeline.io.sources import S3Options
 from pipeline.store.cells import JobSpec, cells_table, new_cells, plan_cell, segment_scope
-from pipeline.store.commit import check_existing
+from pipeline.store.commit import KEEP_VERSIONS_S, check_existing
 from pipeline.store.files import utc_now
 from pipeline.store.ledger import failure_row, ledger_row, ledger_table
 from pipeline.store.location import IndexLocation
@@ -34,6 +34,9 @@ from schemas import embedding_dims, segment_schema, video_schema
 from schemas.stages import COPY, SEGMENT, TALLY, TALLY_FIELDS
 
 log = logging.getLogger(__name__)
+# the columns lookups filter on, by table key (created while a run goes: the first run of an archive needs them)
+SCALAR_INDEXES = {"video_id": ("video_id", "content_id"), "cell_id": ("cell_id", "content_id"),
+                  "segment_id": ("segment_id", "video_id")}
 COUNT_KEYS = ("listed", "skipped", "known_bad", "deferred", "indexed", "copies", "errors", "model_calls", "decoded",
               "visual_encodings", "cells_reused")
 Row = dict[str, Any]
@@ -267,13 +270,21 @@ class IndexWriter:
         if self.counts["indexed"] + self.counts["copies"]:
             self.maintain_indexes()
 
+    def maintain(self, keep_versions_s: float = KEEP_VERSIONS_S) -> dict[str, Any]:
+        """Between commits of a long run: fold small Parquet parts into large ones and compact LanceDB's fragments
+        into its indexes (scalar indexes made on first use), so lookups and merges keep their cost flat."""
+        with self.lock:
+            return {store.name: store.fold(run_id=self.run_id, keep_versions_s=keep_versions_s,
+                                           scalar_columns=SCALAR_INDEXES.get(store.key[0], ()))
+                    for store in self._stores()}
+
     def maintain_indexes(self) -> None:
         for store, scalars in ((self.videos, ("video_id", "content_id")), (self.segments, ("video_id", "segment_id"))):
             if store is not None and store.lance_table is not None:
                 maintain_indexes(store.lance_table, fts_columns=("caption", "answers_text"), scalar_columns=scalars,
                                  vector_columns=("caption_embedding", "visual_embedding"))
         if self.cells.lance_table is not None:
-            maintain_indexes(self.cells.lance_table, fts_columns=("text",), scalar_columns=("content_id",))
+            maintain_indexes(self.cells.lance_table, fts_columns=("text",), scalar_columns=("cell_id", "content_id"))
 
 
 def _timings(r: Row) -> dict[str, Any]:
