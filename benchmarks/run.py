@@ -24,6 +24,7 @@ SUITES = {
     "engines": ("benchmarks.engines", "bench_engines"),
     "listing": ("benchmarks.listing", "bench_listing"),
     "search": ("benchmarks.search", "bench_search"),
+    "writer": ("benchmarks.writer", "bench_writer"),
     "feeding": ("benchmarks.feeding", "bench_feeding"),
     "segments": ("benchmarks.segments", "bench_segments"),
     "segment_linearity": ("benchmarks.segments", "bench_segment_linearity"),

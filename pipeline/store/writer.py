@@ -193,7 +193,11 @@ class IndexWriter:
             if cells:
                 self.cells.commit(cells_table(cells), run_id=self.run_id)
             objects = self._unwritten + [{**r, "timings": _timings(r)} for r in ok] + copies
-            by_content = self._cells_by_content({o["content_id"] for o in objects})
+            # what this commit just wrote needs no reading back: only cells from elsewhere (earlier commits,
+            # runs, other jobs) are read, for the contents that have some
+            by_content = self._cells_by_content(
+                {o["content_id"] for o in objects}, cells,
+                read={o["content_id"] for o in (*self._unwritten, *copies)})
             if objects and any(d is None for d in self.dims.values()):
                 self._unwritten, objects = objects, []  # embedding sizes unknown: keep for now
             else:
@@ -218,11 +222,22 @@ class IndexWriter:
             if self.dims[col] is None and cell.get(key) is not None:
                 self.dims[col] = len(cell[key])
 
-    def _cells_by_content(self, contents: set[str]) -> dict[str, dict[str, list[Row]]]:
+    def _cells_by_content(self, contents: set[str], fresh: list[Row] = (),
+                          read: set[str] | None = None) -> dict[str, dict[str, list[Row]]]:
+        """Every cell of these contents: `fresh` (this commit's, committed already) and those made elsewhere —
+        read for the contents in `read` and for any content with a cell another run made."""
         if not contents:
             return {}
-        found = self.cells.lookup("content_id", sorted(contents))
+        read = set(contents) if read is None else set(read)
+        others = sorted(contents - read)
+        if others:
+            owners = self.cells.lookup("content_id", others, ["content_id", "run_id"])
+            if owners is not None:
+                read |= {c for c, run in zip(*(owners.column(n).to_pylist() for n in ("content_id", "run_id")),
+                                             strict=True) if run != self.run_id}
+        found = self.cells.lookup("content_id", sorted(read)) if read else None
         rows = [] if found is None else found.to_pylist()
+        rows += [c for c in fresh if c["content_id"] not in read]
         for c in rows:  # an index that already holds vectors tells their sizes
             self._learn_dims(c)
         return group_cells(rows)
