@@ -606,3 +606,15 @@ def test_a_long_run_keeps_its_files_and_versions_bounded(tmp_path: Path) -> None
     assert store.count() == 10_000 and len(_one_row_per_key(tmp_path, store)) == 10_000
     assert most_parts <= 8 and most_versions <= 12  # not 50 of each
     assert any(idx.columns == ["video_id"] for idx in store.lance_table.list_indices())
+
+
+def test_a_questions_only_job_on_a_new_index_writes_its_rows(tmp_path: Path) -> None:
+    job = _job(str(tmp_path), ["caption_prompt=null"])
+    spec = job.spec(FACTS)
+    writer = _writer(job, "q-only")
+    writer.write([_work({**_rows(1)[0], "caption": None, "caption_embedding": None}, spec)])
+    writer.finish()
+    videos = read_parquet(f"{tmp_path}/parquet/videos")
+    assert videos.num_rows == 1 and videos.column("caption").to_pylist() == [None]
+    assert schemas.embedding_dims(videos.schema)["caption_embedding"] == 384  # the job's text embedder's width
+    assert [a["question"] for a in videos.column("answers")[0].as_py()] == [a.prompt for a in spec.questions]

@@ -198,6 +198,11 @@ class IndexWriter:
             by_content = self._cells_by_content(
                 {o["content_id"] for o in objects}, cells,
                 read={o["content_id"] for o in (*self._unwritten, *copies)})
+            if objects and self.dims["caption_embedding"] is None and self.dims["visual_embedding"] is not None:
+                # no caption yet (a questions-only job on a new index): the text embedder says its width
+                from pipeline.embedder import DEFAULT_EMBEDDER, embedding_dim
+
+                self.dims["caption_embedding"] = embedding_dim(self.spec.embedder if self.spec else DEFAULT_EMBEDDER)
             if objects and any(d is None for d in self.dims.values()):
                 self._unwritten, objects = objects, []  # embedding sizes unknown: keep for now
             else:
