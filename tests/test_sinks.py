@@ -292,7 +292,7 @@ FACTS = {"model_id": "tiny:residual:8", "checkpoint_id": "w1", "num_frames": 8, 
 
 def _work(r: dict, spec, **extra) -> dict:
     """A model result as the stages hand it to the writer (Arrow rows: lists as lists)."""
-    cap = spec.caption.prompt
+    cap = spec.caption.prompt if spec.caption is not None else None
     return {
         "kind": "work", "uri": r["uri"], "size": r["size"], "etag": r["etag"], "mtime": 1.7e9,
         "video_id": r["video_id"], "content_id": r["content_id"], "copy_of": None, "prev_attempts": 0,
