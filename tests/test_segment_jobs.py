@@ -154,6 +154,15 @@ def test_fixed_windows_job_and_a_broken_file(archive, tmp_path) -> None:
 
     errors = read_parquet(str(out / "parquet" / "errors")).to_pylist()
     assert [Path(e["uri"]).name for e in errors] == ["broken.mp4"] and errors[0]["stage"] == "decode"
+    # a question added to a segments job: once per moment (and once for the whole video), nothing else again
+    from pipeline.jobs import load_job as load
+
+    asked = load(None, _overrides(src, out)).questions
+    more = _run(_overrides(src, out, ("segments.mode=fixed", "segments.length_s=20", "segments.overlap_s=5",
+                                      "segments.min_s=4", "questions=" + json.dumps([*asked, "Is it red?"]))))
+    assert more["counts"]["generations"] == {"caption": 0, "answer": 1 + len(want)}, more["counts"]
+    rows, _ = _tables(out, "segments")
+    assert len(rows) == len(want) and all(a["question"] == "Is it red?" for r in rows for a in r["answers"][-1:])
     # the job's segmentation derives its moments' cells: another window length asks for other cells
     from pipeline.jobs import load_job
     from tests.test_sinks import FACTS
