@@ -25,6 +25,7 @@ def listing_schema() -> pa.Schema:
         pa.field("content_id", pa.string()), pa.field("size", pa.int64()), pa.field("etag", pa.string()),
         pa.field("mtime", pa.float64()), pa.field("copy_of", pa.string()), pa.field("prev_attempts", pa.int64()),
         pa.field("first_seen", ts), pa.field("indexed_at", ts),
+        pa.field("in_ledger", pa.bool_()),  # the error ledger holds a record of it under this job
         # a copy waiting for the cells of a content this run is computing
         pa.field("wait", pa.bool_()),
         # what the model must generate (null / empty: nothing), and for the video's segments

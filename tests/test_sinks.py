@@ -372,7 +372,8 @@ def test_writer_cells_view_copies_and_ledger(tmp_path: Path) -> None:
     writer = _writer(job, "run-2")
     first_seen = ledger["bad1"]["first_seen"]
     writer.write([_bad("bad1", prev_attempts=1, first_seen=first_seen),
-                  _work({**rows[0], "video_id": "bad2", "uri": "/videos/bad2.mp4", "content_id": "c9"}, spec),
+                  _work({**rows[0], "video_id": "bad2", "uri": "/videos/bad2.mp4", "content_id": "c9"}, spec,
+                        in_ledger=True),
                   _copy("dup3", "c3", copy_of="vid3")])
     writer.finish()
     ledger = {e["video_id"]: e for e in read_parquet(f"{tmp_path}/parquet/errors").to_pylist()}

@@ -63,6 +63,7 @@ def _retry_due(last_seen: datetime | None, retry_after_s: float | None) -> bool:
 def _row(kind: str, src: VideoSource, vid: str, cid: str | None, **extra: Any) -> dict[str, Any]:
     return {"kind": kind, "uri": src.uri, "video_id": vid, "content_id": cid, "size": src.size, "etag": src.etag,
             "mtime": src.mtime, "copy_of": None, "prev_attempts": 0, "first_seen": None, "indexed_at": None,
+            "in_ledger": False,
             "wait": False, "caption_prompt": None, "questions": [], "need_media": False, "need_visual": False,
             "need_scores": False,
             "need_segments": False, "segment_caption_prompt": None, "segment_questions": [], "reused": 0,
@@ -196,7 +197,7 @@ def iter_work(plan: WorkPlan) -> Iterator[pa.Table]:
             history = {"prev_attempts": led["attempts"], "first_seen": led["first_seen"]} \
                 if led is not None and led["etag"] == src.etag else {}
             own = {"indexed_at": row["indexed_at"] if row is not None else None,
-                   "copy_of": _copy_of(row, vid, cid, firsts)}
+                   "copy_of": _copy_of(row, vid, cid, firsts), "in_ledger": led is not None}
             scopes = have.get(cid, {}) if cid is not None else {}
             video, segs = needs(spec, scopes.get("", set())), _segment_needs(spec, scopes)
             if cid is not None and cid in sent:

@@ -209,7 +209,9 @@ class IndexWriter:
                 self._unwritten = []
             views = [video_row(o, by_content.get(o["content_id"], {}), self.plan, self.dims, run_id=self.run_id,
                                now=now) for o in objects]
-            done = [(v["video_id"], self._spec_hash) for v in views] if self.spec is not None else []
+            # the ledger records these objects leave: the ones the listing saw there (the rest have none)
+            done = [(o["video_id"], self._spec_hash) for o in objects if o.get("in_ledger")] \
+                if self.spec is not None else []
             if ledger or done:
                 self.errors.commit(ledger_table(ledger) if ledger else None, deletes=done, run_id=self.run_id)
             if self.segments is not None and views:
