@@ -23,7 +23,7 @@ _BUILD = """
 import sys
 sys.path.insert(0, {repo!r})
 import pyarrow as pa
-from pipeline.io.sinks import connect_lance
+from pipeline.store.lance import connect_lance
 from pipeline.io.sources import object_id, s3_content_id
 db = connect_lance({lance!r})
 table = None

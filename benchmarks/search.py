@@ -44,8 +44,8 @@ def _batch(vectors: np.ndarray, start: int, rng: np.random.Generator):
 
 def bench_search(n: int = 1_000_000, queries: int = 50, seed: int = 0) -> list[Result]:
     from pipeline.catalog.search import query_table
-    from pipeline.io.indexes import maintain_indexes
-    from pipeline.io.sinks import connect_lance
+    from pipeline.store.lance import connect_lance
+    from pipeline.store.search_indexes import maintain_indexes
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((CLUSTERS, DIM)).astype(np.float32)
