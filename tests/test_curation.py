@@ -213,7 +213,7 @@ def test_export_takes_a_models_results_from_the_history(curated, tmp_path: Path)
     history = export(index, tmp_path / "history", fmt="jsonl", dedup_threshold=0.999, model=model)
     # one model on this index: its history holds exactly what the view shows
     assert Path(shown.files[0]).read_bytes() == Path(history.files[0]).read_bytes()
-    with pytest.raises(ValueError, match=f"no caption or answer of model 'other' in the index \\(models: {model}\\)"):
+    with pytest.raises(ValueError, match=f"no results of model 'other' in this index \\(models: {model}\\)"):
         export(index, tmp_path / "none", fmt="jsonl", model="other")
     assert not (tmp_path / "none").exists()
 
