@@ -1,6 +1,6 @@
 """`stllm-index status INDEX`: what an index holds and how its last runs went — from the run manifests, the
-view, the cells (coverage of each job's caption and questions) and the error ledger (Parquet root or LanceDB
-folder, local or s3://)."""
+view (and each curation score's histogram over it), the cells (coverage of each job's caption and questions) and
+the error ledger (Parquet root or LanceDB folder, local or s3://)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from pipeline.catalog.histograms import fmt, score_columns, score_histograms, text_bars
 from pipeline.io.sources import S3Options, is_s3
 from pipeline.store.files import filesystem, join_path
 from pipeline.store.index_record import recorded_location, recorded_manifest_dirs
@@ -56,6 +57,14 @@ def coverage(loc: IndexLocation, videos: int) -> list[dict[str, Any]]:
     return out
 
 
+def histograms(videos: Any) -> list[dict[str, Any]]:
+    """Each curation score's histogram over the view (`pipeline.catalog.histograms`): bin edges, counts, nulls."""
+    schema = videos.existing_schema()
+    columns = score_columns(schema.names) if schema is not None else []
+    table = videos.read_all(columns) if columns else None
+    return [] if table is None else [h.to_json() for h in score_histograms(table)]
+
+
 def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> dict[str, Any]:
     s3 = S3Options() if is_s3(index) else None
     loc = locate(index, s3)
@@ -84,6 +93,7 @@ def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> 
         "errors": errors.count(), "retryable_errors": retryable,
         "errors_by_type": dict(by_type.most_common()),
         "jobs": describe(load_registry(loc.root, s3)), "coverage": coverage(loc, n_videos),
+        "histograms": histograms(videos),
         "runs": [{k: m.get(k) for k in ("run_id", "job", "status", "started_at", "finished_at", "wall_s",
                                         "counts", "error")} for m in manifests[-runs:]],
     }
@@ -109,6 +119,18 @@ def print_status(status: dict[str, Any]) -> None:
         t.add_column("contents", justify="right")
         for c in job["cells"]:
             t.add_row(c["what"], f"{c['contents']:,} of {job['videos'] - job['copies']:,}")
+        out.print(t)
+    if any(h["values"] for h in status.get("histograms", [])):
+        t = Table(title="curation scores over the videos (docs/curation.md): one bar per bin, from the lower edge to "
+                  "the upper")
+        for col, kw in (("score", {}), ("from", {"justify": "right"}), ("histogram", {}), ("to", {}),
+                        ("videos", {"justify": "right"}), ("null", {"justify": "right"}), ("min", {"justify": "right"}),
+                        ("max", {"justify": "right"})):
+            t.add_column(col, no_wrap=True, **kw)
+        for h in status["histograms"]:
+            edges = h["edges"] or [None]
+            t.add_row(h["column"], fmt(edges[0]), f"[cyan]{text_bars(h['counts'])}[/cyan]", fmt(edges[-1]),
+                      str(h["values"]), str(h["nulls"]), fmt(h["min"]), fmt(h["max"]))
         out.print(t)
     if status["errors_by_type"]:
         t = Table(title="errors by type")

@@ -116,6 +116,16 @@ def test_an_index_evolves_one_question_and_one_model_at_a_time(tmp_path: Path, o
     hits = json.loads(res.stdout)
     assert hits and {h["model"] for h in hits} == {old["caption_model"]} and old["caption"] in {
         h["caption"] for h in hits}
+    # ... and exportable for training: the first model's captions and answers, though the view shows tiny-b's
+    older = export(str(out / "lancedb"), tmp_path / "older", fmt="jsonl", dedup_threshold=1.01,
+                   model=old["caption_model"])
+    lines = [json.loads(x) for x in Path(older.files[0]).read_text().splitlines()]
+    assert {m["model"] for m in lines} == {old["caption_model"]}
+    # every question it answered: the view's (Q1, Q3 of run B) first, then the dropped Q2
+    assert [m["question"] for m in lines[:4]] == [old["caption_prompt"], Q1, Q3, Q2] and len(lines) == n * 4
+    assert {(Path(m["uri"]).name, m["question"], m["answer"]) for m in lines if m["question"] != Q3} == {
+        (name, q, a) for name, r in first.items()
+        for q, a in [(r["caption_prompt"], r["caption"]), *((q, a) for q, (a, _) in _answers(r).items())]}
     from pipeline.index_status import index_status
 
     cover = index_status(str(out / "parquet"))["coverage"]

@@ -1,10 +1,11 @@
 """Search the index's history: the captions and answers every model made, in the `cells` table (`search --model
-NAME`, the page's model choice). The view shows one result per video and question; the history keeps them all,
-each with the model, the prompt or question, and the run that made it."""
+NAME`, the page's model choice), and take one model's results for a training export (`export --model NAME`). The
+view shows one result per video and question; the history keeps them all, each with the model, the prompt or
+question, and the run that made it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pipeline.catalog.query import Catalog, Filters, build_filter
@@ -68,4 +69,44 @@ def _videos_of(contents: Sequence[str], catalog: Catalog, where: str | None) -> 
     return out
 
 
-__all__ = ["models", "search_history"]
+def _latest(cells: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(cells, key=lambda c: (c["created_at"], c["cell_id"]), default=None)
+
+
+def model_results(catalog: Catalog, model: str, rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{video_id: {"caption": {text, prompt, model} | None, "answers": [{question, answer, model}]}} of `model`
+    for each view row (whole videos: scope ''): what `export --model` trains on instead of what the view shows.
+    The caption is the one with the row's caption prompt, else the latest; per question the latest answer, in the
+    row's question order, then the others by question."""
+    cells = open_table(catalog.db, "cells")
+    if cells is None:
+        raise ValueError(f"{catalog.uri} holds no history (no 'cells' table): run a job into it first")
+    known = models(catalog)
+    if model not in known:
+        raise ValueError(f"--model: no results of model {model!r} in this index (models: {', '.join(known)})")
+    where = f"scope = '' AND kind IN ('caption', 'answer') AND model_id = {sql_str(model)} AND text != ''"
+    found = cells.search().where(where).select(["cell_id", *CELL_COLUMNS]).limit(None).to_list()
+    by_content: dict[str, list[dict[str, Any]]] = {}
+    for c in found:
+        by_content.setdefault(c["content_id"], []).append(c)
+    out = {}
+    for r in rows:
+        mine = by_content.get(r["content_id"], [])
+        captions = [c for c in mine if c["kind"] == "caption"]
+        caption = _latest([c for c in captions if c["prompt"] == r.get("caption_prompt")]) or _latest(captions)
+        answers: dict[str, dict[str, Any]] = {}
+        for c in mine:
+            if c["kind"] == "answer" and (c["prompt"] not in answers or _latest([answers[c["prompt"]], c]) is c):
+                answers[c["prompt"]] = c
+        asked = [a["question"] for a in r.get("answers") or []]
+        order = [q for q in asked if q in answers] + sorted(q for q in answers if q not in asked)
+        out[r["video_id"]] = {
+            "caption": None if caption is None else {"text": caption["text"], "prompt": caption["prompt"],
+                                                     "model": caption["model_id"]},
+            "answers": [{"question": q, "answer": answers[q]["text"], "model": answers[q]["model_id"]}
+                        for q in order],
+        }
+    return out
+
+
+__all__ = ["model_results", "models", "search_history"]

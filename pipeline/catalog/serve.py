@@ -1,6 +1,7 @@
 """`stllm-index serve INDEX`: a small read-only web app over an index (FastAPI + Jinja2, served by uvicorn).
 
-Pages: `/` search box with filters (those of the CLI: uri prefix, answer, where, since, until); before any search
+Pages: `/` search box with filters (those of the CLI: uri prefix, answer, where, since, until; and a min/max per
+curation score beside that score's histogram over the index, `pipeline.catalog.histograms`); before any search
 the latest indexed videos, newest first, a page at a time (the filters apply); results with thumbnails, caption,
 the matching answer and the score in a column of its own (with "moments", the segments of long recordings
 instead, each opening its video at its start); `/video/<id>` a detail
@@ -14,7 +15,9 @@ Binds to 127.0.0.1 unless told otherwise; nothing writes to the index.
 from __future__ import annotations
 
 import functools
+import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -24,6 +27,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from pipeline.catalog.browse import PER_PAGE, latest_videos
+from pipeline.catalog.histograms import Histogram, fmt, score_columns, score_histograms
 from pipeline.catalog.query import Catalog, Filters, parse_answer_filter
 from pipeline.io.fetch import local_path
 from pipeline.io.sources import S3Options, is_s3, split_s3_uri
@@ -60,6 +64,19 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
             target = moments
         return target.search(q, filters=filters, k=k, mode=mode, vector=vector)  # type: ignore[arg-type]
 
+    histograms: dict[int, list[Histogram]] = {}  # by table version: one scan of the scores per index change
+
+    def score_panel(params: Mapping[str, str]) -> list[dict[str, Any]]:
+        """Each score's histogram over the index with the form's bounds on it."""
+        version = catalog.table.version
+        if version not in histograms:
+            columns = score_columns(catalog.columns)
+            table = catalog.table.search().select(columns).limit(None).to_arrow() if columns else None
+            histograms.clear()
+            histograms[version] = [] if table is None else score_histograms(table)
+        return [{"h": h, "min": params.get(f"{h.name}_min", ""), "max": params.get(f"{h.name}_max", "")}
+                for h in histograms[version]]
+
     def one(video_id: str, columns: list[str]) -> dict[str, Any]:
         rows = catalog.table.search().where(f"video_id = {sql_str(video_id)}").select(columns).limit(1).to_list()
         if not rows:
@@ -71,10 +88,10 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
                     where: str = "", since: str = "", until: str = "", k: int = 20, segments: bool = False,
                     page: int = 1, n: int = PER_PAGE) -> Any:
         form = {"q": q, "mode": mode, "prefix": prefix, "answer": answer, "where": where, "since": since,
-                "until": until}
+                "until": until, **_bounds(request.query_params, catalog.columns)}
         hits, latest, error = [], None, None
         try:
-            filters = _filters(prefix, answer, where, since, until)
+            filters = _filters(prefix, answer, where, since, until, request.query_params, catalog.columns)
             if q.strip():
                 hits = run_search(q, mode, filters, k, segments)
             else:  # the home: what was indexed last, before anyone searches
@@ -88,13 +105,16 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
 
         return templates.TemplateResponse(request, "search.html", {
             "index": index, **form, "hits": hits, "latest": latest, "page_link": page_link, "error": error,
-            "segments": segments, "has_moments": moments is not None})
+            "segments": segments, "has_moments": moments is not None, "scores": score_panel(request.query_params),
+            "fmt": fmt})
 
     @app.get("/api/search")
-    def api_search(q: str, mode: str = "hybrid", prefix: str = "", answer: str = "", where: str = "",
-                   since: str = "", until: str = "", k: int = 20, segments: bool = False) -> Any:
+    def api_search(request: Request, q: str, mode: str = "hybrid", prefix: str = "", answer: str = "",
+                   where: str = "", since: str = "", until: str = "", k: int = 20, segments: bool = False) -> Any:
+        """The page's search as JSON; score bounds as on the page: `motion_min=0.02&blank_fraction_max=0.1`."""
         try:
-            hits = run_search(q, mode, _filters(prefix, answer, where, since, until), k, segments)
+            filters = _filters(prefix, answer, where, since, until, request.query_params, catalog.columns)
+            hits = run_search(q, mode, filters, k, segments)
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return [{k: (str(v) if k == "indexed_at" else v) for k, v in h.items()} for h in hits]
@@ -111,7 +131,7 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
             .select(["segment_id", "segment", "start_s", "end_s", "caption"]).limit(None).to_list(),
             key=lambda m: m["segment"])
         return templates.TemplateResponse(request, "video.html", {"index": index, "row": row, "t": t,
-                                                                  "similar": similar, "moments": own})
+                                                                  "similar": similar, "moments": own, "fmt": fmt})
 
     @app.get("/thumb/moment/{segment_id}")
     def moment_thumb(segment_id: str) -> Any:
@@ -155,10 +175,35 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
     return app
 
 
-def _filters(prefix: str, answer: str, where: str, since: str, until: str) -> Filters:
-    """The form's filters (empty fields: no filter), as the CLI's flags."""
+def _bounds(params: Mapping[str, str], columns: Sequence[str]) -> dict[str, str]:
+    """The form's score bounds that are set: `<score>_min` / `<score>_max` (`motion_min` bounds score_motion)."""
+    names = [f"{c.removeprefix('score_')}_{end}" for c in score_columns(columns) for end in ("min", "max")]
+    return {n: params[n].strip() for n in names if params.get(n, "").strip()}
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"{what}: {text!r} is not a number")
+    return value
+
+
+def _filters(prefix: str, answer: str, where: str, since: str, until: str, params: Mapping[str, str] | None = None,
+             columns: Sequence[str] = ()) -> Filters:
+    """The form's filters (empty fields: no filter), as the CLI's flags; a score's min/max as `--where "score_x >=
+    min AND score_x <= max"`."""
+    bounds = _bounds(params or {}, columns)
+    ranges = []
+    for column in score_columns(columns):
+        lo, hi = (bounds.get(f"{column.removeprefix('score_')}_{end}") for end in ("min", "max"))
+        if lo is not None or hi is not None:
+            ranges.append((column, None if lo is None else _number(lo, f"{column} min"),
+                           None if hi is None else _number(hi, f"{column} max")))
     return Filters(where=where or None, answers=[parse_answer_filter(answer)] if answer else [],
-                   prefix=prefix or None, since=since or None, until=until or None)
+                   prefix=prefix or None, since=since or None, until=until or None, ranges=ranges)
 
 
 def _guess_manifests(index: str) -> str | None:
