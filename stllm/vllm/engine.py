@@ -476,9 +476,13 @@ class VLLMEngine:
                 done.append((i, key, collectors))
         except EngineDeadError:
             raise  # the adder fails this batch and the ones queued
-        except BaseException as e:  # noqa: BLE001 — anything else fails this batch alone
+        except asyncio.CancelledError:  # the engine is shutting down
+            added.cancel()
+            raise
+        except Exception as e:  # anything else fails this batch alone
             await self._abort(done)
-            added.set_exception(e)
+            if not added.done():
+                added.set_exception(e)
             return
         if added.done():  # cancelled meanwhile: nobody will read these outputs
             await self._abort(done)
