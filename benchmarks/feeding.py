@@ -1,5 +1,5 @@
 """Is the vLLM engine kept busy? Short videos through the model stage with the tiny model on vLLM (CPU), from
-the engine's own stats (`stllm.vllm.feeder`) and the stage's batch completion times:
+the engine's own stats (vLLM's metrics, `stllm.vllm.metrics`) and the stage's batch completion times:
 
 - `engine_busy_fraction`: the share of the model stage's active time during which the engine had sequences,
   the stage's input decoded beforehand (2×`videos` rows ready: what the stage itself does to its engine);
@@ -180,8 +180,7 @@ class _EngineAlone:
         from pipeline.proc_stats import cpu_snapshot, cpu_split
 
         # each call computes its videos' features and sends their frames, as the stage does once per video
-        self.engine.llm.collective_rpc("stllm_clear_vit_cache")
-        self.engine.llm.reset_mm_cache()
+        self.engine.reset_caches()
         before = cpu_snapshot()
         t0 = time.perf_counter()
         results = self.engine.generate(reqs, self.options)
@@ -220,15 +219,16 @@ def bench_feeding(videos: int = 96, batch_size: int = 4, max_seqs: int = 32) -> 
         return round(videos / max(t for t, _ in stats["completed"]), 2)
 
     pipeline = {"videos": videos, "batch_size": batch_size, "max_num_seqs": max_seqs,
-                "in_pipeline_busy": after["busy_fraction"], "in_pipeline_inflight": after["inflight_mean_over_max"],
+                "in_pipeline_busy": after["busy_fraction"],
+                "in_pipeline_inflight": after["requests_running_mean_over_max"],
                 "in_pipeline_busy_one_batch_at_a_time": before["busy_fraction"],
-                "in_pipeline_inflight_one_batch_at_a_time": before["inflight_mean_over_max"],
+                "in_pipeline_inflight_one_batch_at_a_time": before["requests_running_mean_over_max"],
                 "pipeline_videos_per_s": wall_rate(after),
                 "pipeline_videos_per_s_one_batch_at_a_time": wall_rate(before)}
     return [
         Result("engine_busy_fraction", ready["busy_fraction"], ">= 0.95", detail=pipeline),
-        Result("sequences_in_flight_mean_over_max", ready["inflight_mean_over_max"], ">= 0.8",
-               detail={"inflight_mean": ready["inflight_mean"], "inflight_max": ready["inflight_max"],
+        Result("sequences_in_flight_mean_over_max", ready["requests_running_mean_over_max"], ">= 0.8",
+               detail={"inflight_mean": ready["requests_running_mean"], "inflight_max": ready["requests_running_max"],
                        "stage_peak_batches_on_engine": ready.get("stage_peak_batches_on_engine")}),
         Result("model_stage_vs_engine_alone", stage / alone, ">= 0.9", detail={
             "stage_videos_per_s": round(stage, 2), "engine_alone_videos_per_s": round(alone, 2),
