@@ -85,7 +85,7 @@ def check_expectations(rows: dict[str, dict[str, Any]]) -> dict[str, bool]:
 def bench_scores(rounds: int = ROUNDS, inner: int = INNER) -> list[Result]:
     from pipeline.decode.worker import shared_worker_pid
     from pipeline.proc_stats import machine_busy_s, process_cpu_s
-    from pipeline.stages import DecodeStage
+    from pipeline.stages.decode import DecodeStage
 
     with tempfile.TemporaryDirectory() as tmp:
         clips = _clips(tmp)

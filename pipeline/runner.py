@@ -13,6 +13,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.paths import checkpoint_id, resolve_model_path
-from pipeline.stages import DecodeStage, ModelStage, OneBatchModelStage
+from pipeline.stages.decode import DecodeStage
+from pipeline.stages.model import ModelStage
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +90,11 @@ def fit_cpu_reservations(job, cluster_cpus: float) -> None:
         log.warning("scaled model actor CPU reservations to fit %.1f CPUs: %.2f each", cluster_cpus, rt.model_cpus)
 
 
-def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
-    """The stages as Ray Data operators, in order. Actor pools with bounded sizes: a set number of
-    processes for the whole run (decode actors keep their killable decoder subprocess warm), so memory
-    does not grow with the archive."""
+def stage_ops(job, facts: dict[str, Any], hub: Any = None) -> dict[str, Callable[[Any], Any]]:
+    """The stages as Ray Data operators, in order, over Arrow batches (schemas/stages.py). Actor pools with
+    bounded sizes: a set number of processes for the whole run (decode actors keep their killable decoder
+    subprocess warm), so memory does not grow with the archive. `hub`: the run's RunStats actor the stages report
+    to."""
     from ray.data import ActorPoolStrategy
 
     rt = job.runtime
@@ -101,20 +104,21 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
 
     def decode(ds):
         return ds.map_batches(
-            DecodeStage, batch_format="pandas", batch_size=rt.decode_batch_size,
+            DecodeStage, batch_format="pyarrow", batch_size=rt.decode_batch_size,
             compute=ActorPoolStrategy(size=rt.decode_concurrency),
             num_cpus=rt.decode_cpus,
             fn_constructor_kwargs=dict(num_frames=facts["num_frames"], image_size=facts["image_size"],
                                        timeout_s=rt.decode_timeout_s, s3_options=job.source.s3,
                                        nice=rt.decode_nice, frame_sampling=facts["frame_sampling"],
                                        max_bytes=job.source.max_bytes, fetch_timeout_s=job.source.fetch_timeout_s,
-                                       segments=job.segments.model_dump(), scores=job.scores.model_dump()),
+                                       segments=job.segments.model_dump(), scores=job.scores.model_dump(),
+                                       hub=hub),
             ray_remote_args_fn=restarts,
         )
 
     def model(ds):
         return ds.map_batches(
-            ModelStage if rt.model_batches_in_flight > 1 else OneBatchModelStage, batch_format="pyarrow",
+            ModelStage, batch_format="pyarrow",
             batch_size=rt.batch_size,
             # Ray runs an actor's calls one at a time unless told otherwise, and a call holds one bundle (often
             # one batch): the calls themselves must overlap (actor concurrency, as Ray Data LLM sets it), with
@@ -128,7 +132,7 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
                 engine=job.model.engine, model_path=facts["path"], dtype=job.model.dtype, device=job.model.device,
                 options=job.generation_options(), engine_kwargs=job.model.engine_kwargs,
                 embedder=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
-                batches_in_flight=rt.model_batches_in_flight,
+                batches_in_flight=rt.model_batches_in_flight, hub=hub,
             ),
             # A model actor that died (or exited because its engine broke) is restarted, its batch retried.
             ray_remote_args_fn=restarts,
@@ -137,7 +141,7 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
     return {"decode": decode, "model": model}
 
 
-def work_plan(job, spec, retry_errors: bool = False, where: str | None = None):
+def work_plan(job, spec, retry_errors: bool = False, where: str | None = None, hub: Any = None):
     from pipeline.io.listing import WorkPlan
 
     src, rt = job.source, job.runtime
@@ -145,7 +149,7 @@ def work_plan(job, spec, retry_errors: bool = False, where: str | None = None):
         source_uri=src.uri, extensions=tuple(src.extensions), source_s3=src.s3, spec=spec, index=index_location(job),
         skip_existing=rt.skip_existing, retry_errors=retry_errors or rt.retry_errors,
         retry_after_s=rt.retry_errors_after_h * 3600 if rt.retry_errors_after_h else None,
-        limit=src.limit, page_size=src.page_size, where=where)
+        limit=src.limit, page_size=src.page_size, where=where, hub=hub)
 
 
 def index_location(job):
@@ -185,6 +189,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     from pipeline.preflight import check_source
     from pipeline.redact import register_secret
     from pipeline.report import print_summary, progress_bar
+    from pipeline.run_stats import RunStats
     from pipeline.store.background import BackgroundWriter
     from pipeline.store.index_record import record_manifest_dir
     from pipeline.store.manifest import RunRecord
@@ -212,17 +217,31 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     stage_s = {"decode_s": 0.0, "model_s": 0.0, "embed_s": 0.0}
     writer = None
     writer_stats: dict[str, Any] = {}
+    stats: dict[str, Any] = {}  # what the workers reported (pipeline.run_stats)
     try:
         writer = IndexWriter(index_location(job), spec, run_id=run_id,
                              legacy_hash=job.config_hash(facts["checkpoint_id"]))
         plan = work_plan(job, spec, retry_errors, where)
         if has_new_work(plan):  # Ray only when there is work: a rerun that skips everything starts nothing
+            import ray
+
             init_ray(address, job)
-            ds = new_work_dataset(plan)
-            for op in stage_ops(job, facts).values():
+            hub = ray.remote(RunStats).options(num_cpus=0).remote()
+            ds = new_work_dataset(replace(plan, hub=hub))
+            for op in stage_ops(job, facts, hub).values():
                 ds = op(ds)
             background = BackgroundWriter(writer, max_rows=job.runtime.commit_every,
                                           max_seconds=job.runtime.commit_seconds)
+            polled = 0.0
+
+            def poll(force: bool = False) -> None:
+                nonlocal polled, stats
+                if force or time.monotonic() - polled >= 1.0:
+                    stats = ray.get(hub.snapshot.remote())
+                    for f, n in stats["tally"].items():
+                        writer.counts[f] = n
+                    polled = time.monotonic()
+
             with progress_bar(None, enabled=progress) as bar:
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
@@ -230,6 +249,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                             if col in batch.column_names:
                                 stage_s[col] += float(pc.sum(batch.column(col)).as_py() or 0.0)
                         background.submit(batch)
+                        poll()
                         c = writer.counts
                         bar.update(done=c["indexed"] + c["copies"] + c["errors"],
                                    total=c["listed"] - c["skipped"] - c["known_bad"] - c["deferred"],
@@ -237,11 +257,12 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                         record.beat(counts=writer.counts_json(), writer=background.stats())
                 finally:
                     background.close()
+                    poll(force=True)
             writer_stats = background.stats()
         else:  # nothing new: count what the listing holds without starting anything
             from pipeline.io.listing import iter_work
 
-            for block in iter_work(plan):
+            for block in iter_work(plan, on_tally=writer.add_tally):
                 writer.write(block)
         writer.finish()
     except BaseException as e:
@@ -253,7 +274,8 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     wall = time.perf_counter() - t_start
     manifest = record.end(
         status="succeeded", finished_at=datetime.now(UTC).isoformat(), wall_s=round(wall, 3),
-        counts=writer.counts_json(), writer=writer_stats, stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
+        counts=writer.counts_json(), writer=writer_stats, stages=stats.get("stages", {}),
+        engines=stats.get("engines", []), stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
         videos_per_s=round(writer.counts["indexed"] / wall, 4) if wall else None)
     if progress:
         print_summary(manifest)

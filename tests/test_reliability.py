@@ -469,7 +469,7 @@ import json, resource, sys
 sys.path.insert(0, {str(REPO)!r})
 from pipeline.decode.worker import shared_worker_pid
 from pipeline.io.sources import S3Options
-from pipeline.stages import DecodeStage
+from pipeline.stages.decode import DecodeStage
 s3 = S3Options(endpoint_url={o.endpoint_url!r}, access_key_id={o.access_key_id!r}, secret_access_key={o.secret!r})
 stage = DecodeStage(num_frames=8, image_size=32, timeout_s=120, s3_options=s3)
 small = stage.decode_row({{"uri": "s3://{bucket}/big.mp4", "kind": "work"}})  # warm: imports, decode worker

@@ -31,7 +31,7 @@ from pipeline.store.search_indexes import maintain_indexes
 from pipeline.store.segments import SegmentHold
 from pipeline.store.view import group_cells, segment_rows, video_row
 from schemas import embedding_dims, segment_schema, video_schema
-from schemas.stages import COPY, SEGMENT, TALLY, TALLY_FIELDS
+from schemas.stages import COPY, SEGMENT, TALLY_FIELDS
 
 log = logging.getLogger(__name__)
 # the columns lookups filter on, by table key (created while a run goes: the first run of an archive needs them)
@@ -88,6 +88,11 @@ class IndexWriter:
     def _stores(self):
         return [s for s in (self.errors, self.cells, self.segments, self.videos) if s is not None]
 
+    def add_tally(self, counts: dict[str, int]) -> None:
+        """The listing's counts (listed, skipped, known-bad, deferred): they travel outside the rows."""
+        for f in TALLY_FIELDS:
+            self.counts[f] += int(counts.get(f) or 0)
+
     def counts_json(self) -> dict[str, Any]:
         return {**{k: self.counts[k] for k in COUNT_KEYS}, "generations": dict(self.generations)}
 
@@ -102,10 +107,6 @@ class IndexWriter:
         copies: list[Row] = []
         for r in records:
             kind = r.get("kind")
-            if kind == TALLY:
-                for f in TALLY_FIELDS:
-                    self.counts[f] += int(r.get(f) or 0)
-                continue
             self.counts["model_calls"] += int(r.get("model_calls") or 0)
             if kind == COPY:
                 copies.append(r)
