@@ -190,6 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.limit is not None:
         job.source.limit = args.limit
+    if args.metrics_port is not None:
+        job.runtime.metrics_port = args.metrics_port
     for warning in job_warnings(job):
         print(f"warning: {warning}", file=terminal("err"))
     try:
@@ -339,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "wait for a later run)")
     r.add_argument("--limit", type=int, default=None, help="at most N videos get new work this run (source.limit); "
                    "the next run goes on where it stopped")
+    r.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port while "
+                   "the run goes (runtime.metrics_port; 0: any free port, printed)")
     r.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="last runs, counts and errors of an index")

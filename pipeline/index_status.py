@@ -95,7 +95,7 @@ def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> 
         "jobs": describe(load_registry(loc.root, s3)), "coverage": coverage(loc, n_videos),
         "histograms": histograms(videos),
         "runs": [{k: m.get(k) for k in ("run_id", "job", "status", "started_at", "finished_at", "wall_s",
-                                        "counts", "error")} for m in manifests[-runs:]],
+                                        "counts", "error", "progress")} for m in manifests[-runs:]],
     }
 
 

@@ -218,6 +218,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     writer = None
     writer_stats: dict[str, Any] = {}
     stats: dict[str, Any] = {}  # what the workers reported (pipeline.run_stats)
+    progress: list[list[float]] = []  # [seconds since start, objects done, errors], about every second
     try:
         writer = IndexWriter(index_location(job), spec, run_id=run_id,
                              legacy_hash=job.config_hash(facts["checkpoint_id"]))
@@ -232,6 +233,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                 ds = op(ds)
             background = BackgroundWriter(writer, max_rows=job.runtime.commit_every,
                                           max_seconds=job.runtime.commit_seconds)
+            metrics = _serve_metrics(job, run_id, writer, background)
             polled = 0.0
 
             def poll(force: bool = False) -> None:
@@ -240,6 +242,11 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                     stats = ray.get(hub.snapshot.remote())
                     for f, n in stats["tally"].items():
                         writer.counts[f] = n
+                    c = writer.counts
+                    progress.append([round(time.perf_counter() - t_start, 2), c["indexed"] + c["copies"],
+                                     c["errors"]])
+                    if metrics is not None:
+                        metrics.update(stats)
                     polled = time.monotonic()
 
             with progress_bar(None, enabled=progress) as bar:
@@ -254,10 +261,13 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                         bar.update(done=c["indexed"] + c["copies"] + c["errors"],
                                    total=c["listed"] - c["skipped"] - c["known_bad"] - c["deferred"],
                                    errors=c["errors"])
-                        record.beat(counts=writer.counts_json(), writer=background.stats())
+                        record.beat(counts=writer.counts_json(), writer=background.stats(),
+                                    progress=_thinned(progress))
                 finally:
                     background.close()
                     poll(force=True)
+                    if metrics is not None:
+                        metrics.close()
             writer_stats = background.stats()
         else:  # nothing new: count what the listing holds without starting anything
             from pipeline.io.listing import iter_work
@@ -275,11 +285,33 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     manifest = record.end(
         status="succeeded", finished_at=datetime.now(UTC).isoformat(), wall_s=round(wall, 3),
         counts=writer.counts_json(), writer=writer_stats, stages=stats.get("stages", {}),
-        engines=stats.get("engines", []), stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
+        engines=stats.get("engines", []), progress=_thinned(progress),
+        stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
         videos_per_s=round(writer.counts["indexed"] / wall, 4) if wall else None)
     if progress:
         print_summary(manifest)
     return manifest
+
+
+def _serve_metrics(job, run_id: str, writer: Any, background: Any):
+    """The run's Prometheus endpoint when the job asks for one (`runtime.metrics_port`)."""
+    if job.runtime.metrics_port is None:
+        return None
+    from pipeline.metrics import RunMetrics
+
+    metrics = RunMetrics(job.runtime.metrics_port, job.name, run_id, counts=writer.counts_json,
+                         writer=background.stats)
+    log.warning("metrics of run %s: http://localhost:%d/metrics", run_id, metrics.port)
+    return metrics
+
+
+def _thinned(progress: list[list[float]], most: int = 300) -> list[list[float]]:
+    """At most `most` points of the progress series (every k-th, the last kept): a day-long run's manifest stays
+    small and its plot readable."""
+    if len(progress) <= most:
+        return list(progress)
+    step = -(-len(progress) // most)
+    return progress[::step] + ([progress[-1]] if (len(progress) - 1) % step else [])
 
 
 def exit_status(manifest: dict[str, Any], max_error_fraction: float) -> int:

@@ -168,11 +168,24 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
         from pipeline.index_status import index_status
 
         status = index_status(index, runs=20, manifest_dir=manifest_dir or _guess_manifests(index))
+        plots = [p for p in (progress_plot(r) for r in reversed(status["runs"])) if p][:5]
         return templates.TemplateResponse(request, "runs.html", {"index": index, "status": status,
-                                                                 "manifest_dir": manifest_dir})
+                                                                 "manifest_dir": manifest_dir, "plots": plots})
 
     app.state.catalog = catalog
     return app
+
+
+def progress_plot(run: Mapping[str, Any], width: int = 560, height: int = 110) -> dict[str, Any] | None:
+    """A run's objects done over time (the manifest's `progress`), as SVG polyline points (y down) and figures."""
+    series = [p for p in run.get("progress") or [] if len(p) >= 2]
+    if len(series) < 2:
+        return None
+    wall = max(p[0] for p in series) or 1.0
+    done = max(p[1] for p in series) or 1
+    points = " ".join(f"{p[0] / wall * width:.1f},{height - p[1] / done * height:.1f}" for p in series)
+    return {"run_id": run["run_id"], "points": points, "width": width, "height": height, "wall_s": wall,
+            "done": done, "rate": round(done / wall, 2)}
 
 
 def _bounds(params: Mapping[str, str], columns: Sequence[str]) -> dict[str, str]:

@@ -161,6 +161,9 @@ class EngineMetrics(StatLoggerBase):
             running = per(integrals[0], busy, 3)
             return {
                 "wall_s": round(wall, 3), "busy_s": round(busy, 3), "busy_fraction": per(busy, wall),
+                # the scheduler's last report: what a dashboard shows now
+                "requests_running": self._state[0], "requests_waiting": self._state[1],
+                "kv_cache_usage": round(self._state[2], 4),
                 "requests_running_mean": running, "requests_running_max": self._running_max,
                 "requests_waiting_mean": per(integrals[1], busy, 3), "max_num_seqs": self.max_num_seqs,
                 "requests_running_mean_over_max": round(running / self.max_num_seqs, 4) if running is not None
