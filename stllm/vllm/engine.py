@@ -137,7 +137,7 @@ class VLLMEngine:
             worker_extension_cls=WORKER_EXTENSION,
             generation_config="vllm",  # decoding defaults come from GenerationOptions, not the folder
         )
-        # Video settings (README "The vLLM engine"): every prefill holds the visual tokens + the prompt, so a step
+        # Video settings (docs/model.md, "The engines"): every prefill holds the visual tokens + the prompt, so a step
         # must fit a few of them; chunked prefill lets decodes of running sequences go on beside a new prefill.
         # Prefix caching is off: the visual tokens come first and depend on the question (the Q-Former reads
         # it), so two prompts share a prefix only when video AND question are the same — nothing to reuse.
