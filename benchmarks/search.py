@@ -1,5 +1,5 @@
 """Search at catalog scale: 1M synthetic unit vectors of 384 dims (the text embedder's width) in 2000 clusters
-(σ 0.35 around random centres, normalised), in a LanceDB table indexed the way `pipeline.io.indexes` indexes
+(σ 0.35 around random centres, normalised), in a LanceDB table indexed the way `pipeline.store.search_indexes` indexes
 the results table, searched with the query builder `stllm-index search` uses, on a table held open (as the
 page and the Python API hold it).
 
@@ -44,8 +44,8 @@ def _batch(vectors: np.ndarray, start: int, rng: np.random.Generator):
 
 def bench_search(n: int = 1_000_000, queries: int = 50, seed: int = 0) -> list[Result]:
     from pipeline.catalog.search import query_table
-    from pipeline.io.indexes import maintain_indexes
-    from pipeline.io.sinks import connect_lance
+    from pipeline.store.lance import connect_lance
+    from pipeline.store.search_indexes import maintain_indexes
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((CLUSTERS, DIM)).astype(np.float32)
