@@ -1,5 +1,5 @@
 """Search at catalog scale: 1M synthetic unit vectors of 384 dims (the text embedder's width) in 2000 clusters
-(σ 0.35 around random centres, normalised), in a LanceDB table indexed the way `pipeline.io.indexes` indexes
+(σ 0.35 around random centres, normalised), in a LanceDB table indexed the way `pipeline.store.search_indexes` indexes
 the results table, searched with the query builder `stllm-index search` uses, on a table held open (as the
 page and the Python API hold it).
 
