@@ -66,11 +66,11 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
-def _prompt_preset(args: argparse.Namespace, model: str) -> str:
-    """--prompt, else the preset `model` was trained with, else conversation; a mismatch is warned about."""
+def _prompt_preset(args: argparse.Namespace, model: str, fallback: str = "conversation") -> str:
+    """--prompt, else the preset `model` was trained with, else `fallback`; a mismatch is warned about."""
     from pipeline.model_names import preset_warning, trained_preset
 
-    preset = args.prompt or trained_preset(model) or "conversation"
+    preset = args.prompt or trained_preset(model) or fallback
     if warning := preset_warning(model, preset):
         print(f"warning: {warning}", file=terminal("err"))
     return preset
@@ -196,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=terminal("err"))
     try:
         manifest = run_job(job, address=args.address, progress=not args.no_progress,
-                           retry_errors=args.retry_errors, where=args.where)
+                           retry_errors=args.retry_errors, where=args.where, summary=True)
     except NoVideos as e:
         print(f"warning: {e}\nnothing indexed, nothing written (exit status {EXIT_NO_VIDEOS})", file=terminal("err"))
         return EXIT_NO_VIDEOS
@@ -255,10 +255,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.paths import resolve_model_path
     from pipeline.training.world import evaluate
 
-    report = evaluate(args.model, args.manifest, engine=args.engine, limit=args.limit, dtype=args.dtype,
-                      device=args.device, answers_out=args.answers, options=_generation_options(args))
+    # `train` teaches the qa layout (no system text): the default for a checkpoint we know nothing of
+    options = _generation_options(args, _prompt_preset(args, args.model, fallback="qa"))
+    report = evaluate(resolve_model_path(args.model), args.manifest, engine=args.engine, limit=args.limit,
+                      dtype=args.dtype, device=args.device, answers_out=args.answers, options=options)
     if args.json:
         print(json.dumps(report, indent=2), file=terminal())
         return 0
@@ -333,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job YAML (see jobs/)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field, e.g. model.engine=vllm")
     r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
     r.add_argument("--retry-errors", action="store_true", help="try known-bad videos again (else they are "
                    "skipped while unchanged)")
     r.add_argument("--where", default=None, help="backfill only the indexed videos this SQL on the index's videos "
@@ -379,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.set_defaults(func=cmd_synth)
 
     ev = sub.add_parser("eval", help="grade a model on a synthetic-world (or any) manifest")
-    ev.add_argument("model", help="converted checkpoint folder")
+    ev.add_argument("model", help="converted checkpoint folder, or 'world' (the shipped synthetic-world model)")
     ev.add_argument("manifest", help="manifest.parquet / .jsonl, or the folder `synth` wrote")
     ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     ev.add_argument("--limit", type=int, default=None, help="at most this many clips")
@@ -388,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answers", default=None, help="write every graded answer here (JSONL)")
     ev.add_argument("--json", action="store_true")
     _add_generation_flags(ev)
-    ev.set_defaults(func=cmd_eval, prompt="qa", max_new_tokens=24)
+    ev.set_defaults(func=cmd_eval, max_new_tokens=24)
 
     t = sub.add_parser("train", help="fine-tune a checkpoint on a manifest (the original's recipe by default)")
     t.add_argument("config", nargs="?", default=None, help="training config YAML (see jobs/training/world.yaml)")

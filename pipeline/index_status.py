@@ -79,18 +79,20 @@ def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> 
         by_run.update((m.get("run_id") or "", m) for m in list_manifests(folder, s3))
     manifests = sorted(by_run.values(), key=lambda m: m.get("started_at") or "")
     by_type: Counter[str] = Counter()
-    retryable = 0
-    table = errors.read_all(["stage", "error_type", "retryable"])
-    if table is not None:
-        for stage, kind, again in zip(*(table.column(c).to_pylist() for c in ("stage", "error_type", "retryable")),
-                                      strict=True):
-            by_type[f"{stage}: {kind}"] += 1
-            retryable += bool(again)
+    table = errors.read_all(["video_id", "stage", "error_type", "retryable", "last_seen"])
+    # the ledger keeps a record per object and job spec: an object counts once, by its latest failure
+    latest: dict[str, dict[str, Any]] = {}
+    for r in ([] if table is None else table.to_pylist()):
+        if r["video_id"] not in latest or r["last_seen"] > latest[r["video_id"]]["last_seen"]:
+            latest[r["video_id"]] = r
+    for r in latest.values():
+        by_type[f"{r['stage']}: {r['error_type']}"] += 1
+    retryable = sum(bool(r["retryable"]) for r in latest.values())
     n_videos = videos.count()
     return {
         "index": index, "manifest_dirs": folders, "videos": n_videos,
         "stale": videos.count("stale = true") if videos.lance_table is not None else _count_stale(videos),
-        "errors": errors.count(), "retryable_errors": retryable,
+        "errors": len(latest), "retryable_errors": retryable,
         "errors_by_type": dict(by_type.most_common()),
         "jobs": describe(load_registry(loc.root, s3)), "coverage": coverage(loc, n_videos),
         "histograms": histograms(videos),

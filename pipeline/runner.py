@@ -183,7 +183,7 @@ def manifest_dir(job) -> str:
 
 
 def run_job(job, address: str | None = None, progress: bool = True, retry_errors: bool = False,
-            where: str | None = None) -> dict[str, Any]:
+            where: str | None = None, summary: bool | None = None) -> dict[str, Any]:
     """Compute what the job's source is missing; returns the run manifest (also written as the run goes)."""
     from pipeline.io.listing import has_new_work, new_work_dataset
     from pipeline.preflight import check_source
@@ -288,7 +288,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
         engines=stats.get("engines", []), progress=_thinned(progress),
         stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
         videos_per_s=round(writer.counts["indexed"] / wall, 4) if wall else None)
-    if progress:
+    if progress if summary is None else summary:  # the summary table: with the progress bar unless told
         print_summary(manifest)
     return manifest
 

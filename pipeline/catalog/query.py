@@ -156,6 +156,8 @@ class Catalog:
     def row(self, ref: str) -> dict[str, Any]:
         """One video's row, by video_id or uri."""
         col = "uri" if ("/" in ref or ref.startswith("s3:")) else "video_id"
+        if col == "uri" and not is_s3(ref) and os.path.exists(ref):
+            ref = os.path.abspath(ref)  # local uris are stored as absolute paths
         rows = self.table.search().where(f"{col} = {sql_str(ref)}").limit(1).to_list()
         if not rows:
             raise ValueError(f"no video with {col} {ref!r} in {self.uri}")
