@@ -263,8 +263,12 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                                    errors=c["errors"])
                         record.beat(counts=writer.counts_json(), writer=background.stats(),
                                     progress=_thinned(progress))
-                finally:
+                except BaseException:
+                    background.close(quiet=True)  # the stages' error is the one to report
+                    raise
+                else:
                     background.close()
+                finally:
                     poll(force=True)
                     if metrics is not None:
                         metrics.close()

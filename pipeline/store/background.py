@@ -9,6 +9,7 @@ same at the end of a million-video run as at its start.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -19,6 +20,7 @@ import pyarrow as pa
 from pipeline.store.writer import IndexWriter
 
 _CLOSE = object()
+log = logging.getLogger(__name__)
 
 
 class BackgroundWriter:
@@ -52,11 +54,15 @@ class BackgroundWriter:
                 continue
         self.waited_s += time.perf_counter() - t0
 
-    def close(self) -> None:
-        """Commit what is waiting, stop the thread, raise what failed it."""
+    def close(self, quiet: bool = False) -> None:
+        """Commit what is waiting, stop the thread, raise what failed it (`quiet`: log it instead, when another
+        error is already on its way)."""
         if self._thread.is_alive():
             self._queue.put(_CLOSE)
             self._thread.join()
+        if quiet and self._error is not None:
+            log.error("the index writer failed too: %s", self._error)
+            return
         self._raise()
 
     def _raise(self) -> None:
