@@ -57,9 +57,12 @@ class BackgroundWriter:
     def close(self, quiet: bool = False) -> None:
         """Commit what is waiting, stop the thread, raise what failed it (`quiet`: log it instead, when another
         error is already on its way)."""
-        if self._thread.is_alive():
-            self._queue.put(_CLOSE)
-            self._thread.join()
+        while self._thread.is_alive():  # a thread that died leaves its queue full: no waiting on it then
+            try:
+                self._queue.put(_CLOSE, timeout=0.5)
+                self._thread.join()
+            except queue.Full:
+                continue
         if quiet and self._error is not None:
             log.error("the index writer failed too: %s", self._error)
             return
