@@ -126,6 +126,15 @@ def test_an_index_evolves_one_question_and_one_model_at_a_time(tmp_path: Path, o
     assert {(Path(m["uri"]).name, m["question"], m["answer"]) for m in lines if m["question"] != Q3} == {
         (name, q, a) for name, r in first.items()
         for q, a in [(r["caption_prompt"], r["caption"]), *((q, a) for q, (a, _) in _answers(r).items())]}
+    # the page offers the history too: a model to search the results of
+    from fastapi.testclient import TestClient
+
+    from pipeline.catalog.serve import create_app
+
+    page = TestClient(create_app(str(out / "lancedb")))
+    found = page.get("/api/search", params={"q": old["caption"], "model": old["caption_model"]}).json()
+    assert found and {h["model"] for h in found} == {old["caption_model"]}
+    assert 'name="model"' in page.get("/", params={"q": old["caption"], "model": "all"}).text
     from pipeline.index_status import index_status
 
     cover = index_status(str(out / "parquet"))["coverage"]

@@ -28,6 +28,7 @@ from fastapi.templating import Jinja2Templates
 
 from pipeline.catalog.browse import PER_PAGE, latest_videos
 from pipeline.catalog.histograms import Histogram, fmt, score_columns, score_histograms
+from pipeline.catalog.history import models, search_history
 from pipeline.catalog.query import Catalog, Filters, parse_answer_filter
 from pipeline.io.fetch import local_path
 from pipeline.io.sources import S3Options, is_s3, split_s3_uri
@@ -55,7 +56,10 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
 
         return load_text_embedder(embedder or DEFAULT_EMBEDDER)
 
-    def run_search(q: str, mode: str, filters: Filters, k: int, in_moments: bool = False) -> list[dict]:
+    def run_search(q: str, mode: str, filters: Filters, k: int, in_moments: bool = False,
+                   model: str = "") -> list[dict]:
+        if model:  # the history: another model's (or every model's) captions and answers, full text
+            return search_history(catalog, q, model=None if model == "all" else model, k=k, filters=filters)
         vector = None if mode == "fts" else text_embedder().encode([q], normalize_embeddings=True)[0].tolist()
         target = catalog
         if in_moments:
@@ -86,14 +90,14 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
     @app.get("/")
     def page_search(request: Request, q: str = "", mode: str = "hybrid", prefix: str = "", answer: str = "",
                     where: str = "", since: str = "", until: str = "", k: int = 20, segments: bool = False,
-                    page: int = 1, n: int = PER_PAGE) -> Any:
+                    page: int = 1, n: int = PER_PAGE, model: str = "") -> Any:
         form = {"q": q, "mode": mode, "prefix": prefix, "answer": answer, "where": where, "since": since,
-                "until": until, **_bounds(request.query_params, catalog.columns)}
+                "until": until, "model": model, **_bounds(request.query_params, catalog.columns)}
         hits, latest, error = [], None, None
         try:
             filters = _filters(prefix, answer, where, since, until, request.query_params, catalog.columns)
             if q.strip():
-                hits = run_search(q, mode, filters, k, segments)
+                hits = run_search(q, mode, filters, k, segments, model)
             else:  # the home: what was indexed last, before anyone searches
                 latest = latest_videos(catalog, filters, page=page, per_page=min(max(n, 1), MAX_PER_PAGE))
         except ValueError as e:
@@ -106,15 +110,17 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
         return templates.TemplateResponse(request, "search.html", {
             "index": index, **form, "hits": hits, "latest": latest, "page_link": page_link, "error": error,
             "segments": segments, "has_moments": moments is not None, "scores": score_panel(request.query_params),
+            "models": models(catalog),
             "fmt": fmt})
 
     @app.get("/api/search")
     def api_search(request: Request, q: str, mode: str = "hybrid", prefix: str = "", answer: str = "",
-                   where: str = "", since: str = "", until: str = "", k: int = 20, segments: bool = False) -> Any:
+                   where: str = "", since: str = "", until: str = "", k: int = 20, segments: bool = False,
+                   model: str = "") -> Any:
         """The page's search as JSON; score bounds as on the page: `motion_min=0.02&blank_fraction_max=0.1`."""
         try:
             filters = _filters(prefix, answer, where, since, until, request.query_params, catalog.columns)
-            hits = run_search(q, mode, filters, k, segments)
+            hits = run_search(q, mode, filters, k, segments, model)
         except ValueError as e:
             raise HTTPException(400, str(e)) from None
         return [{k: (str(v) if k == "indexed_at" else v) for k, v in h.items()} for h in hits]
