@@ -18,8 +18,11 @@ the pipeline's are `stllm_*`:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 STATES = {"listed": "listed", "skipped": "skipped", "known_bad": "known_bad", "deferred": "deferred",
           "indexed": "indexed", "copies": "copies", "errors": "failed"}
@@ -29,22 +32,19 @@ class RunMetrics:
     """A Prometheus collector over the run's latest figures, with its own HTTP server (closed by `close`)."""
 
     def __init__(self, port: int, job: str, run_id: str, counts: Callable[[], dict[str, Any]],
-                 writer: Callable[[], dict[str, Any]], host: str = "0.0.0.0"):
-        """`counts`, `writer`: read at each scrape (the writer's counts move on its own thread); the workers'
-        figures come through `update`."""
+                 writer: Callable[[], dict[str, Any]], stats: Callable[[], dict[str, Any]],
+                 host: str = "0.0.0.0"):
+        """`counts`, `writer`, `stats` (the workers' figures, `RunStats.snapshot`): read at each scrape, so the
+        figures are live whatever the driver is doing (waiting for the first batch, say)."""
         from prometheus_client import CollectorRegistry, start_http_server
 
         self.labels = {"job": job, "run_id": run_id}
-        self._counts, self._writer = counts, writer
+        self._counts, self._writer, self._stats = counts, writer, stats
         self.stats: dict[str, Any] = {}
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
         self.server, self.thread = start_http_server(port, addr=host, registry=registry)
         self.port = self.server.server_port
-
-    def update(self, stats: dict[str, Any]) -> None:
-        """The workers' latest figures (`pipeline.run_stats.RunStats.snapshot`)."""
-        self.stats = stats
 
     def close(self) -> None:
         self.server.shutdown()
@@ -54,7 +54,12 @@ class RunMetrics:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         names, values = list(self.labels), list(self.labels.values())
-        self.counts, self.writer = self._counts(), self._writer()
+        try:
+            self.stats = self._stats()
+        except Exception as e:  # noqa: BLE001 — the last figures serve while the stats actor does not answer
+            log.warning("run stats unavailable for the metrics: %s", e)
+        self.counts = {**self._counts(), **(self.stats.get("tally") or {})}
+        self.writer = self._writer()
 
         def family(kind: Any, name: str, doc: str, extra: list[str] = ()) -> Any:
             return kind(name, doc, labels=[*names, *extra])

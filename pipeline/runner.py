@@ -233,7 +233,8 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                 ds = op(ds)
             background = BackgroundWriter(writer, max_rows=job.runtime.commit_every,
                                           max_seconds=job.runtime.commit_seconds)
-            metrics = _serve_metrics(job, run_id, writer, background)
+            metrics = _serve_metrics(job, run_id, writer, background,
+                                     stats=lambda: ray.get(hub.snapshot.remote(), timeout=2))
             polled = 0.0
 
             def poll(force: bool = False) -> None:
@@ -245,8 +246,6 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                     c = writer.counts
                     progress.append([round(time.perf_counter() - t_start, 2), c["indexed"] + c["copies"],
                                      c["errors"]])
-                    if metrics is not None:
-                        metrics.update(stats)
                     polled = time.monotonic()
 
             with progress_bar(None, enabled=progress) as bar:
@@ -297,14 +296,14 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     return manifest
 
 
-def _serve_metrics(job, run_id: str, writer: Any, background: Any):
+def _serve_metrics(job, run_id: str, writer: Any, background: Any, stats: Callable[[], dict[str, Any]]):
     """The run's Prometheus endpoint when the job asks for one (`runtime.metrics_port`)."""
     if job.runtime.metrics_port is None:
         return None
     from pipeline.metrics import RunMetrics
 
     metrics = RunMetrics(job.runtime.metrics_port, job.name, run_id, counts=writer.counts_json,
-                         writer=background.stats)
+                         writer=background.stats, stats=stats)
     log.warning("metrics of run %s: http://localhost:%d/metrics", run_id, metrics.port)
     return metrics
 
