@@ -8,7 +8,7 @@ the pipeline's are `stllm_*`:
 
 | metric | what |
 |---|---|
-| `stllm_videos_total{state}` | listed, skipped, known_bad, deferred, indexed (the model ran), copies, failed |
+| `stllm_videos_total{state}` | listed, skipped, known_bad, deferred, indexed (cells computed), copies, failed |
 | `stllm_generations_total{kind}` | captions and answers generated |
 | `stllm_stage_{rows,busy_seconds,errors}_total{stage}` | per stage (decode, model) |
 | `stllm_stage_queue_rows{stage}` | rows a stage has not taken yet (decoded, not yet through the model) |

@@ -190,7 +190,7 @@ def test_a_rerun_with_nothing_new_succeeds_and_keeps_full_paths_when_piped(index
     assert "…" not in text and "succeeded" in text
     assert str(out / "parquet" / "videos") in text and f"{out / 'runs'}/" in text
     assert re.search(r"skipped \(up to date\)\s*│\s*5\s*│", text)
-    assert re.search(r"indexed \(the model ran\)\s*│\s*0\s", text)
+    assert re.search(r"indexed \(cells computed\)\s*│\s*0\s", text)
 
 
 def _free_port() -> int:
