@@ -201,7 +201,7 @@ def _free_port() -> int:
 
 def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
     from selenium import webdriver
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -237,7 +237,10 @@ def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
             return [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".hit .uri")]
 
         def count_says(text: str) -> None:  # the new page is there (the old one had hits too)
-            WebDriverWait(browser, 60, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)) \
+            # a node read while the page is replaced may be gone: Chrome says so as a stale element or, at times,
+            # as an inspector error ("Node with given id does not belong to the document")
+            WebDriverWait(browser, 60, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException,
+                                                           WebDriverException)) \
                 .until(lambda b: text in b.find_element(By.ID, "count").text)
 
         try:

@@ -234,7 +234,7 @@ def test_bucket_specs() -> None:
 
 
 def test_the_page_filters_on_scores_and_draws_their_histograms(curated, tmp_path: Path) -> None:
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -245,8 +245,9 @@ def test_the_page_filters_on_scores_and_draws_their_histograms(curated, tmp_path
             return sorted(Path(e.text).name for e in b.find_elements(By.CSS_SELECTOR, ".hit .uri"))
 
         def until(test) -> None:  # the new page is there (elements of the old one may go stale meanwhile)
-            WebDriverWait(b, 60, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)) \
-                .until(test)
+            # Chrome at times says "Node with given id does not belong to the document" instead of stale
+            WebDriverWait(b, 60, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException,
+                                                     WebDriverException)).until(test)
 
         def count_says(text: str) -> None:
             until(lambda d: text in d.find_element(By.ID, "count").text)

@@ -34,14 +34,14 @@ def test_the_run_serves_metrics_that_move(tmp_path: Path) -> None:
 
     src, out = tmp_path / "src", tmp_path / "out"
     for i in range(10):
-        make_test_video(src / f"clip{i:02d}.mp4", "h264", n_frames=12, size=(64, 48), seed=500 + i)
+        make_test_video(src / f"clip{i:02d}.mp4", "h264", n_frames=24, size=(64, 48), seed=500 + i)
     port = _free_port()
     job = load_job(None, [f"source.uri={src}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lancedb",
                           f"output.manifest_dir={out}/runs", "runtime.decode_cpus=0.5", "runtime.model_cpus=0.5",
                           # one video at a time through the model, each committed: the counts move for a while
                           "runtime.batch_size=1", "runtime.model_batches_in_flight=1", "runtime.commit_every=1",
                           "runtime.decode_batch_size=1",
-                          "model.max_new_tokens=24",
+                          "model.max_new_tokens=32",
                           f"runtime.metrics_port={port}"])
     done: dict = {}
     run = threading.Thread(target=lambda: done.update(run_job(job, progress=False)), daemon=True)
@@ -54,17 +54,17 @@ def test_the_run_serves_metrics_that_move(tmp_path: Path) -> None:
             try:
                 last = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
                 # what the workers report moves while they work, whatever the driver waits for
-                decoded = _value(last, "stllm_stage_rows_total", stage="decode")
-                if decoded is not None and (not seen or decoded != seen[-1]):
-                    seen.append(decoded)
+                rows = sum(_value(last, "stllm_stage_rows_total", stage=s) or 0 for s in ("decode", "model"))
+                if not seen or rows != seen[-1]:
+                    seen.append(rows)
             except OSError:
                 pass  # not serving yet (the model is loading) or done
-            time.sleep(0.1)
+            time.sleep(0.05)
         run.join()
     finally:
         ray.shutdown()
     assert done["status"] == "succeeded" and done["counts"]["indexed"] == 10
-    assert len(seen) >= 2 and seen == sorted(seen) and seen[-1] <= 10, seen  # scraped while the counts moved
+    assert len(seen) >= 3 and seen == sorted(seen) and seen[-1] <= 20, seen  # scraped while the counts moved
     assert _value(last, "stllm_videos_total", state="listed") == 10
     assert _value(last, "stllm_stage_rows_total", stage="decode") is not None
     for name in ("vllm:num_requests_running", "vllm:generation_tokens_total", "stllm_writer_commits_total"):
