@@ -25,6 +25,8 @@ from pipeline.stages.decode import DecodeStage
 from pipeline.stages.model import ModelStage
 
 log = logging.getLogger(__name__)
+BLOCKS_PER_BUDGET = 8  # blocks of rows in flight that fit `runtime.buffer_mb` at least
+BLOCK_MIN_BYTES = 1 << 20  # smaller blocks cost Ray more per row than they save
 
 
 def model_facts(job) -> dict[str, Any]:
@@ -69,7 +71,12 @@ def init_ray(address: str | None, job) -> None:
     fit_cpu_reservations(job, ray.cluster_resources().get("CPU", 1.0))
     ctx = ray.data.DataContext.get_current()
     limits = ctx.execution_options.resource_limits
-    ctx.execution_options.resource_limits = limits.copy(object_store_memory=job.runtime.buffer_mb * 2**20)
+    budget = job.runtime.buffer_mb * 2**20
+    ctx.execution_options.resource_limits = limits.copy(object_store_memory=budget)
+    # Blocks, the unit Ray Data builds, stores and moves, must be small next to the budget, or the budget cannot
+    # hold: at Ray's default (128 MiB) one decode block held ~110 videos' frames, built in the decode actor's heap
+    # and then stored whole — a 64 MiB budget held 2 such blocks, and the actors' memory grew to that.
+    ctx.target_max_block_size = min(ctx.target_max_block_size, max(BLOCK_MIN_BYTES, budget // BLOCKS_PER_BUDGET))
     ctx.enable_progress_bars = False  # our own progress bar below
     ctx.print_on_execution_start = False
 
