@@ -281,9 +281,11 @@ def test_killed_model_and_decode_actors_lose_and_duplicate_nothing(tmp_path: Pat
         kill_when(stop, "MapBatches(ModelStage)", lambda: parts.is_dir() and any(parts.glob("*.parquet")))
 
     with alongside(killer):
-        # one video at a time through the model: the run is still going when its first commit lands
+        # one video at a time through the model, in blocks of a row or two (a small rows-in-flight budget): the
+        # run is still going when its first commit lands
         manifest = _run(_overrides(str(src), out, ("runtime.commit_every=2", "model.max_new_tokens=24",
-                                                   "runtime.batch_size=1", "runtime.model_batches_in_flight=1")))
+                                                   "runtime.batch_size=1", "runtime.model_batches_in_flight=1",
+                                                   "runtime.buffer_mb=16")))
     assert killed == ["MapBatches(DecodeStage)", "MapBatches(ModelStage)"]
     rows, _ = _exactly_once(str(out))
     assert len(rows) == 16 and manifest["counts"]["errors"] == 0 and manifest["status"] == "succeeded"
