@@ -45,9 +45,10 @@ demo-model: venv
 	$(BIN)/stllm-index demo-model --workdir runs/demo-model
 
 # Every benchmark, figures with their provenance in benchmarks/results.json (`make bench QUICK=1`: small sizes,
-# to check the methods; into benchmarks/results-quick.json). The README's table: `python -m benchmarks.table`.
+# to check the methods; into benchmarks/results-quick.json). A full run rewrites the README's table from it.
 bench: venv
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick)
+	$(if $(QUICK),,$(BIN)/python -m benchmarks.table --readme)
 
 # Figures in results.json whose code changed since they were measured (exit status 1 if any).
 bench-check: venv

@@ -164,7 +164,7 @@ def role(pid: int, parent_cmdline: bytes | None = None) -> str:
         return "decode worker (subprocess)"
     if cmd.startswith("ray::"):
         name = cmd.split()[0][5:].split(".")[0]  # "ray::_StatsActor.register_dataset": the task runs
-        for stage in ("DecodeStage", "ModelStage", "OneBatchModelStage", "EmbedStage"):
+        for stage in ("DecodeStage", "ModelStage", "EmbedStage"):
             if stage in cmd:
                 return f"ray actor {stage}"
         return f"ray {name}"

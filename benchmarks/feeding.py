@@ -19,7 +19,6 @@ The details hold the engine's figures inside the whole pipeline (listing → dec
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import statistics
@@ -47,9 +46,10 @@ def _job_overrides(clips: Path, out: Path, batch_size: int, max_seqs: int) -> li
             f"runtime.batch_size={batch_size}", f"model.engine_kwargs={{max_batch_size: {max_seqs}}}"]
 
 
-def _stats_of(folder: Path) -> dict[str, Any]:
-    [path] = glob.glob(str(folder / "engine-*.json"))
-    return json.loads(Path(path).read_text())
+def _engine_stats(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The one model actor's engine statistics from a run's `RunStats` snapshot (vLLM's own metrics)."""
+    [engine] = snapshot["engines"]
+    return engine
 
 
 def _pipeline_stats(clips: Path, out: Path, batch_size: int, max_seqs: int) -> dict[str, Any]:
@@ -58,16 +58,12 @@ def _pipeline_stats(clips: Path, out: Path, batch_size: int, max_seqs: int) -> d
     from pipeline.jobs import load_job
     from pipeline.runner import run_job
 
-    stats_dir = out / "stats"
-    stats_dir.mkdir(parents=True)
-    os.environ["STLLM_ENGINE_STATS_DIR"] = str(stats_dir)
     ray.shutdown()
     try:
         manifest = run_job(load_job(None, _job_overrides(clips, out, batch_size, max_seqs)), progress=False)
     finally:
         ray.shutdown()
-        os.environ.pop("STLLM_ENGINE_STATS_DIR")
-    return {**_stats_of(stats_dir), "indexed": manifest["counts"]["indexed"]}
+    return {**_engine_stats(manifest), "indexed": manifest["counts"]["indexed"]}
 
 
 def _stage_on_decoded(clips: Path, out: Path, batch_size: int, max_seqs: int) -> dict[str, Any]:
@@ -75,22 +71,21 @@ def _stage_on_decoded(clips: Path, out: Path, batch_size: int, max_seqs: int) ->
 
     from benchmarks.pipeline import work_rows
     from pipeline.jobs import load_job
+    from pipeline.run_stats import RunStats
     from pipeline.runner import init_ray, model_facts, stage_ops
 
-    stats_dir = out / "stats"
-    stats_dir.mkdir(parents=True)
-    os.environ["STLLM_ENGINE_STATS_DIR"] = str(stats_dir)
     ray.shutdown()
     try:
         job = load_job(None, _job_overrides(clips, out, batch_size, max_seqs))
         init_ray(None, job)
-        ops = stage_ops(job, model_facts(job))
+        hub = ray.remote(RunStats).options(num_cpus=0).remote()  # the stages report their engine's figures here
+        ops = stage_ops(job, model_facts(job), hub)
         decoded = ops["decode"](ray.data.from_items(work_rows(job))).materialize()
         rows = ops["model"](decoded).materialize().count()
+        snapshot = ray.get(hub.snapshot.remote())
     finally:
         ray.shutdown()
-        os.environ.pop("STLLM_ENGINE_STATS_DIR")
-    return {**_stats_of(stats_dir), "rows": rows}
+    return {**_engine_stats(snapshot), "rows": rows}
 
 
 def _second_half_rate(completed: list[list[float]]) -> float:
@@ -105,12 +100,8 @@ def _second_half_rate(completed: list[list[float]]) -> float:
 
 
 def _reset_caches(engine: Any) -> None:
-    """The engine's ViT feature cache and vLLM's multimodal cache emptied (both engine APIs)."""
-    if hasattr(engine, "reset_caches"):
-        engine.reset_caches()
-    else:
-        engine.llm.collective_rpc("stllm_clear_vit_cache")
-        engine.llm.reset_mm_cache()
+    """The engine's ViT feature cache and vLLM's multimodal cache emptied."""
+    engine.reset_caches()
 
 
 class _EngineAlone:
@@ -191,8 +182,7 @@ def bench_feeding(quick: bool = False, videos: int | None = None, batch_size: in
             "videos_per_s": round(statistics.median(alone), 2)}, detail={
             **common, "stage_videos_per_s": [round(x, 2) for x in rates],
             "engine_alone_videos_per_s": [round(x, 2) for x in alone],
-            "busy_cores_before_each_engine_alone_call": engine.busy_before,
-            "stage_peak_batches_on_engine": [s.get("stage_peak_batches_on_engine") for s in stage]}),
+            "busy_cores_before_each_engine_alone_call": engine.busy_before}),
     ]
     running = [s.get("requests_running_mean_over_max") for s in stage]
     if all(x is not None for x in running):

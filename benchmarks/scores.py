@@ -86,7 +86,7 @@ def bench_scores(quick: bool = False, rounds: int | None = None, inner: int | No
     rounds, inner = rounds or (3 if quick else ROUNDS), inner or (1 if quick else INNER)
     from pipeline.decode.worker import shared_worker_pid
     from pipeline.proc_stats import machine_busy_s, process_cpu_s
-    from pipeline.stages import DecodeStage
+    from pipeline.stages.decode import DecodeStage
 
     with tempfile.TemporaryDirectory() as tmp:
         clips = _clips(tmp)

@@ -1,6 +1,7 @@
 """The README's performance table, generated from benchmarks/results.json (never typed by hand).
 
     python -m benchmarks.table [--results PATH]      # prints the markdown table
+    python -m benchmarks.table --readme              # writes it into README.md, between its markers
 
 Each row: the figure (median of its repetitions, with the range), its goal, whether it is met, the baseline it is
 compared with and that baseline's own speed, and its run: the UTC date, the commit (+ if the tree was dirty) and
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.record import RESULTS, load, stale
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"
 
 
 def _num(x: Any) -> str:
@@ -51,7 +55,7 @@ def _run(fig: dict[str, Any]) -> str:
     return f"{(run.get('measured_at') or '?')[:10]} {commit}, others {others} cores"
 
 
-def _notes(name: str, fig: dict[str, Any], changed: dict[str, list[str]]) -> str:
+def _notes(name: str, fig: dict[str, Any], changed: dict[str, list[str]] | None) -> str:
     run = fig.get("run") or {}
     notes = []
     if run.get("scale") != "full":
@@ -60,16 +64,18 @@ def _notes(name: str, fig: dict[str, Any], changed: dict[str, list[str]]) -> str
         notes.append(f"{fig['detail']['scale']} scale: {fig['detail'].get('note', 'not the product figure')}")
     if not run.get("quiet"):
         notes.append("busy machine: needs a quiet rerun")
-    if name in changed:
+    if changed is not None and name in changed:
         notes.append(f"code changed since ({len(changed[name])} files)")
     return "; ".join(notes)
 
 
-def markdown(data: dict[str, Any], only_suites: list[str] | None = None) -> str:
+def markdown(data: dict[str, Any], only_suites: list[str] | None = None, check_code: bool = True) -> str:
+    """The table; `check_code`: note figures whose code changed since (`make bench-check`) — off for the README,
+    whose table must depend on results.json alone."""
     figs = {k: v for k, v in data.get("benchmarks", {}).items() if only_suites is None or v["suite"] in only_suites}
     if not figs:
-        return "(no figures)"
-    changed = stale(data)
+        return "(no figures yet: `make bench` measures them)"
+    changed = stale(data) if check_code else None
     runs = sorted({(f["run"]["measured_at"][:10], (f["run"].get("commit") or "?")[:8]) for f in figs.values()})
     machines = sorted({f"{m.get('cpu_model')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB"
                        for f in figs.values() if (m := f["run"].get("machine"))})
@@ -91,11 +97,26 @@ def print_results(path: Path = RESULTS, only_suites: list[str] | None = None) ->
     print(markdown(load(path), only_suites))
 
 
+def readme_block(data: dict[str, Any]) -> str:
+    """What README.md holds between its performance markers."""
+    return f"{BEGIN}\n{markdown(data, check_code=False)}\n{END}"
+
+
+def write_readme(data: dict[str, Any], readme: Path = README) -> None:
+    text = readme.read_text()
+    begin, end = text.index(BEGIN), text.index(END) + len(END)
+    readme.write_text(text[:begin] + readme_block(data) + text[end:])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--readme", action="store_true", help="write the table into README.md")
     args = p.parse_args(argv)
-    print(markdown(load(args.results)))
+    if args.readme:
+        write_readme(load(args.results))
+    else:
+        print(markdown(load(args.results)))
     return 0
 
 

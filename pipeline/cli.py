@@ -3,7 +3,8 @@
   stllm-index convert SRC DST        released ST-LLM weights → the project's safetensors folder
   stllm-index ask VIDEO "question"   answer one question about one video (try a checkpoint)
   stllm-index run JOB.yaml           index what is new in a job's source (local folder or s3:// prefix)
-  stllm-index status INDEX           last runs, counts and errors of an index
+  stllm-index status INDEX           last runs, coverage of each job's cells, errors of an index
+  stllm-index prune INDEX            unregister a job, drop superseded cells (history), --dry-run first
   stllm-index search INDEX "text"    hybrid search with filters (--where, --answer, --prefix, --since)
   stllm-index similar INDEX VIDEO    visually similar videos (exact copies left out)
   stllm-index export INDEX --to DIR  a curated subset as a fine-tuning manifest (parquet, jsonl, webdataset)
@@ -65,11 +66,11 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
-def _prompt_preset(args: argparse.Namespace, model: str) -> str:
-    """--prompt, else the preset `model` was trained with, else conversation; a mismatch is warned about."""
+def _prompt_preset(args: argparse.Namespace, model: str, fallback: str = "conversation") -> str:
+    """--prompt, else the preset `model` was trained with, else `fallback`; a mismatch is warned about."""
     from pipeline.model_names import preset_warning, trained_preset
 
-    preset = args.prompt or trained_preset(model) or "conversation"
+    preset = args.prompt or trained_preset(model) or fallback
     if warning := preset_warning(model, preset):
         print(f"warning: {warning}", file=terminal("err"))
     return preset
@@ -189,11 +190,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     if args.limit is not None:
         job.source.limit = args.limit
+    if args.metrics_port is not None:
+        job.runtime.metrics_port = args.metrics_port
     for warning in job_warnings(job):
         print(f"warning: {warning}", file=terminal("err"))
     try:
         manifest = run_job(job, address=args.address, progress=not args.no_progress,
-                           retry_errors=args.retry_errors, where=args.where)
+                           retry_errors=args.retry_errors, where=args.where, summary=True)
     except NoVideos as e:
         print(f"warning: {e}\nnothing indexed, nothing written (exit status {EXIT_NO_VIDEOS})", file=terminal("err"))
         return EXIT_NO_VIDEOS
@@ -214,6 +217,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Unregister a job and/or drop superseded cells; prints what goes (nothing changes with --dry-run)."""
+    from pipeline.index_status import locate
+    from pipeline.io.sources import S3Options, is_s3
+    from pipeline.store.prune import prune
+
+    if not args.job and not args.superseded:
+        raise ValueError("prune: say what to prune: --job NAME and/or --superseded")
+    loc = locate(args.index, S3Options() if is_s3(args.index) else None)
+    report = prune(loc, job=args.job, superseded=args.superseded, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report, indent=2), file=terminal())
+        return 0
+    verb = "would go" if args.dry_run else "gone"
+    out = terminal()
+    if report["jobs"]:
+        print(f"job {report['jobs'][0]}: unregistered ({verb}); its questions leave the view"
+              + ("" if args.dry_run else f" ({report['views_rebuilt']} view rows rebuilt)"), file=out)
+    cells = sum(report["cells"].values())
+    by = ", ".join(f"{k} {v}" for k, v in sorted(report["cells"].items())) or "none"
+    models = ", ".join(f"{k} {v}" for k, v in sorted(report["models"].items()))
+    print(f"superseded cells {verb}: {cells} ({by}){f'; by model: {models}' if models else ''}", file=out)
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from pipeline.training.world import synth
 
@@ -227,10 +255,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.paths import resolve_model_path
     from pipeline.training.world import evaluate
 
-    report = evaluate(args.model, args.manifest, engine=args.engine, limit=args.limit, dtype=args.dtype,
-                      device=args.device, answers_out=args.answers, options=_generation_options(args))
+    # `train` teaches the qa layout (no system text): the default for a checkpoint we know nothing of
+    options = _generation_options(args, _prompt_preset(args, args.model, fallback="qa"))
+    report = evaluate(resolve_model_path(args.model), args.manifest, engine=args.engine, limit=args.limit,
+                      dtype=args.dtype, device=args.device, answers_out=args.answers, options=options)
     if args.json:
         print(json.dumps(report, indent=2), file=terminal())
         return 0
@@ -305,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job YAML (see jobs/)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field, e.g. model.engine=vllm")
     r.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
     r.add_argument("--retry-errors", action="store_true", help="try known-bad videos again (else they are "
                    "skipped while unchanged)")
     r.add_argument("--where", default=None, help="backfill only the indexed videos this SQL on the index's videos "
@@ -313,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "wait for a later run)")
     r.add_argument("--limit", type=int, default=None, help="at most N videos get new work this run (source.limit); "
                    "the next run goes on where it stopped")
+    r.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port while "
+                   "the run goes (runtime.metrics_port; 0: any free port, printed)")
     r.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="last runs, counts and errors of an index")
@@ -322,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "runs recorded them, i.e. the job's output.manifest_dir; else <index>/_manifests)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    pr = sub.add_parser("prune", help="unregister a job, drop cells no job asks for (history), with a dry run")
+    pr.add_argument("index", help="the job's output.parquet root or output.lancedb folder (local or s3://)")
+    pr.add_argument("--job", default=None, help="unregister this job: its questions leave the view (rebuilt from "
+                    "the cells, no model work); its cells stay unless --superseded")
+    pr.add_argument("--superseded", action="store_true", help="delete cells no registered job asks for (earlier "
+                    "models, dropped questions, old prompts) where the current result is there")
+    pr.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_prune)
 
     from pipeline.catalog.commands import add_commands
 
@@ -339,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.set_defaults(func=cmd_synth)
 
     ev = sub.add_parser("eval", help="grade a model on a synthetic-world (or any) manifest")
-    ev.add_argument("model", help="converted checkpoint folder")
+    ev.add_argument("model", help="converted checkpoint folder, or 'world' (the shipped synthetic-world model)")
     ev.add_argument("manifest", help="manifest.parquet / .jsonl, or the folder `synth` wrote")
     ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     ev.add_argument("--limit", type=int, default=None, help="at most this many clips")
@@ -348,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answers", default=None, help="write every graded answer here (JSONL)")
     ev.add_argument("--json", action="store_true")
     _add_generation_flags(ev)
-    ev.set_defaults(func=cmd_eval, prompt="qa", max_new_tokens=24)
+    ev.set_defaults(func=cmd_eval, max_new_tokens=24)
 
     t = sub.add_parser("train", help="fine-tune a checkpoint on a manifest (the original's recipe by default)")
     t.add_argument("config", nargs="?", default=None, help="training config YAML (see jobs/training/world.yaml)")

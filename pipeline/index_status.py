@@ -1,6 +1,6 @@
 """`stllm-index status INDEX`: what an index holds and how its last runs went — from the run manifests, the
-view, the cells (coverage of each job's caption and questions) and the error ledger (Parquet root or LanceDB
-folder, local or s3://)."""
+view (and each curation score's histogram over it), the cells (coverage of each job's caption and questions) and
+the error ledger (Parquet root or LanceDB folder, local or s3://)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,20 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
+from pipeline.catalog.histograms import fmt, score_columns, score_histograms, text_bars
 from pipeline.io.sources import S3Options, is_s3
 from pipeline.store.files import filesystem, join_path
-from pipeline.store.index_record import recorded_manifest_dirs
+from pipeline.store.index_record import recorded_location, recorded_manifest_dirs
 from pipeline.store.location import IndexLocation
 from pipeline.store.manifest import list_manifests, mark_interrupted
 from pipeline.store.registry import describe, load_registry
 
 
-def _locate(index: str, s3: S3Options | None) -> IndexLocation:
+def locate(index: str, s3: S3Options | None) -> IndexLocation:
+    """The index one of whose roots (its Parquet root or LanceDB folder) is `index`: both stores as its runs
+    recorded them, else the one store found there."""
+    if (recorded := recorded_location(index, s3)) is not None:
+        return recorded
     fs, inner = filesystem(index, s3)
     names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))}
     if not names:
@@ -52,9 +57,17 @@ def coverage(loc: IndexLocation, videos: int) -> list[dict[str, Any]]:
     return out
 
 
+def histograms(videos: Any) -> list[dict[str, Any]]:
+    """Each curation score's histogram over the view (`pipeline.catalog.histograms`): bin edges, counts, nulls."""
+    schema = videos.existing_schema()
+    columns = score_columns(schema.names) if schema is not None else []
+    table = videos.read_all(columns) if columns else None
+    return [] if table is None else [h.to_json() for h in score_histograms(table)]
+
+
 def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> dict[str, Any]:
     s3 = S3Options() if is_s3(index) else None
-    loc = _locate(index, s3)
+    loc = locate(index, s3)
     videos, errors = loc.videos(), loc.errors()
     # Where the runs' manifests are: as told, else as the index recorded (the job's output.manifest_dir), else
     # the default of a job that set none.
@@ -66,22 +79,25 @@ def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> 
         by_run.update((m.get("run_id") or "", m) for m in list_manifests(folder, s3))
     manifests = sorted(by_run.values(), key=lambda m: m.get("started_at") or "")
     by_type: Counter[str] = Counter()
-    retryable = 0
-    table = errors.read_all(["stage", "error_type", "retryable"])
-    if table is not None:
-        for stage, kind, again in zip(*(table.column(c).to_pylist() for c in ("stage", "error_type", "retryable")),
-                                      strict=True):
-            by_type[f"{stage}: {kind}"] += 1
-            retryable += bool(again)
+    table = errors.read_all(["video_id", "stage", "error_type", "retryable", "last_seen"])
+    # the ledger keeps a record per object and job spec: an object counts once, by its latest failure
+    latest: dict[str, dict[str, Any]] = {}
+    for r in ([] if table is None else table.to_pylist()):
+        if r["video_id"] not in latest or r["last_seen"] > latest[r["video_id"]]["last_seen"]:
+            latest[r["video_id"]] = r
+    for r in latest.values():
+        by_type[f"{r['stage']}: {r['error_type']}"] += 1
+    retryable = sum(bool(r["retryable"]) for r in latest.values())
     n_videos = videos.count()
     return {
         "index": index, "manifest_dirs": folders, "videos": n_videos,
         "stale": videos.count("stale = true") if videos.lance_table is not None else _count_stale(videos),
-        "errors": errors.count(), "retryable_errors": retryable,
+        "errors": len(latest), "retryable_errors": retryable,
         "errors_by_type": dict(by_type.most_common()),
         "jobs": describe(load_registry(loc.root, s3)), "coverage": coverage(loc, n_videos),
+        "histograms": histograms(videos),
         "runs": [{k: m.get(k) for k in ("run_id", "job", "status", "started_at", "finished_at", "wall_s",
-                                        "counts", "error")} for m in manifests[-runs:]],
+                                        "counts", "error", "progress")} for m in manifests[-runs:]],
     }
 
 
@@ -105,6 +121,18 @@ def print_status(status: dict[str, Any]) -> None:
         t.add_column("contents", justify="right")
         for c in job["cells"]:
             t.add_row(c["what"], f"{c['contents']:,} of {job['videos'] - job['copies']:,}")
+        out.print(t)
+    if any(h["values"] for h in status.get("histograms", [])):
+        t = Table(title="curation scores over the videos (docs/curation.md): one bar per bin, from the lower edge to "
+                  "the upper")
+        for col, kw in (("score", {}), ("from", {"justify": "right"}), ("histogram", {}), ("to", {}),
+                        ("videos", {"justify": "right"}), ("null", {"justify": "right"}), ("min", {"justify": "right"}),
+                        ("max", {"justify": "right"})):
+            t.add_column(col, no_wrap=True, **kw)
+        for h in status["histograms"]:
+            edges = h["edges"] or [None]
+            t.add_row(h["column"], fmt(edges[0]), f"[cyan]{text_bars(h['counts'])}[/cyan]", fmt(edges[-1]),
+                      str(h["values"]), str(h["nulls"]), fmt(h["min"]), fmt(h["max"]))
         out.print(t)
     if status["errors_by_type"]:
         t = Table(title="errors by type")

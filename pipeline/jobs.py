@@ -184,7 +184,11 @@ class RuntimeConfig(_Strict):
                                          "at once: the engine never waits for a batch boundary (1 = one by one)")
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
     model_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per model actor (it also embeds)")
-    commit_every: int = Field(default=32, ge=1, description="rows per sink commit")
+    commit_every: int = Field(default=2000, ge=1, description="most rows per commit to the index (the writer "
+                              "commits what it has after commit_seconds too)")
+    commit_seconds: float = Field(default=5.0, gt=0, description="longest a result waits for its commit")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve the run's Prometheus "
+                                     "metrics on this port while it runs (0: any free port; null: off)")
     buffer_mb: int = Field(default=512, ge=16, description="object-store budget for rows in flight between "
                            "stages: decoding waits when it is full, so memory does not grow with the archive")
     skip_existing: bool = True

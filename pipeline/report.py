@@ -112,7 +112,7 @@ def print_summary(manifest: dict[str, Any], out: Console | None = None) -> None:
     for key, label, value in (
             ("listed", "listed", None), ("skipped", "skipped (up to date)", None),
             ("known_bad", "skipped (known bad)", None), ("deferred", "left for later (--where)", None),
-            ("indexed", "indexed (the model ran)", None), ("copies", "from cells already computed", None),
+            ("indexed", "indexed (cells computed)", None), ("copies", "from cells already computed", None),
             ("errors", "errors", None), ("decoded", "videos decoded", None),
             ("visual_encodings", "visual encodings", None), ("caption", "captions generated", gen.get("caption")),
             ("answer", "answers generated", gen.get("answer")), ("cells_reused", "cells reused", None)):

@@ -13,6 +13,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.paths import checkpoint_id, resolve_model_path
-from pipeline.stages import DecodeStage, ModelStage, OneBatchModelStage
+from pipeline.stages.decode import DecodeStage
+from pipeline.stages.model import ModelStage
 
 log = logging.getLogger(__name__)
 BLOCKS_PER_BUDGET = 8  # blocks of rows in flight that fit `runtime.buffer_mb` at least
@@ -95,10 +97,11 @@ def fit_cpu_reservations(job, cluster_cpus: float) -> None:
         log.warning("scaled model actor CPU reservations to fit %.1f CPUs: %.2f each", cluster_cpus, rt.model_cpus)
 
 
-def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
-    """The stages as Ray Data operators, in order. Actor pools with bounded sizes: a set number of
-    processes for the whole run (decode actors keep their killable decoder subprocess warm), so memory
-    does not grow with the archive."""
+def stage_ops(job, facts: dict[str, Any], hub: Any = None) -> dict[str, Callable[[Any], Any]]:
+    """The stages as Ray Data operators, in order, over Arrow batches (schemas/stages.py). Actor pools with
+    bounded sizes: a set number of processes for the whole run (decode actors keep their killable decoder
+    subprocess warm), so memory does not grow with the archive. `hub`: the run's RunStats actor the stages report
+    to."""
     from ray.data import ActorPoolStrategy
 
     rt = job.runtime
@@ -108,20 +111,21 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
 
     def decode(ds):
         return ds.map_batches(
-            DecodeStage, batch_format="pandas", batch_size=rt.decode_batch_size,
+            DecodeStage, batch_format="pyarrow", batch_size=rt.decode_batch_size,
             compute=ActorPoolStrategy(size=rt.decode_concurrency),
             num_cpus=rt.decode_cpus,
             fn_constructor_kwargs=dict(num_frames=facts["num_frames"], image_size=facts["image_size"],
                                        timeout_s=rt.decode_timeout_s, s3_options=job.source.s3,
                                        nice=rt.decode_nice, frame_sampling=facts["frame_sampling"],
                                        max_bytes=job.source.max_bytes, fetch_timeout_s=job.source.fetch_timeout_s,
-                                       segments=job.segments.model_dump(), scores=job.scores.model_dump()),
+                                       segments=job.segments.model_dump(), scores=job.scores.model_dump(),
+                                       hub=hub),
             ray_remote_args_fn=restarts,
         )
 
     def model(ds):
         return ds.map_batches(
-            ModelStage if rt.model_batches_in_flight > 1 else OneBatchModelStage, batch_format="pyarrow",
+            ModelStage, batch_format="pyarrow",
             batch_size=rt.batch_size,
             # Ray runs an actor's calls one at a time unless told otherwise, and a call holds one bundle (often
             # one batch): the calls themselves must overlap (actor concurrency, as Ray Data LLM sets it), with
@@ -135,7 +139,7 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
                 engine=job.model.engine, model_path=facts["path"], dtype=job.model.dtype, device=job.model.device,
                 options=job.generation_options(), engine_kwargs=job.model.engine_kwargs,
                 embedder=dict(model=job.embedder.model, batch_size=job.embedder.batch_size),
-                batches_in_flight=rt.model_batches_in_flight,
+                batches_in_flight=rt.model_batches_in_flight, hub=hub,
             ),
             # A model actor that died (or exited because its engine broke) is restarted, its batch retried.
             ray_remote_args_fn=restarts,
@@ -144,7 +148,7 @@ def stage_ops(job, facts: dict[str, Any]) -> dict[str, Callable[[Any], Any]]:
     return {"decode": decode, "model": model}
 
 
-def work_plan(job, spec, retry_errors: bool = False, where: str | None = None):
+def work_plan(job, spec, retry_errors: bool = False, where: str | None = None, hub: Any = None):
     from pipeline.io.listing import WorkPlan
 
     src, rt = job.source, job.runtime
@@ -152,7 +156,7 @@ def work_plan(job, spec, retry_errors: bool = False, where: str | None = None):
         source_uri=src.uri, extensions=tuple(src.extensions), source_s3=src.s3, spec=spec, index=index_location(job),
         skip_existing=rt.skip_existing, retry_errors=retry_errors or rt.retry_errors,
         retry_after_s=rt.retry_errors_after_h * 3600 if rt.retry_errors_after_h else None,
-        limit=src.limit, page_size=src.page_size, where=where)
+        limit=src.limit, page_size=src.page_size, where=where, hub=hub)
 
 
 def index_location(job):
@@ -186,12 +190,14 @@ def manifest_dir(job) -> str:
 
 
 def run_job(job, address: str | None = None, progress: bool = True, retry_errors: bool = False,
-            where: str | None = None) -> dict[str, Any]:
+            where: str | None = None, summary: bool | None = None) -> dict[str, Any]:
     """Compute what the job's source is missing; returns the run manifest (also written as the run goes)."""
     from pipeline.io.listing import has_new_work, new_work_dataset
     from pipeline.preflight import check_source
     from pipeline.redact import register_secret
     from pipeline.report import print_summary, progress_bar
+    from pipeline.run_stats import RunStats
+    from pipeline.store.background import BackgroundWriter
     from pipeline.store.index_record import record_manifest_dir
     from pipeline.store.manifest import RunRecord
     from pipeline.store.writer import IndexWriter
@@ -217,31 +223,66 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                   "outputs": {**output_locations(job), "manifest": record.path}})
     stage_s = {"decode_s": 0.0, "model_s": 0.0, "embed_s": 0.0}
     writer = None
+    writer_stats: dict[str, Any] = {}
+    stats: dict[str, Any] = {}  # what the workers reported (pipeline.run_stats)
+    progress: list[list[float]] = []  # [seconds since start, objects done, errors], about every second
     try:
         writer = IndexWriter(index_location(job), spec, run_id=run_id,
                              legacy_hash=job.config_hash(facts["checkpoint_id"]))
         plan = work_plan(job, spec, retry_errors, where)
         if has_new_work(plan):  # Ray only when there is work: a rerun that skips everything starts nothing
+            import ray
+
             init_ray(address, job)
-            ds = new_work_dataset(plan)
-            for op in stage_ops(job, facts).values():
+            hub = ray.remote(RunStats).options(num_cpus=0).remote()
+            ds = new_work_dataset(replace(plan, hub=hub))
+            for op in stage_ops(job, facts, hub).values():
                 ds = op(ds)
-            with progress_bar(None, enabled=progress) as bar:
-                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=job.runtime.commit_every,
-                                             prefetch_batches=1):
-                    for col in stage_s:
-                        if col in batch.column_names:
-                            stage_s[col] += float(pc.sum(batch.column(col)).as_py() or 0.0)
-                    delta = writer.write(batch)
+            background = BackgroundWriter(writer, max_rows=job.runtime.commit_every,
+                                          max_seconds=job.runtime.commit_seconds)
+            metrics = _serve_metrics(job, run_id, writer, background,
+                                     stats=lambda: ray.get(hub.snapshot.remote(), timeout=2))
+            polled = 0.0
+
+            def poll(force: bool = False) -> None:
+                nonlocal polled, stats
+                if force or time.monotonic() - polled >= 1.0:
+                    stats = ray.get(hub.snapshot.remote())
+                    for f, n in stats["tally"].items():
+                        writer.counts[f] = n
                     c = writer.counts
-                    bar.update(done=c["indexed"] + c["copies"] + c["errors"],
-                               total=c["listed"] - c["skipped"] - c["known_bad"] - c["deferred"],
-                               errors=c["errors"], advanced=delta["indexed"] + delta["copies"] + delta["errors"])
-                    record.beat(counts=writer.counts_json())
+                    progress.append([round(time.perf_counter() - t_start, 2), c["indexed"] + c["copies"],
+                                     c["errors"]])
+                    polled = time.monotonic()
+
+            with progress_bar(None, enabled=progress) as bar:
+                try:
+                    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=1):
+                        for col in stage_s:
+                            if col in batch.column_names:
+                                stage_s[col] += float(pc.sum(batch.column(col)).as_py() or 0.0)
+                        background.submit(batch)
+                        poll()
+                        c = writer.counts
+                        bar.update(done=c["indexed"] + c["copies"] + c["errors"],
+                                   total=c["listed"] - c["skipped"] - c["known_bad"] - c["deferred"],
+                                   errors=c["errors"])
+                        record.beat(counts=writer.counts_json(), writer=background.stats(),
+                                    progress=_thinned(progress))
+                except BaseException:
+                    background.close(quiet=True)  # the stages' error is the one to report
+                    raise
+                else:
+                    background.close()
+                finally:
+                    poll(force=True)
+                    if metrics is not None:
+                        metrics.close()
+            writer_stats = background.stats()
         else:  # nothing new: count what the listing holds without starting anything
             from pipeline.io.listing import iter_work
 
-            for block in iter_work(plan):
+            for block in iter_work(plan, on_tally=writer.add_tally):
                 writer.write(block)
         writer.finish()
     except BaseException as e:
@@ -253,11 +294,34 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     wall = time.perf_counter() - t_start
     manifest = record.end(
         status="succeeded", finished_at=datetime.now(UTC).isoformat(), wall_s=round(wall, 3),
-        counts=writer.counts_json(), stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
+        counts=writer.counts_json(), writer=writer_stats, stages=stats.get("stages", {}),
+        engines=stats.get("engines", []), progress=_thinned(progress),
+        stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
         videos_per_s=round(writer.counts["indexed"] / wall, 4) if wall else None)
-    if progress:
+    if progress if summary is None else summary:  # the summary table: with the progress bar unless told
         print_summary(manifest)
     return manifest
+
+
+def _serve_metrics(job, run_id: str, writer: Any, background: Any, stats: Callable[[], dict[str, Any]]):
+    """The run's Prometheus endpoint when the job asks for one (`runtime.metrics_port`)."""
+    if job.runtime.metrics_port is None:
+        return None
+    from pipeline.metrics import RunMetrics
+
+    metrics = RunMetrics(job.runtime.metrics_port, job.name, run_id, counts=writer.counts_json,
+                         writer=background.stats, stats=stats)
+    log.warning("metrics of run %s: http://localhost:%d/metrics", run_id, metrics.port)
+    return metrics
+
+
+def _thinned(progress: list[list[float]], most: int = 300) -> list[list[float]]:
+    """At most `most` points of the progress series (every k-th, the last kept): a day-long run's manifest stays
+    small and its plot readable."""
+    if len(progress) <= most:
+        return list(progress)
+    step = -(-len(progress) // most)
+    return progress[::step] + ([progress[-1]] if (len(progress) - 1) % step else [])
 
 
 def exit_status(manifest: dict[str, Any], max_error_fraction: float) -> int:

@@ -30,6 +30,12 @@ TIMINGS_TYPE = pa.struct([
 ])
 TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
 CELL_KINDS = ("media", "visual", "caption", "answer", "plan", "scores")
+# curation signals (docs/curation.md), as the decode stage computes them and the view shows them; null where the
+# job computes none
+SCORE_FIELDS = [*(pa.field(f"score_{n}", pa.float64()) for n in ("motion", "sharpness", "brightness", "contrast",
+                                                                   "static_fraction", "blank_fraction")),
+                pa.field("score_cuts", pa.int32()), pa.field("score_text_fraction", pa.float64()),
+                pa.field("score_text", pa.string())]
 
 
 def _metadata(table: str, **extra: Any) -> dict[bytes, bytes]:
@@ -56,12 +62,7 @@ def _shown_fields(text_dim: int, visual_dim: int) -> list[pa.Field]:
         pa.field("visual_embedding", pa.list_(pa.float32(), visual_dim)),
         pa.field("visual_model", pa.string()),
         pa.field("stale", pa.bool_(), nullable=False),
-        # curation signals (docs/curation.md); null where the job computes none
-        *(pa.field(f"score_{n}", pa.float64()) for n in ("motion", "sharpness", "brightness", "contrast",
-                                                          "static_fraction", "blank_fraction")),
-        pa.field("score_cuts", pa.int32()),
-        pa.field("score_text_fraction", pa.float64()),
-        pa.field("score_text", pa.string()),
+        *SCORE_FIELDS,
     ]
 
 
@@ -267,6 +268,7 @@ __all__ = [
     "segment_schema",
     "cell_schema",
     "CELL_KINDS",
+    "SCORE_FIELDS",
     "ANSWER_TYPE",
     "flatten_answers",
     "manifest_json_schema",

@@ -132,7 +132,7 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, object]:
-        """How busy the engine has been (busy fraction, sequences in flight); {} where not measured."""
+        """How busy the engine has been (vllm: vLLM's own metrics, docs/engine.md); {} where not measured."""
         ...
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,23 +139,40 @@ def _remove_sockets(ports: list[int]) -> None:
             path.unlink(missing_ok=True)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A real S3-compatible server (SeaweedFS) on free local ports, for the whole session."""
+@contextlib.contextmanager
+def seaweedfs(make_dir: Callable[[str], Path]) -> Iterator[S3Server]:
+    """A real S3-compatible server (SeaweedFS) on free local ports, stopped (by pid) at the end."""
     access_key, secret_key = "test-" + uuid.uuid4().hex[:8], uuid.uuid4().hex
     for attempt in range(3):  # a port can be taken between the check and the bind
-        data = tmp_path_factory.mktemp(f"seaweedfs{attempt}")
+        data = make_dir(f"seaweedfs{attempt}")
         proc, ports, log = _start_weed(data, access_key, secret_key)
         server = S3Server(f"http://127.0.0.1:{ports[0]}", access_key, secret_key)
         if _wait_ready(server, proc):
             break
         _stop(proc, ports)
     else:
-        pytest.fail(f"SeaweedFS did not start; last log lines:\n{log.read_text(errors='replace')[-3000:]}")
+        raise RuntimeError(f"SeaweedFS did not start; last log lines:\n{log.read_text(errors='replace')[-3000:]}")
     try:
         yield server
     finally:
         _stop(proc, ports)
+
+
+@contextlib.contextmanager
+def seaweedfs_for_benchmarks() -> Iterator[S3Server]:
+    """`seaweedfs` in a temporary folder, for `make bench` (no pytest)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
+        with seaweedfs(lambda name: Path(tmp) / name if (Path(tmp) / name).mkdir() is None else Path()) as server:
+            yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-compatible server (SeaweedFS) on free local ports, for the whole session."""
+    with seaweedfs(tmp_path_factory.mktemp) as server:
+        yield server
 
 
 class ManagedS3:

@@ -220,14 +220,14 @@ def test_decode_stage_batches_rows_and_yields_the_cpu(video_fixtures) -> None:
     import sys
 
     code = f"""
-import os, pandas as pd
+import os, pyarrow as pa
 from pipeline.decode.worker import shared_worker_pid
-from pipeline.stages import DecodeStage
+from pipeline.stages.decode import DecodeStage
 stage = DecodeStage(num_frames=4, image_size=32, timeout_s=60, nice=7)
-rows = pd.DataFrame([{{"uri": {str(video_fixtures["h264"])!r}}}, {{"uri": {str(video_fixtures["random"])!r}}},
-                     {{"uri": {str(video_fixtures["vp9"])!r}}}])
-out = stage(rows)
-print(list(out["uri"].str[-8:]), list(out["error_stage"].fillna("-")), list(out["frames_shape"].map(len)))
+rows = pa.Table.from_pylist([{{"uri": {str(video_fixtures["h264"])!r}}}, {{"uri": {str(video_fixtures["random"])!r}}},
+                            {{"uri": {str(video_fixtures["vp9"])!r}}}])
+out = pa.concat_tables(list(stage(rows))).to_pylist()
+print([r["uri"][-8:] for r in out], [r["error_stage"] or "-" for r in out], [len(r["frames_shape"] or []) for r in out])
 print(os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, shared_worker_pid()))
 """
     before = os.getpriority(os.PRIO_PROCESS, 0)

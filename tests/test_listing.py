@@ -15,7 +15,7 @@ from pipeline.jobs import load_job
 from pipeline.store.cells import cell_id, cells_table
 from pipeline.store.location import IndexLocation
 from schemas import error_schema
-from schemas.stages import COPY, TALLY, WORK
+from schemas.stages import COPY, WORK
 from tests.test_sinks import FACTS, SCHEMA, _rows
 
 SPEC = load_job(None).spec(FACTS)
@@ -30,13 +30,14 @@ def _plan(src: Path, out: Path, spec=SPEC, **kw) -> WorkPlan:
 
 def _rows_of(plan: WorkPlan) -> tuple[dict[str, dict], dict[str, int]]:
     rows, tally = {}, {"listed": 0, "skipped": 0, "known_bad": 0, "deferred": 0}
-    for block in iter_work(plan):
+
+    def count(page: dict[str, int]) -> None:
+        for k in tally:
+            tally[k] += int(page[k])
+
+    for block in iter_work(plan, on_tally=count):
         for r in block.to_pylist():
-            if r["kind"] == TALLY:
-                for k in tally:
-                    tally[k] += int(r[k])
-            else:
-                rows[Path(r["uri"]).name] = r
+            rows[Path(r["uri"]).name] = r
     return rows, tally
 
 

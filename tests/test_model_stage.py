@@ -3,7 +3,6 @@ actor one batch per call, and the text of several batches embedded in one call (
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from pipeline.demo.clips import make_test_video
 from pipeline.embedder import load_text_embedder
-from pipeline.text_batcher import TextBatcher
+from pipeline.stages.text_batcher import TextBatcher
 
 TEXTS = [f"a {c} {s} moves {d}" for c in ("red", "blue", "green") for s in ("circle", "square")
          for d in ("left", "up")]
@@ -99,14 +98,12 @@ def test_the_model_actor_overlaps_batches_when_its_input_is_ready(tmp_path: Path
 
     from pipeline.io.listing import iter_work
     from pipeline.jobs import load_job
+    from pipeline.run_stats import RunStats
     from pipeline.runner import init_ray, model_facts, stage_ops, work_plan
 
     src = tmp_path / "src"
     for i in range(8):
         make_test_video(src / f"clip{i}.mp4", "h264", n_frames=12, size=(64, 48), seed=400 + i)
-    stats = tmp_path / "stats"
-    stats.mkdir()
-    monkeypatch.setenv("STLLM_ENGINE_STATS_DIR", str(stats))
     out = tmp_path / "out"
     job = load_job(None, [f"source.uri={src}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lancedb",
                           f"output.manifest_dir={out}/runs", "runtime.decode_cpus=0.5", "runtime.model_cpus=0.5",
@@ -116,12 +113,15 @@ def test_the_model_actor_overlaps_batches_when_its_input_is_ready(tmp_path: Path
     init_ray(None, job)
     try:
         facts = model_facts(job)
-        ops = stage_ops(job, facts)
+        hub = ray.remote(RunStats).remote()
+        ops = stage_ops(job, facts, hub)
         plan = work_plan(job, job.spec(facts))
         rows = [r for block in iter_work(plan) for r in block.to_pylist() if r["kind"] == "work"]
         decoded = ops["decode"](ray.data.from_items(rows)).materialize()
         result: pd.DataFrame = ops["model"](decoded).to_pandas()
         inputs = decoded.take_all()
+        time.sleep(1.0)  # the actors' last reports are on their way (fire and forget)
+        snapshot = ray.get(hub.snapshot.remote())
     finally:
         ray.shutdown()
     assert len(result) == 8 and result["error_stage"].isna().all()
@@ -142,9 +142,9 @@ def test_the_model_actor_overlaps_batches_when_its_input_is_ready(tmp_path: Path
     # the embeddings made several batches at a time are those of each caption alone
     np.testing.assert_allclose(np.stack(result["caption_embedding"].map(np.asarray)), encode(list(result["caption"])),
                                atol=1e-5)
-    [path] = stats.glob("engine-*.json")
-    peak = json.loads(path.read_text())["stage_peak_batches_on_engine"]
+    peak = max(a["peak_on_engine"] for a in snapshot["actors"]["model"])
     assert 2 <= peak <= 3, peak  # several batches at once, never more than runtime.model_batches_in_flight
+    assert snapshot["stages"]["decode"]["rows"] == 8 and snapshot["stages"]["model"]["errors"] == 0
 
 
 
@@ -153,7 +153,7 @@ def test_arrow_batches_are_read_in_place_and_set_by_name():
     Ray's shared object store), new columns replace or append by name, vectors keep their rows' None."""
     import pyarrow as pa
 
-    from pipeline import arrow_batch
+    from pipeline.stages import arrow_batch
 
     frames = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     table = pa.table({"frames": pa.array([b"", frames.tobytes()], pa.binary()), "error_stage": pa.nulls(2)})

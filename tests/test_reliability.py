@@ -264,24 +264,38 @@ def test_killed_model_and_decode_actors_lose_and_duplicate_nothing(tmp_path: Pat
     src, out = tmp_path / "src", tmp_path / "out"
     _clips(src, 16, seed0=60)
     killed: list[str] = []
-    parts = out / "parquet" / "videos"
 
-    def kill_when(stop: threading.Event, needle: str, ready) -> None:
-        while not stop.is_set():
-            # The title without ".__init__": the actor is constructed and takes batches now.
-            pids = [p for p in _tagged_pids(needle) if b"__init__" not in Path(f"/proc/{p}/cmdline").read_bytes()]
-            if pids and ready():
+    def ready_pids(needle: str) -> list[int]:
+        # The title without ".__init__": the actor is constructed and takes batches now.
+        return [p for p in _tagged_pids(needle) if b"__init__" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+    def kill_decode(stop: threading.Event) -> None:
+        while not stop.is_set():  # while it decodes its first batches
+            if pids := ready_pids("MapBatches(DecodeStage)"):
                 os.kill(pids[0], signal.SIGKILL)
-                killed.append(needle)
+                killed.append("MapBatches(DecodeStage)")
                 return
             time.sleep(0.05)
 
-    def killer(stop: threading.Event) -> None:
-        kill_when(stop, "MapBatches(DecodeStage)", lambda: True)  # while it decodes its first batches
-        kill_when(stop, "MapBatches(ModelStage)", lambda: parts.is_dir() and any(parts.glob("*.parquet")))
+    def kill_model_at_first_commit(point: str) -> None:
+        # The writer's first commit (2 of 16 rows): the model stage has most of its work ahead, whatever the
+        # machine's speed. Run in the writer's thread, so no timing decides whether the kill happens mid-run.
+        if point == "lance-committed" and "MapBatches(ModelStage)" not in killed:
+            if pids := ready_pids("MapBatches(ModelStage)"):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append("MapBatches(ModelStage)")
 
-    with alongside(killer):
-        manifest = _run(_overrides(str(src), out, ("runtime.commit_every=2", "model.max_new_tokens=24")))
+    from pipeline.store.commit import COMMIT_HOOKS
+
+    COMMIT_HOOKS.append(kill_model_at_first_commit)
+    try:
+        with alongside(kill_decode):
+            # one video at a time through the model, in blocks of a row or two (a small rows-in-flight budget)
+            manifest = _run(_overrides(str(src), out, ("runtime.commit_every=2", "model.max_new_tokens=24",
+                                                       "runtime.batch_size=1", "runtime.model_batches_in_flight=1",
+                                                       "runtime.buffer_mb=16")))
+    finally:
+        COMMIT_HOOKS.remove(kill_model_at_first_commit)
     assert killed == ["MapBatches(DecodeStage)", "MapBatches(ModelStage)"]
     rows, _ = _exactly_once(str(out))
     assert len(rows) == 16 and manifest["counts"]["errors"] == 0 and manifest["status"] == "succeeded"
@@ -326,17 +340,13 @@ def test_storage_paused_then_back_completes(private_s3, tmp_path: Path) -> None:
     opts = server.options()
     paused: list[float] = []
 
-    def pause_once(stop: threading.Event) -> None:
-        from pipeline.store.files import read_parquet
+    client = server.client()
 
-        while not stop.is_set():
-            try:
-                t = read_parquet(f"{out}/parquet/videos", s3=opts, columns=["video_id"])
-                if t is not None and t.num_rows:
-                    break
-            except (OSError, ValueError):  # a dataset listed while its first file is written (ArrowInvalid)
-                pass
-            time.sleep(0.3)
+    def pause_once(stop: threading.Event) -> None:
+        while not stop.is_set():  # the run's first commit (its cells come first): the run is under way
+            if client.list_objects_v2(Bucket=bucket, Prefix="out/parquet/cells/part-").get("KeyCount"):
+                break
+            time.sleep(0.05)
         else:
             return
         private_s3.pause()  # the whole server: every S3 call of the run hangs
@@ -469,7 +479,7 @@ import json, resource, sys
 sys.path.insert(0, {str(REPO)!r})
 from pipeline.decode.worker import shared_worker_pid
 from pipeline.io.sources import S3Options
-from pipeline.stages import DecodeStage
+from pipeline.stages.decode import DecodeStage
 s3 = S3Options(endpoint_url={o.endpoint_url!r}, access_key_id={o.access_key_id!r}, secret_access_key={o.secret!r})
 stage = DecodeStage(num_frames=8, image_size=32, timeout_s=120, s3_options=s3)
 small = stage.decode_row({{"uri": "s3://{bucket}/big.mp4", "kind": "work"}})  # warm: imports, decode worker

@@ -54,7 +54,7 @@ SEPARATIONS = [
 
 
 def _stage(config: dict[str, Any], **kwargs: Any) -> Any:
-    from pipeline.stages import DecodeStage
+    from pipeline.stages.decode import DecodeStage
 
     return DecodeStage(num_frames=8, image_size=224, timeout_s=60, scores=config, **kwargs)
 
@@ -115,7 +115,7 @@ def test_cut_count_comes_from_the_shot_detector(tmp_path) -> None:
     scenes = [(3.0, "red", "left"), (3.0, "blue", "up"), (3.0, "green", "right"), (3.0, "yellow", "down")]
     path = make_scene_video(tmp_path / "scenes.mp4", scenes, fps=8)
     segments = {"mode": "shots", "length_s": 10.0, "overlap_s": 0.0, "min_s": 1.0, "max_s": 2.0, "threshold": 27.0}
-    rows = list(_stage(ALL_ON | {"ocr": False}, segments=segments).decode_rows(
+    rows = list(_stage(ALL_ON | {"ocr": False}, segments=segments).decode(
         {"uri": str(path), "video_id": "scenes", "kind": "work", "need_segments": True}))
     video, parts = rows[-1], rows[:-1]
     assert video["error_stage"] is None and video["score_cuts"] == 3
@@ -123,7 +123,7 @@ def test_cut_count_comes_from_the_shot_detector(tmp_path) -> None:
     assert len(parts) >= 6 and [p["score_cuts"] for p in parts] == [0] * len(parts)
     assert all(p["score_motion"] is not None and p["score_brightness"] is not None for p in parts)
     fixed = dict(segments, mode="fixed", length_s=4.0)
-    rows = list(_stage(ALL_ON | {"ocr": False}, segments=fixed).decode_rows(
+    rows = list(_stage(ALL_ON | {"ocr": False}, segments=fixed).decode(
         {"uri": str(path), "video_id": "scenes", "kind": "work", "need_segments": True}))
     assert [r["score_cuts"] for r in rows] == [None] * len(rows)  # no detector ran: unknown, not 0
     from pipeline.decode.segments import decode_segments, plan_segments
@@ -140,7 +140,7 @@ WORK = {"motion": "motion", "sharpness": "sharpness", "brightness": "brightness"
 
 
 @pytest.mark.parametrize("toggle", list(WORK))
-def test_a_score_turned_off_has_no_column_and_no_cost(clips, monkeypatch, toggle: str) -> None:
+def test_a_score_turned_off_is_null_and_costs_nothing(clips, monkeypatch, toggle: str) -> None:
     import pipeline.decode as decode
 
     calls: list[str] = []
@@ -152,7 +152,7 @@ def test_a_score_turned_off_has_no_column_and_no_cost(clips, monkeypatch, toggle
     monkeypatch.setattr(decode, "decode_video", lambda *a, **k: natives.append(k["native"]) or decode_video(*a, **k))
     _, path = clips["text"][0]
     row = _row(_stage(ALL_ON | {toggle: False}), path)
-    assert not set(scores.COLUMNS[toggle]) & set(row), toggle
+    assert all(row[c] is None for c in scores.COLUMNS[toggle]), toggle  # declared columns: null, not computed
     assert WORK[toggle] not in calls
     others = [c for name, cols in scores.COLUMNS.items() if name != toggle for c in cols]
     assert set(others) <= set(row)
@@ -161,7 +161,7 @@ def test_a_score_turned_off_has_no_column_and_no_cost(clips, monkeypatch, toggle
     # everything off: no score column, no luma computed, nothing kept for OCR
     calls.clear()
     row = _row(_stage(dict.fromkeys(WORK, False)), path)
-    assert not [c for c in row if c.startswith("score")] and "scores_s" not in row and calls == []
+    assert not [c for c in row if c.startswith("score") and row[c] is not None] and calls == []
 
 
 def test_default_job_scores_everything_but_ocr() -> None:

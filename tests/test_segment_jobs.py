@@ -154,6 +154,15 @@ def test_fixed_windows_job_and_a_broken_file(archive, tmp_path) -> None:
 
     errors = read_parquet(str(out / "parquet" / "errors")).to_pylist()
     assert [Path(e["uri"]).name for e in errors] == ["broken.mp4"] and errors[0]["stage"] == "decode"
+    # a question added to a segments job: once per moment (and once for the whole video), nothing else again
+    from pipeline.jobs import load_job as load
+
+    asked = load(None, _overrides(src, out)).questions
+    more = _run(_overrides(src, out, ("segments.mode=fixed", "segments.length_s=20", "segments.overlap_s=5",
+                                      "segments.min_s=4", "questions=" + json.dumps([*asked, "Is it red?"]))))
+    assert more["counts"]["generations"] == {"caption": 0, "answer": 1 + len(want)}, more["counts"]
+    rows, _ = _tables(out, "segments")
+    assert len(rows) == len(want) and all(a["question"] == "Is it red?" for r in rows for a in r["answers"][-1:])
     # the job's segmentation derives its moments' cells: another window length asks for other cells
     from pipeline.jobs import load_job
     from tests.test_sinks import FACTS
@@ -184,22 +193,22 @@ def test_a_long_large_file_streams_its_segments_in_bounded_memory(archive, tmp_p
     code = f"""
 import json, resource, sys
 sys.path.insert(0, {str(repo)!r})
-import pandas as pd
-from pipeline.stages import DecodeStage
+import pyarrow as pa, pyarrow.compute as pc
+from pipeline.stages.decode import DecodeStage
 segments = {{"mode": "fixed", "length_s": 5.0, "overlap_s": 0.0, "min_s": 1.0, "max_s": 30.0, "threshold": 27.0}}
 stage = DecodeStage(num_frames=8, image_size=224, timeout_s=120, segments=segments)
-row = pd.DataFrame([{{"uri": {str(big)!r}, "kind": "work", "video_id": "v", "need_segments": True}}])
+row = pa.Table.from_pylist([{{"uri": {str(big)!r}, "kind": "work", "video_id": "v", "need_segments": True}}])
 blocks = stage(row)
 first = next(blocks)  # warm: imports, decode worker, the whole-video pass
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-rows, frames = len(first), sum(len(b) for b in first["frames"])
+rows, frames = first.num_rows, pc.sum(pc.binary_length(first["frames"])).as_py()
 for block in blocks:
-    rows += len(block)
-    frames += sum(len(b) for b in block["frames"])
+    rows += block.num_rows
+    frames += pc.sum(pc.binary_length(block["frames"])).as_py()
     last = block
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps([rows, frames >> 20, (after - before) >> 10, list(last["error_stage"].fillna("-")),
-                  int(last["segment_rows"].iloc[-1])]))
+print(json.dumps([rows, frames >> 20, (after - before) >> 10, [e or "-" for e in last["error_stage"].to_pylist()],
+                  last["segment_rows"][-1].as_py()]))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -119,30 +120,41 @@ class TestResidual:
         requests = _requests(range(2))
         _assert_parity(hf_engine.generate(requests, opts), engine.generate(requests, opts))
 
-    def test_batches_in_flight_give_the_answers_of_one_by_one(self, engine):
-        """Several batches submitted at once join one running batch; each gets exactly the answers it gets
-        alone (greedy), and a bad request fails alone while the others in flight complete."""
+    def test_four_batches_in_flight_answer_as_one_synchronous_hf_call(self, engine, hf_engine):
+        """Four batches submitted at once join one running batch; each gets exactly the answers of one
+        synchronous `hf` call over all their videos (greedy), and a bad request fails alone while the others in
+        flight complete. The engine's stats are vLLM's own counts of this work."""
         opts = GenerationOptions(max_new_tokens=12)
-        batches = [_requests(range(30 + 3 * b, 33 + 3 * b)) for b in range(3)]
+        batches = [_requests(range(30 + 3 * b, 33 + 3 * b)) for b in range(4)]
         batches[1].insert(1, VideoRequest("bad", np.zeros((0, 48, 64, 3), np.uint8), QUESTIONS))
-        alone = [engine.generate(b, opts) for b in batches]
-        before = engine.stats()["steps"]
+        reference = iter(hf_engine.generate([r for b in batches for r in b], opts))
+        alone = [[next(reference) for _ in b] for b in batches]
+        before = engine.stats()
         futures = [engine.submit(b, opts) for b in batches]
         together = [f.result(timeout=300) for f in futures]
         for a, t in zip(alone, together, strict=True):
-            assert _tokens(t) == _tokens(a) and [r.ok for r in t] == [r.ok for r in a]
+            _assert_parity(a, t)
         assert not together[1][1].ok and "zero frames" in together[1][1].error
-        assert all(r.ok for b in (together[0], together[2]) for r in b)
+        assert all(r.ok for b in together for r in b if r.video_id != "bad")
         stats = engine.stats()
-        assert stats["steps"] > before and stats["inflight_max"] > 3 * 3  # more than one batch's sequences
-        assert 0 < stats["busy_fraction"] <= 1
+        assert stats["steps"] > before["steps"] and stats["batches"] == before["batches"] + 4
+        assert stats["requests_running_max"] > 3 * 3  # more than one batch's sequences at once
+        assert 0 < stats["busy_fraction"] <= 1 and 0 < stats["busy_s"] <= stats["wall_s"]
+        assert stats["requests_running_mean"] > 0 and 0 < stats["kv_cache_usage_max"] <= 1
+        # vLLM's token counts: every prompt (visual tokens + text) and every generated token of these batches
+        ok = [r for b in batches for r in b if r.video_id != "bad"]
+        prompts = sum(engine.config.num_visual_tokens(min(r.frames.shape[0], engine.num_frames))
+                      + len(engine.processor.prompt_ids(q, opts.prompt)) for r in ok for q in r.questions)
+        generated = sum(len(a.token_ids) for b in together for r in b for a in r.answers)
+        assert stats["prompt_tokens"] - before["prompt_tokens"] == prompts
+        assert stats["generation_tokens"] - before["generation_tokens"] == generated
+        assert stats["generation_tokens_per_s"] > 0 and stats["metrics_enabled"]
 
     def test_videos_arriving_together_share_one_vit_pass(self, engine):
-        passes = lambda: int(engine.llm.collective_rpc("stllm_vit_passes")[0])  # noqa: E731
-        before_f, before_p = engine.vit_forwards, passes()
+        before_f, before_p = engine.vit_forwards, engine.vit_passes
         results = engine.generate(_requests(range(50, 54)), GenerationOptions(max_new_tokens=2))
         assert all(r.ok for r in results)
-        assert engine.vit_forwards - before_f == 4 and passes() - before_p == 1  # 4 videos, one ViT call
+        assert engine.vit_forwards - before_f == 4 and engine.vit_passes - before_p == 1  # 4 videos, one ViT call
 
     def test_one_vit_forward_per_video(self, engine):
         before = engine.vit_forwards
@@ -178,6 +190,53 @@ class TestResidual:
         assert _tokens(first) == _tokens(again)
         with pytest.raises(ValueError, match="num_beams"):
             engine.generate(_requests(range(1)), GenerationOptions(num_beams=2))
+
+    def test_a_cancelled_batch_leaves_the_engine(self, engine):
+        """A caller that gives up (the model stage's Ray task cancelled) cancels its future: its requests are
+        aborted in vLLM instead of running to the end, and the engine goes on."""
+        before = engine.stats()
+        pending = engine.submit(_requests(range(70, 78)), GenerationOptions(max_new_tokens=1000))
+        deadline = time.monotonic() + 120
+        while engine.stats()["steps"] == before["steps"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pending.cancel()
+        while engine.llm.get_num_unfinished_requests() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.llm.get_num_unfinished_requests() == 0
+        # 24 requests of up to 1000 tokens (this model runs most of them to the end): cut short
+        assert engine.stats()["generation_tokens"] - before["generation_tokens"] < 24 * 1000 // 4
+        assert all(r.ok for r in engine.generate(_requests(range(2)), GenerationOptions(max_new_tokens=4)))
+
+    def test_zz_a_killed_engine_core_fails_what_is_in_flight_and_later_calls_at_once(self, engine):
+        """Last in this class (it kills the class's engine): vLLM's engine core dies mid-batch (SIGKILL). The
+        batches in flight fail with EngineDeadError, the engine says it is unhealthy, a later call fails at once,
+        and closing does not hang."""
+        import psutil
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
+        assert len(cores) == 1, cores
+        steps = engine.stats()["steps"]
+        opts = GenerationOptions(max_new_tokens=200)
+        pending = [engine.submit(_requests(range(60 + 8 * b, 68 + 8 * b)), opts) for b in range(3)]
+        deadline = time.monotonic() + 120
+        while engine.stats()["steps"] == steps and time.monotonic() < deadline:  # until the engine is on them
+            time.sleep(0.01)
+        cores[0].kill()
+        t0 = time.monotonic()
+        for future in pending:  # 72 requests of up to 200 tokens: none done one step in
+            with pytest.raises(EngineDeadError):
+                future.result(timeout=60)
+        assert time.monotonic() - t0 < 10
+        assert not engine.healthy()
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError):
+            engine.submit(_requests(range(1)), GenerationOptions(max_new_tokens=2)).result(timeout=30)
+        assert time.monotonic() - t0 < 2
+        assert engine.stats()["batches"] > 0  # the figures so far stay readable
+        t0 = time.monotonic()
+        engine.close()
+        assert time.monotonic() - t0 < 30
 
 
 # ---- all-mode checkpoint with a BT-Adapter --------------------------------------------------------------

@@ -21,8 +21,9 @@ from stllm.world.render import chroma_420, render
 from stllm.world.scenes import COLOURS, DIRECTIONS, QUESTIONS, SHAPES, SIZES, SPEEDS, sample_scene
 
 GOALS = {"colour": 0.95, "shape": 0.95, "direction": 0.90}  # issue 10, held-out clips from fresh seeds
-# Shape sits at its goal: 0.956 over 500 fresh held-out clips (0.98, 0.95, 0.95 on three seeds; README), so on
-# the suite's 100 clips (binomial sd ~0.02) it is held to 0.93; colour and direction measured 1.00. Size and
+# Shape sits at its goal: 0.956 over 500 fresh held-out clips (0.98, 0.95, 0.95 on three seeds;
+# docs/world-model.md), so on the suite's 100 clips (binomial sd ~0.02) it is held to 0.93; colour and direction
+# measured 1.00. Size and
 # captions (exact match of the whole sentence, no goal) are held to what the model shows, with a margin.
 FLOORS = {**GOALS, "shape": 0.93, "size": 0.90, "caption": 0.50}
 FRESH_CLIPS = 100  # per split

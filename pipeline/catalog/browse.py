@@ -1,5 +1,5 @@
 """The page's home before any search: the latest indexed videos, newest first, a page at a time, with the
-catalog's filters. A video indexed under several configs shows once, by its newest row (as its detail page).
+catalog's filters (the `videos` view holds one row per video).
 
 LanceDB has no ORDER BY: the order comes from one scan of two small columns (video_id, indexed_at) of the
 selected rows (about 40 bytes a row: 40 MB for a million), then the page's rows alone are read whole."""

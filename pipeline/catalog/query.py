@@ -6,13 +6,16 @@ Filters, all optional and combined with AND:
 - `answers`: (question, answer) pairs — the video's answer to that job question starts with that text,
   case-insensitive (`--answer "Is it indoors?=yes"` matches "Yes, in a kitchen");
 - `prefix`: the object's uri starts with it (a source folder or `s3://bucket/prefix/`);
-- `since` / `until`: when the row was indexed (ISO dates or times, UTC).
+- `since` / `until`: when the row was indexed (ISO dates or times, UTC);
+- `ranges`: (column, min, max) — the column's value lies in [min, max] (either bound None: open); the page's
+  score filters. A row whose value is null (a score not computed) is not in any range, as in `--where`.
 Search is hybrid by default: the query's text embedding against `caption_embedding` and full-text search over
 captions and answers, fused by reciprocal rank (LanceDB's RRF reranker).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -22,13 +25,15 @@ from typing import Any, Literal
 
 from pipeline.catalog.search import query_table
 from pipeline.io.sources import S3Options, is_s3
+from pipeline.store.cells import SCORE_COLUMNS
 from pipeline.store.lance import connect_lance, open_table, sql_str
 
 Mode = Literal["hybrid", "vector", "fts"]
 SIMILAR_SPARE = 10  # hits asked for beyond k by `similar`, for the video's own copies it leaves out
 HIT_COLUMNS = ("video_id", "content_id", "uri", "caption", "answers", "duration_s", "codec", "width", "height",
                "size", "indexed_at", "copy_of", "caption_model", "stale",
-               "segment_id", "segment", "start_s", "end_s", "media_fragment")  # the last: segments tables
+               "segment_id", "segment", "start_s", "end_s", "media_fragment",  # these: segments tables
+               *SCORE_COLUMNS)
 _SQL_WORDS = {
     "and", "or", "not", "in", "is", "null", "like", "ilike", "between", "true", "false", "timestamp", "date",
     "interval", "cast", "as", "case", "when", "then", "else", "end", "escape", "asc", "desc", "distinct",
@@ -42,6 +47,7 @@ class Filters:
     prefix: str | None = None
     since: str | None = None
     until: str | None = None
+    ranges: Sequence[tuple[str, float | None, float | None]] = field(default_factory=tuple)
 
 
 def _like(text: str) -> str:
@@ -68,25 +74,45 @@ def check_columns(where: str, columns: Sequence[str]) -> None:
             continue
         if m.start() and bare[m.start() - 1] == ".":  # a struct field: timings.decode_s
             continue
-        raise ValueError(f"--where: unknown column '{name}' (columns: {', '.join(sorted(columns))})")
+        hint = f"; did you mean 'score_{name}'?" if f"score_{name}".lower() in known else ""
+        raise ValueError(f"--where: unknown column '{name}'{hint} (columns: {', '.join(sorted(columns))})")
+
+
+def _bound(value: float, column: str) -> str:
+    if not math.isfinite(value):
+        raise ValueError(f"{column}: a bound must be a finite number, got {value}")
+    return repr(float(value))
+
+
+def filter_parts(filters: Filters, columns: Sequence[str]) -> list[tuple[str, str]]:
+    """Each filter as (what the user gave, its LanceDB SQL condition): an export says which one left a video out."""
+    parts = []
+    if filters.where:
+        check_columns(filters.where, columns)
+        parts.append((f"where {filters.where}", f"({filters.where})"))
+    for question, answer in filters.answers:
+        # answers_text holds one "question answer" line per question (schemas.flatten_answers)
+        parts.append((f"answer {question}={answer}",
+                      f"answers_text ILIKE {sql_str('%' + _like(question.strip() + ' ' + answer.strip()) + '%')}"))
+    if filters.prefix:
+        parts.append((f"prefix {filters.prefix}", f"uri LIKE {sql_str(_like(filters.prefix) + '%')}"))
+    if filters.since:
+        parts.append((f"since {filters.since}", f"indexed_at >= {_timestamp(filters.since, 'since')}"))
+    if filters.until:
+        parts.append((f"until {filters.until}", f"indexed_at < {_timestamp(filters.until, 'until')}"))
+    for column, lo, hi in filters.ranges:
+        if column not in columns:
+            raise ValueError(f"unknown column '{column}' (columns: {', '.join(sorted(columns))})")
+        if lo is not None:
+            parts.append((f"{column} >= {lo:.10g}", f"{column} >= {_bound(lo, column)}"))
+        if hi is not None:
+            parts.append((f"{column} <= {hi:.10g}", f"{column} <= {_bound(hi, column)}"))
+    return parts
 
 
 def build_filter(filters: Filters, columns: Sequence[str]) -> str | None:
     """The filters as one LanceDB SQL condition (None when there are none)."""
-    parts = []
-    if filters.where:
-        check_columns(filters.where, columns)
-        parts.append(f"({filters.where})")
-    for question, answer in filters.answers:
-        # answers_text holds one "question answer" line per question (schemas.flatten_answers)
-        parts.append(f"answers_text ILIKE {sql_str('%' + _like(question.strip() + ' ' + answer.strip()) + '%')}")
-    if filters.prefix:
-        parts.append(f"uri LIKE {sql_str(_like(filters.prefix) + '%')}")
-    if filters.since:
-        parts.append(f"indexed_at >= {_timestamp(filters.since, 'since')}")
-    if filters.until:
-        parts.append(f"indexed_at < {_timestamp(filters.until, 'until')}")
-    return " AND ".join(parts) or None
+    return " AND ".join(sql for _, sql in filter_parts(filters, columns)) or None
 
 
 class Catalog:
@@ -98,8 +124,8 @@ class Catalog:
         if not is_s3(lancedb_uri) and not os.path.isdir(os.path.expanduser(lancedb_uri)):  # connect would create it
             raise ValueError(f"{lancedb_uri} is not an index: no such folder (give the job's output.lancedb folder)")
         try:
-            db = connect_lance(lancedb_uri, self.s3)
-            self.table = open_table(db, table)
+            self.db = connect_lance(lancedb_uri, self.s3)
+            self.table = open_table(self.db, table)
         except OSError as e:
             raise ValueError(f"{lancedb_uri} is not an index: {e}") from None
         if self.table is None:
@@ -131,6 +157,8 @@ class Catalog:
     def row(self, ref: str) -> dict[str, Any]:
         """One video's row, by video_id or uri."""
         col = "uri" if ("/" in ref or ref.startswith("s3:")) else "video_id"
+        if col == "uri" and not is_s3(ref) and os.path.exists(ref):
+            ref = os.path.abspath(ref)  # local uris are stored as absolute paths
         rows = self.table.search().where(f"{col} = {sql_str(ref)}").limit(1).to_list()
         if not rows:
             raise ValueError(f"no video with {col} {ref!r} in {self.uri}")
@@ -217,4 +245,5 @@ def parse_answer_filter(spec: str) -> tuple[str, str]:
     return question.strip(), answer.strip()
 
 
-__all__ = ["Catalog", "Filters", "build_filter", "check_columns", "parse_answer_filter", "HIT_COLUMNS"]
+__all__ = ["Catalog", "Filters", "build_filter", "check_columns", "filter_parts", "parse_answer_filter",
+           "HIT_COLUMNS"]

@@ -65,7 +65,8 @@ def run_demo(workdir: Path | None = None) -> int:
     videos, truth = make_demo_videos(root / "videos")
     console.print(f"[bold]stllm-index demo[/bold]: {len(videos)} synthetic-world clips in {root / 'videos'} "
                   "(one corrupt), truth in truth.json")
-    console.print("model: the shipped synthetic-world ST-LLM (stllm/world/demo_model; README: how it was made)")
+    console.print("model: the shipped synthetic-world ST-LLM (stllm/world/demo_model; docs/world-model.md: how it "
+                  "was made)")
     job = load_job(None, demo_overrides(root))
     manifest = run_job(job, progress=True)
     counts = manifest["counts"]

@@ -11,15 +11,16 @@ Per page (S3 `list_objects_v2` pages, or as many local files):
   of another object, a question dropped, a view another job changed); some missing → a `work` row that says
   which (the caption? which questions? the segments?), or a `copy` row that waits when another object of this
   run already carries that content's work.
-Every page also yields one `tally` row (listed / skipped / known-bad / deferred), so the driver counts without
-listing. `limit` caps the new work (work + copies) of a run, so a capped nightly job advances through the archive.
+Every page's counts (listed / skipped / known-bad / deferred) go to `on_tally` — inside Ray, the run's
+`pipeline.run_stats.RunStats` actor — so the driver counts without listing. `limit` caps the new work (work +
+copies) of a run, so a capped nightly job advances through the archive.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,7 +31,7 @@ from pipeline.io.sources import S3Options, VideoSource, content_id, iter_pages, 
 from pipeline.store.cells import JobSpec, Needs, needs, segment_scope
 from pipeline.store.lance import sql_in
 from pipeline.store.location import IndexLocation
-from schemas.stages import COPY, TALLY, TALLY_FIELDS, WORK, listing_schema
+from schemas.stages import COPY, TALLY_FIELDS, WORK, listing_schema
 
 VIEW_COLUMNS = ["video_id", "etag", "content_id", "copy_of", "jobs_done", "indexed_at"]
 
@@ -48,6 +49,7 @@ class WorkPlan:
     limit: int | None = None
     page_size: int = 1000
     where: str | None = None  # only objects whose view row matches (a backfill steered by the index)
+    hub: Any = None  # the run's RunStats actor: the listing task reports each page's counts to it
 
 
 def _by_id(table: pa.Table | None, key: str) -> dict[str, dict[str, Any]]:
@@ -63,6 +65,7 @@ def _retry_due(last_seen: datetime | None, retry_after_s: float | None) -> bool:
 def _row(kind: str, src: VideoSource, vid: str, cid: str | None, **extra: Any) -> dict[str, Any]:
     return {"kind": kind, "uri": src.uri, "video_id": vid, "content_id": cid, "size": src.size, "etag": src.etag,
             "mtime": src.mtime, "copy_of": None, "prev_attempts": 0, "first_seen": None, "indexed_at": None,
+            "in_ledger": False,
             "wait": False, "caption_prompt": None, "questions": [], "need_media": False, "need_visual": False,
             "need_scores": False,
             "need_segments": False, "segment_caption_prompt": None, "segment_questions": [], "reused": 0,
@@ -167,8 +170,9 @@ def _pages(plan: WorkPlan) -> Iterator[list[VideoSource]]:
     return iter_pages(plan.source_uri, extensions=plan.extensions, s3=plan.source_s3, page_size=plan.page_size)
 
 
-def iter_work(plan: WorkPlan) -> Iterator[pa.Table]:
-    """The run's rows, one Arrow table per listing page (see the module docstring)."""
+def iter_work(plan: WorkPlan, on_tally: Callable[[dict[str, int]], None] | None = None) -> Iterator[pa.Table]:
+    """The run's rows, one Arrow table per listing page (see the module docstring); each page's counts go to
+    `on_tally` before its rows are yielded."""
     stores = Stores(plan.index)
     spec = plan.spec
     n_required = len(spec.required())
@@ -196,7 +200,7 @@ def iter_work(plan: WorkPlan) -> Iterator[pa.Table]:
             history = {"prev_attempts": led["attempts"], "first_seen": led["first_seen"]} \
                 if led is not None and led["etag"] == src.etag else {}
             own = {"indexed_at": row["indexed_at"] if row is not None else None,
-                   "copy_of": _copy_of(row, vid, cid, firsts)}
+                   "copy_of": _copy_of(row, vid, cid, firsts), "in_ledger": led is not None}
             scopes = have.get(cid, {}) if cid is not None else {}
             video, segs = needs(spec, scopes.get("", set())), _segment_needs(spec, scopes)
             if cid is not None and cid in sent:
@@ -210,7 +214,8 @@ def iter_work(plan: WorkPlan) -> Iterator[pa.Table]:
                 if cid is not None:
                     sent.add(cid)
         new += len(rows)
-        rows.append({"kind": TALLY, **tally})
+        if on_tally is not None:
+            on_tally(tally)
         yield pa.Table.from_pylist(rows, schema=listing_schema())
         if plan.limit is not None and new >= plan.limit:
             return
@@ -233,6 +238,15 @@ def _copy_of(row: dict | None, vid: str, cid: str | None, firsts: dict[str, str]
     return first if first is not None and first != vid else None
 
 
+def _report_to(hub: Any) -> Callable[[dict[str, int]], None] | None:
+    """Counts to the run's stats actor, each page's before its rows (so none is missing when the rows end)."""
+    if hub is None:
+        return None
+    import ray
+
+    return lambda tally: ray.get(hub.add_tally.remote(tally))
+
+
 def new_work_dataset(plan: WorkPlan) -> Any:
     """`iter_work` as a Ray Dataset read by ONE task (listing is sequential), with no CPU reservation (it
     mostly waits on the store; the decode and model actors keep the cores) and no retries (a retried listing
@@ -248,7 +262,7 @@ def new_work_dataset(plan: WorkPlan) -> Any:
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
-            return [ReadTask(lambda: iter_work(plan), meta)]
+            return [ReadTask(lambda: iter_work(plan, _report_to(plan.hub)), meta)]
 
     return ray.data.read_datasource(NewWork(), override_num_blocks=1, num_cpus=0,
                                     ray_remote_args={"max_retries": 0})  # no named parameter for it yet

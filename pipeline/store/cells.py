@@ -37,7 +37,7 @@ def digest(obj: Any, n: int = 16) -> str:
 
 
 def cell_id(content_id: str, scope: str, derivation: str) -> str:
-    return digest([content_id, scope, derivation], 32)
+    return hashlib.sha256(f"{content_id}\x1f{scope}\x1f{derivation}".encode()).hexdigest()[:32]
 
 
 def segment_scope(segmentation: str, index: int) -> str:

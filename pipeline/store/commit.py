@@ -18,6 +18,14 @@ The commit protocol (`commit`), under the index lock (`pipeline.store.locks`):
 applied again — every step is idempotent; any other journal and every unreferenced staged file is discarded.
 So a SIGKILL at any point leaves both stores as before the commit or as after it.
 
+Compaction (`compact`) folds small parts into parts of a target size, with the same journal: the merged part is
+staged, the journal names it, the parts it replaces and their new home; applying it moves the merged part into
+place, records the move in `_parts/map.json` (rows keep the `part` they were committed with: the map says which
+file holds them now — no row of LanceDB is rewritten), then deletes the old parts. LanceDB is not touched, so the
+journal itself is the commit point. A reader that lists the folder between the move and the last delete sees the
+merged rows twice: that window is one rename plus the deletes (milliseconds locally, about a round trip per old
+part on S3); readers that must never see it read through LanceDB, or take the files named by `parquet_files()`.
+
 Each step passes a named point (`staged`, `journaled`, `lance-committed`, `applied-new`) to the hooks in
 `COMMIT_HOOKS` — how the exactly-once tests stop a real writer there.
 """
@@ -30,6 +38,7 @@ import os
 import posixpath
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -45,7 +54,12 @@ from schemas import SCHEMA_VERSION, check_schema, schema_version
 
 log = logging.getLogger(__name__)
 
-STAGING, JOURNAL = "_staging", "_journal"
+STAGING, JOURNAL, PARTS = "_staging", "_journal", "_parts"
+TARGET_PART_BYTES = 128 << 20  # compacted parts grow to about this size
+SMALL_PARTS = 8  # parts below the target that trigger a compaction
+# LanceDB versions older than this go at each fold: readers see the latest version on every read, and a minute
+# covers a read that started before a compaction rewrote its fragments
+KEEP_VERSIONS_S = 60.0
 Key = tuple[str, ...]
 # Called with each commit step's name as it is passed (tests inject crashes here).
 COMMIT_HOOKS: list[Callable[[str], None]] = []
@@ -178,8 +192,22 @@ class TableStore:
     def _keys_of(self, table: pa.Table) -> set[tuple[str, ...]]:
         return set(zip(*(table.column(c).to_pylist() for c in self.key), strict=True))
 
+    def _parts_map(self) -> dict[str, str]:
+        """{part a row was committed in: the part that holds it now} for parts compacted away."""
+        path = self._path(PARTS, "map.json")
+        if not self._exists(path):
+            return {}
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+
+    def _holder(self, part: str, moved: dict[str, str]) -> str:
+        while part in moved:  # a compacted part may itself have been compacted since
+            part = moved[part]
+        return part
+
     def _parts_holding(self, keys: set[tuple[str, ...]]) -> dict[str, set[tuple[str, ...]]]:
         """{part file: the given keys it holds}."""
+        moved = self._parts_map()
         by_rest: dict[tuple[str, ...], list[str]] = {}
         for k in keys:
             by_rest.setdefault(tuple(k[1:]), []).append(k[0])
@@ -191,7 +219,7 @@ class TableStore:
                 continue
             for *k, part in zip(*(found.column(n).to_pylist() for n in cols), strict=True):
                 if part:
-                    out.setdefault(part, set()).add(tuple(k))
+                    out.setdefault(self._holder(part, moved), set()).add(tuple(k))
         return out
 
     def commit(self, upserts: pa.Table | None, deletes: Sequence[tuple[str, ...]] = (), *,
@@ -215,6 +243,8 @@ class TableStore:
         if self.parquet_dir is not None:
             self.fs.create_dir(self._path(STAGING), recursive=True)
             for old, held in self._parts_holding(keys).items():
+                if not self._exists(self._path(old)):
+                    continue  # its rows were all superseded and the part removed
                 table = pq.read_table(self._path(old), filesystem=self.fs)
                 table = table.filter(pc.invert(self._key_mask(table, held)))
                 if table.num_rows:
@@ -263,6 +293,69 @@ class TableStore:
         if deletes and self.lance_table is not None:
             self._lance.delete(key_filter(self.key, deletes))
 
+    def parquet_files(self) -> list[str]:
+        """The part files that hold the table now (a reader that must not see a compaction's window reads these:
+        they are listed once, before any old part is deleted and after the merged one is in place)."""
+        return [self._path(n) for n in self._listdir("") if n.endswith(".parquet")]
+
+    def fold(self, *, run_id: str, keep_versions_s: float = KEEP_VERSIONS_S,
+             scalar_columns: Sequence[str] = ()) -> dict[str, Any]:
+        """What keeps a long run's commits cheap, between two of them (the caller holds the index lock): small
+        Parquet parts compacted; LanceDB's new fragments compacted and folded into its indexes (the scalar indexes
+        lookups filter on made on first use), old versions removed."""
+        done: dict[str, Any] = {"parquet": self.compact(run_id=run_id)}
+        table = self.lance_table
+        if table is not None:
+            from lancedb.index import BTree
+
+            existing = {idx.columns[0] for idx in table.list_indices()}
+            for col in scalar_columns:
+                if col not in existing:
+                    table.create_index(col, config=BTree(), replace=True)
+            table.optimize(cleanup_older_than=timedelta(seconds=keep_versions_s))
+            done["lance_version"] = table.version
+        return done
+
+    def compact(self, *, run_id: str, target_bytes: int = TARGET_PART_BYTES,
+                small_parts: int = SMALL_PARTS) -> dict[str, int]:
+        """Fold small Parquet parts (below `target_bytes`), once there are `small_parts` of them, into parts of about
+        `target_bytes`, smallest first. The caller holds the index lock. Returns {"merged": parts, "into": parts}."""
+        if self.parquet_dir is None or not self._has_parquet():
+            return {"merged": 0, "into": 0}
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root))
+        small = sorted((i.size, i.base_name) for i in infos
+                       if i.type == pafs.FileType.File and i.base_name.endswith(".parquet") and i.size < target_bytes)
+        if len(small) < small_parts:
+            return {"merged": 0, "into": 0}
+        groups: list[list[str]] = [[]]
+        total = 0
+        for size, name in small:
+            if groups[-1] and total + size > target_bytes:
+                groups.append([])
+                total = 0
+            groups[-1].append(name)
+            total += size
+        groups = [g for g in groups if len(g) > 1]
+        merged = into = 0
+        for group in groups:
+            self._compact_group(group, run_id)
+            merged, into = merged + len(group), into + 1
+        return {"merged": merged, "into": into}
+
+    def _compact_group(self, parts: list[str], run_id: str) -> None:
+        txn = f"{run_id}-compact-{uuid.uuid4().hex[:8]}"
+        new = f"part-{txn}.parquet"
+        table = pa.concat_tables([pq.read_table(self._path(p), filesystem=self.fs) for p in parts],
+                                 promote_options="default")
+        self.fs.create_dir(self._path(STAGING), recursive=True)
+        write_parquet(self.fs, self._path(STAGING, new + ".staged"), table)
+        _passed("compact-staged")
+        journal = {"txn": txn, "add": new, "rewrite": [], "remove": parts, "deletes": [],
+                   "moved": dict.fromkeys(parts, new)}
+        write_atomic(self.fs, self._path(JOURNAL, txn + ".json"), json.dumps(journal).encode())
+        _passed("compact-journaled")
+        self._apply(journal)
+
     def _apply(self, journal: dict[str, Any]) -> None:
         if journal["add"]:
             staged = self._path(STAGING, journal["add"] + ".staged")
@@ -273,6 +366,14 @@ class TableStore:
             staged = self._path(STAGING, old + ".rewrite.staged")
             if self._exists(staged):
                 self.fs.move(staged, self._path(old))  # replaces the whole file at once
+        if journal.get("moved"):  # a compaction: where the rows of the parts it folds in live now
+            moved = self._parts_map()
+            moved.update(journal["moved"])
+            live = {n for n in self._listdir("") if n.endswith(".parquet")}
+            # entries whose holder is gone (every row superseded since) say nothing any more
+            moved = {k: v for k, v in moved.items() if self._holder(v, moved) in live}
+            write_atomic(self.fs, self._path(PARTS, "map.json"), json.dumps(moved, sort_keys=True).encode())
+            _passed("compact-mapped")
         for old in journal["remove"]:
             if self._exists(self._path(old)):
                 self.fs.delete_file(self._path(old))
@@ -322,6 +423,8 @@ class TableStore:
         return names + [old + ".rewrite.staged" for old in journal["rewrite"]]
 
     def _committed(self, journal: dict[str, Any]) -> bool:
+        if journal.get("moved"):
+            return True  # a compaction: LanceDB is not touched, the journal is the commit point
         if self.lance_db is None or not journal["add"]:
             return True  # the journal is the commit point (Parquet only), or deletes only: idempotent
         table = self.lance_table
@@ -335,4 +438,4 @@ class TableStore:
         return pc.is_in(joined, value_set=pa.array(["\x1f".join(k) for k in keys], pa.string()))
 
 
-__all__ = ["TableStore", "COMMIT_HOOKS", "check_existing", "key_filter"]
+__all__ = ["TableStore", "COMMIT_HOOKS", "KEEP_VERSIONS_S", "check_existing", "key_filter"]

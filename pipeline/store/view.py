@@ -39,9 +39,9 @@ def pick(cells: list[Cell], kind: str, derivation: str, prompt: str | None = Non
     """(the cell to show, whether it is an earlier one): the exact derivation, else the latest of the same kind
     (and prompt, when given) that `fits` (a vector of the view's width)."""
     same = [c for c in cells if c["kind"] == kind]
-    exact = next((c for c in same if c["derivation"] == derivation), None)
-    if exact is not None:
-        return exact, False
+    for c in same:
+        if c["derivation"] == derivation:
+            return c, False
     older = [c for c in same if (prompt is None or c.get("prompt") == prompt) and (fits is None or fits(c))]
     return _latest(older), True
 
@@ -76,13 +76,16 @@ def _spans(by_scope: ByScope, segmentation: str) -> list[list[float]] | None:
 
 def _shown(cells: list[Cell], plan: ViewPlan, dims: dict[str, int | None]) -> dict[str, Any]:
     """The results one scope shows: caption, answers, embeddings, each with what made it."""
+    kinds: dict[str, list[Cell]] = {}
+    for c in cells:
+        kinds.setdefault(c["kind"], []).append(c)
     stale = False
     out: dict[str, Any] = {"caption": None, "caption_model": None, "caption_prompt": None, "caption_run": None,
                            "caption_embedding": None}
     if plan.caption is not None:
-        cap, old = pick(cells, "caption", plan.caption.derivation, plan.caption.prompt)
+        cap, old = pick(kinds.get("caption", []), "caption", plan.caption.derivation, plan.caption.prompt)
         if cap is None:
-            cap, old = pick(cells, "caption", plan.caption.derivation)  # an earlier caption prompt's
+            cap, old = pick(kinds.get("caption", []), "caption", plan.caption.derivation)  # an earlier prompt's
         if cap is not None:
             emb = cap.get("text_embedding")
             fits = emb is not None and (dims["caption_embedding"] is None or len(emb) == dims["caption_embedding"])
@@ -91,16 +94,18 @@ def _shown(cells: list[Cell], plan: ViewPlan, dims: dict[str, int | None]) -> di
         stale |= old
     answers = []
     for ask, _job in plan.questions:
-        ans, old = pick(cells, "answer", ask.derivation, ask.prompt)
+        ans, old = pick(kinds.get("answer", []), "answer", ask.derivation, ask.prompt)
         stale |= old
         if ans is not None:
             answers.append({"question": ask.prompt, "answer": ans["text"], "model": ans.get("model_id"),
                             "run": ans["run_id"]})
-    vis, old = pick(cells, "visual", plan.visual, fits=_dim_fits("visual_embedding", dims["visual_embedding"]))
+    vis, old = pick(kinds.get("visual", []), "visual", plan.visual,
+                    fits=_dim_fits("visual_embedding", dims["visual_embedding"]))
     stale |= old
     out.update(answers=answers, answers_text=flatten_answers(answers),
                visual_embedding=None if vis is None else list(vis["visual_embedding"]),
-               visual_model=None if vis is None else vis.get("model_id"), stale=stale, **_scores(cells, plan))
+               visual_model=None if vis is None else vis.get("model_id"), stale=stale,
+               **_scores(kinds.get("scores", []), plan))
     return out
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pipeline.io.sources import S3Options
 from pipeline.store.cells import JobSpec, cells_table, new_cells, plan_cell, segment_scope
-from pipeline.store.commit import check_existing
+from pipeline.store.commit import KEEP_VERSIONS_S, check_existing
 from pipeline.store.files import utc_now
 from pipeline.store.ledger import failure_row, ledger_row, ledger_table
 from pipeline.store.location import IndexLocation
@@ -31,33 +31,42 @@ from pipeline.store.search_indexes import maintain_indexes
 from pipeline.store.segments import SegmentHold
 from pipeline.store.view import group_cells, segment_rows, video_row
 from schemas import embedding_dims, segment_schema, video_schema
-from schemas.stages import COPY, SEGMENT, TALLY, TALLY_FIELDS
+from schemas.stages import COPY, SEGMENT, TALLY_FIELDS
 
 log = logging.getLogger(__name__)
+# the columns lookups filter on, by table key (created while a run goes: the first run of an archive needs them)
+SCALAR_INDEXES = {"video_id": ("video_id", "content_id"), "cell_id": ("cell_id", "content_id"),
+                  "segment_id": ("segment_id", "video_id")}
 COUNT_KEYS = ("listed", "skipped", "known_bad", "deferred", "indexed", "copies", "errors", "model_calls", "decoded",
               "visual_encodings", "cells_reused")
 Row = dict[str, Any]
 
 
 class IndexWriter:
-    def __init__(self, location: IndexLocation, spec: JobSpec, *, run_id: str, legacy_hash: str | None = None):
-        """`legacy_hash`: the job's schema-2 `config_hash`, for migrating an index an earlier release made."""
+    def __init__(self, location: IndexLocation, spec: JobSpec | None, *, run_id: str,
+                 legacy_hash: str | None = None):
+        """`spec`: what the running job asks (None: no job — views rebuilt from cells, as `prune` does);
+        `legacy_hash`: the job's schema-2 `config_hash`, for migrating an index an earlier release made."""
         self.location, self.spec, self.run_id = location, spec, run_id
         self.s3: S3Options | None = location.s3
         self.lock = IndexLock(location.root, self.s3)
         self.videos, self.cells, self.errors = location.videos(), location.cells(), location.errors()
-        self.segments = location.segments() if spec.segmentation else None
+        self.segments = location.segments()
         with self.lock:  # finish or discard what a crashed run left, then say what this job asks
             from pipeline.store.migrate import migrate
 
-            migrate(location, spec, legacy_hash)
+            if spec is not None:
+                migrate(location, spec, legacy_hash)
             for store in self._stores():
                 store.recover()
-            registry = register(location.roots, spec, run_id, self.s3)
+            registry = register(location.roots, spec, run_id, self.s3) if spec is not None else load_registry(
+                location.root, self.s3)
         self.plan = plan_of(registry)
-        for what in self.plan.conflicts(spec):
+        for what in self.plan.conflicts(spec) if spec is not None else []:
             log.warning("job '%s' also asks for %s: its results are kept in the cells table (search --model)",
                         spec.job, what)
+        if self.plan.segmentation is None and self.segments.existing_schema() is None:
+            self.segments = None  # no job segments this index
         self.dims: dict[str, int | None] = {"caption_embedding": None, "visual_embedding": None}
         for store, schema_of in ((self.videos, video_schema), (self.segments, segment_schema)):
             if store is not None and (schema := store.existing_schema()) is not None:
@@ -66,14 +75,23 @@ class IndexWriter:
                                                  self.dims["visual_embedding"] or 1), store.where)
         self.counts: Counter[str] = Counter(dict.fromkeys(COUNT_KEYS, 0))
         self.generations: Counter[str] = Counter(caption=0, answer=0)
-        self.hold = SegmentHold() if spec.segmentation else None
+        self.hold = SegmentHold() if spec is not None and spec.segmentation else None
         self._content_done: dict[str, str] = {}  # content_id → the object that carried its work, this run
         self._content_failed: dict[str, Row] = {}  # content_id → its failure, this run
         self._pending_copies: dict[str, list[Row]] = {}  # copies waiting for their content's cells
         self._unwritten: list[Row] = []  # objects waiting for the embedding sizes (no vector seen yet)
 
+    @property
+    def _spec_hash(self) -> str:
+        return self.spec.spec if self.spec is not None else ""
+
     def _stores(self):
         return [s for s in (self.errors, self.cells, self.segments, self.videos) if s is not None]
+
+    def add_tally(self, counts: dict[str, int]) -> None:
+        """The listing's counts (listed, skipped, known-bad, deferred): they travel outside the rows."""
+        for f in TALLY_FIELDS:
+            self.counts[f] += int(counts.get(f) or 0)
 
     def counts_json(self) -> dict[str, Any]:
         return {**{k: self.counts[k] for k in COUNT_KEYS}, "generations": dict(self.generations)}
@@ -89,10 +107,6 @@ class IndexWriter:
         copies: list[Row] = []
         for r in records:
             kind = r.get("kind")
-            if kind == TALLY:
-                for f in TALLY_FIELDS:
-                    self.counts[f] += int(r.get(f) or 0)
-                continue
             self.counts["model_calls"] += int(r.get("model_calls") or 0)
             if kind == COPY:
                 copies.append(r)
@@ -112,7 +126,7 @@ class IndexWriter:
         cells: list[Row] = []
         for r in ok:
             cells += self._cells_of(r, now)
-        ledger = [failure_row(r, self.spec.spec, self.run_id, now) for r in bad]
+        ledger = [failure_row(r, self._spec_hash, self.run_id, now) for r in bad]
         for r in bad:
             if r.get("content_id"):
                 self._content_failed[r["content_id"]] = r
@@ -155,7 +169,7 @@ class IndexWriter:
             if c.get("wait") and cid not in self._content_done and cid not in fresh:
                 if cid in self._content_failed:
                     f = self._content_failed[cid]
-                    failed.append(ledger_row(c, self.spec.spec, self.run_id, now, f["error_stage"],
+                    failed.append(ledger_row(c, self._spec_hash, self.run_id, now, f["error_stage"],
                                              f.get("error_type") or "Error",
                                              f"an exact copy of {f['uri']}, which failed: {f.get('error_message')}",
                                              bool(f.get("error_retryable"))))
@@ -180,14 +194,25 @@ class IndexWriter:
             if cells:
                 self.cells.commit(cells_table(cells), run_id=self.run_id)
             objects = self._unwritten + [{**r, "timings": _timings(r)} for r in ok] + copies
-            by_content = self._cells_by_content({o["content_id"] for o in objects})
+            # what this commit just wrote needs no reading back: only cells from elsewhere (earlier commits,
+            # runs, other jobs) are read, for the contents that have some
+            by_content = self._cells_by_content(
+                {o["content_id"] for o in objects}, cells,
+                read={o["content_id"] for o in (*self._unwritten, *copies)})
+            if objects and self.dims["caption_embedding"] is None and self.dims["visual_embedding"] is not None:
+                # no caption yet (a questions-only job on a new index): the text embedder says its width
+                from pipeline.embedder import DEFAULT_EMBEDDER, embedding_dim
+
+                self.dims["caption_embedding"] = embedding_dim(self.spec.embedder if self.spec else DEFAULT_EMBEDDER)
             if objects and any(d is None for d in self.dims.values()):
                 self._unwritten, objects = objects, []  # embedding sizes unknown: keep for now
             else:
                 self._unwritten = []
             views = [video_row(o, by_content.get(o["content_id"], {}), self.plan, self.dims, run_id=self.run_id,
                                now=now) for o in objects]
-            done = [(v["video_id"], self.spec.spec) for v in views]
+            # the ledger records these objects leave: the ones the listing saw there (the rest have none)
+            done = [(o["video_id"], self._spec_hash) for o in objects if o.get("in_ledger")] \
+                if self.spec is not None else []
             if ledger or done:
                 self.errors.commit(ledger_table(ledger) if ledger else None, deletes=done, run_id=self.run_id)
             if self.segments is not None and views:
@@ -205,11 +230,22 @@ class IndexWriter:
             if self.dims[col] is None and cell.get(key) is not None:
                 self.dims[col] = len(cell[key])
 
-    def _cells_by_content(self, contents: set[str]) -> dict[str, dict[str, list[Row]]]:
+    def _cells_by_content(self, contents: set[str], fresh: list[Row] = (),
+                          read: set[str] | None = None) -> dict[str, dict[str, list[Row]]]:
+        """Every cell of these contents: `fresh` (this commit's, committed already) and those made elsewhere —
+        read for the contents in `read` and for any content with a cell another run made."""
         if not contents:
             return {}
-        found = self.cells.lookup("content_id", sorted(contents))
+        read = set(contents) if read is None else set(read)
+        others = sorted(contents - read)
+        if others:
+            owners = self.cells.lookup("content_id", others, ["content_id", "run_id"])
+            if owners is not None:
+                read |= {c for c, run in zip(*(owners.column(n).to_pylist() for n in ("content_id", "run_id")),
+                                             strict=True) if run != self.run_id}
+        found = self.cells.lookup("content_id", sorted(read)) if read else None
         rows = [] if found is None else found.to_pylist()
+        rows += [c for c in fresh if c["content_id"] not in read]
         for c in rows:  # an index that already holds vectors tells their sizes
             self._learn_dims(c)
         return group_cells(rows)
@@ -241,14 +277,14 @@ class IndexWriter:
                       for r in ([] if found is None else found.to_pylist())}
             ready = [{**c, "wait": False, "copy_of": firsts.get(c["content_id"])} for c in waiting
                      if c["content_id"] in have]
-            lost = [ledger_row(c, self.spec.spec, self.run_id, now, "copy", "NoResult",
+            lost = [ledger_row(c, self._spec_hash, self.run_id, now, "copy", "NoResult",
                                "no result for this content was produced", True)
                     for c in waiting if c["content_id"] not in have]
             self._commit([], [], ready, lost, now)
             self.counts["errors"] += len(lost)
         lost = [] if self.hold is None else self.hold.incomplete()
         if lost:
-            self._commit([], [], [], [ledger_row(r, self.spec.spec, self.run_id, now, "segments",
+            self._commit([], [], [], [ledger_row(r, self._spec_hash, self.run_id, now, "segments",
                                                  "IncompleteSegments", "not all segments of this video came back",
                                                  True) for r in lost], now)
         if self._unwritten:
@@ -257,13 +293,21 @@ class IndexWriter:
         if self.counts["indexed"] + self.counts["copies"]:
             self.maintain_indexes()
 
+    def maintain(self, keep_versions_s: float = KEEP_VERSIONS_S) -> dict[str, Any]:
+        """Between commits of a long run: fold small Parquet parts into large ones and compact LanceDB's fragments
+        into its indexes (scalar indexes made on first use), so lookups and merges keep their cost flat."""
+        with self.lock:
+            return {store.name: store.fold(run_id=self.run_id, keep_versions_s=keep_versions_s,
+                                           scalar_columns=SCALAR_INDEXES.get(store.key[0], ()))
+                    for store in self._stores()}
+
     def maintain_indexes(self) -> None:
         for store, scalars in ((self.videos, ("video_id", "content_id")), (self.segments, ("video_id", "segment_id"))):
             if store is not None and store.lance_table is not None:
                 maintain_indexes(store.lance_table, fts_columns=("caption", "answers_text"), scalar_columns=scalars,
                                  vector_columns=("caption_embedding", "visual_embedding"))
         if self.cells.lance_table is not None:
-            maintain_indexes(self.cells.lance_table, fts_columns=("text",), scalar_columns=("content_id",))
+            maintain_indexes(self.cells.lance_table, fts_columns=("text",), scalar_columns=("cell_id", "content_id"))
 
 
 def _timings(r: Row) -> dict[str, Any]:

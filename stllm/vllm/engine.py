@@ -1,4 +1,4 @@
-"""The `vllm` engine: ST-LLM served by vLLM behind the shared `stllm.engine` interface (see `HFEngine`).
+"""The `vllm` engine: ST-LLM served by vLLM's async engine (`AsyncLLM`) behind the shared `stllm.engine` interface.
 
 One vLLM request per (video, question): token prompt `[pad] + BOS(2) + system + "###Human: q ###Assistant: "`
 (the pad placeholder expands to the visual tokens, which therefore come first, as in the `hf` engine),
@@ -6,81 +6,79 @@ One vLLM request per (video, question): token prompt `[pad] + BOS(2) + system + 
 content key as its multimodal UUID (vLLM then hashes the key + question instead of 9.6 MB of pixels).
 The ViT runs once per video inside the worker (feature LRU keyed by that content key, see `model.py`).
 
-Decoding parity with `hf`: greedy / sampling map to SamplingParams; stop at "###" and EOS (id 2), EOS never
-first (`min_tokens=1`, the original's `min_length=1`); the repetition penalty covers generated tokens only,
-like HF `generate(inputs_embeds=...)`, through the `OutputRepetitionPenalty` logits processor (vLLM's own
-penalty would also hit every prompt token).
-Beam search is refused: vLLM's `LLM.beam_search` has no repetition penalty or stop strings and re-runs the
-multimodal preprocessing at every step, so it would not be ST-LLM's decoding.
+Feeding: one thread runs an asyncio loop that owns the `AsyncLLM`. `submit` (any thread) schedules a batch's
+coroutine there and returns a concurrent future. A batch's requests are added back to back (a video's
+questions in a row, so they meet its cached ViT features); they join the requests of the batches already
+running (vLLM's continuous batching, no barrier between batches), and the batch's future resolves as soon as
+its own outputs are in. An idle engine's scheduler is paused while batches are added, so videos that arrive
+together share one ViT call (otherwise vLLM steps on the first request alone). A request vLLM refuses fails
+its video alone; a dead engine core fails every batch in flight at once (`EngineDeadError`) and `healthy()`
+turns False. `close()` finishes what is in flight, then shuts vLLM down. Statistics come from vLLM's own
+per-step metrics (`stllm.vllm.metrics`).
+
+Decoding parity with `hf` and the settings for video: `stllm.vllm.settings`.
 """
 
 from __future__ import annotations
 
-import os
+import asyncio
+import itertools
 import threading
 import time
-from concurrent.futures import Future
+from collections.abc import Awaitable, Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from stllm.configuration_stllm import STLLMConfig
 from stllm.engine import (
-    MIN_NEW_TOKENS,
     Answer,
     GenerationOptions,
     VideoRequest,
     VideoResult,
-    check_prompt_budget,
 )
 from stllm.processing_stllm import STLLMProcessor
-from stllm.transforms import as_frames
-from stllm.vllm.feeder import EngineFeeder
-from stllm.vllm.processor import QUESTION_KWARG, prepare_and_key
+from stllm.vllm import settings
 
-_DTYPES = ("float32", "bfloat16", "float16")
-_GIB = 1 << 30
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+if TYPE_CHECKING:
+    from vllm import AsyncEngineArgs, RequestOutput, SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.output_processor import RequestOutputCollector
 
+    from stllm.vllm.metrics import EngineMetrics
 
-def vit_cache_bytes(config: STLLMConfig, dtype: str) -> int:
-    """What the model's ViT feature cache can hold at most: STLLM_VIT_CACHE_SIZE videos of ViT features."""
-    from stllm.vllm.model import VIT_CACHE_SIZE_ENV
-
-    v = config.vision_config
-    tokens = (v.image_size // v.patch_size) ** 2 + 1
-    per_video = config.num_frames * tokens * v.hidden_size * _DTYPE_BYTES[dtype]
-    return int(os.environ.get(VIT_CACHE_SIZE_ENV, "8")) * per_video
-
-
-def cpu_kv_cache_bytes(config: STLLMConfig, dtype: str, max_model_len: int, max_num_seqs: int) -> int:
-    """A KV cache that holds `max_num_seqs` sequences of `max_model_len` tokens, in [256 MiB, 4 GiB].
-
-    Why: vLLM's CPU worker otherwise reserves `gpu_memory_utilization` (0.92) of the whole NUMA node and refuses
-    to start when other processes use more than ~8% of it. An explicit KV cache size skips that check, so the
-    engine starts on a busy laptop and takes what it needs, not the node. `VLLM_CPU_KVCACHE_SPACE` (GiB), when
-    set, wins (vLLM reads it itself)."""
-    t = config.text_config
-    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-    per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * head_dim * _DTYPE_BYTES[dtype]
-    need = per_token * max_model_len * max_num_seqs
-    return int(min(max(need, _GIB // 4), 4 * _GIB))
+T = TypeVar("T")
+_DEATH_POLL_S = 0.2  # how soon waiters learn that the engine core died
+_FAILED = ("abort", "error")  # finish reasons of a request that did not complete
 
 
 class VLLMEngine:
     kind = "vllm"
 
-    def __init__(self, llm, processor: STLLMProcessor):  # llm: vllm.LLM (imported lazily)
-        self.llm = llm
+    def __init__(self, engine_args: AsyncEngineArgs, processor: STLLMProcessor):
+        """Start vLLM's async engine on a loop thread of its own (see the module docstring)."""
         self.processor = processor
         self.config: STLLMConfig = processor.config
-        self.max_model_len: int = llm.llm_engine.model_config.max_model_len
-        self.max_num_seqs: int = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         self.last_timings: dict[str, float] = {}
-        self._closing = threading.Event()
-        self._watchdog = threading.Thread(target=self._wake_on_engine_death, name="stllm-engine-watchdog",
-                                          daemon=True)
-        self._watchdog.start()
-        self.feeder = EngineFeeder(self)
+        self.metrics: EngineMetrics | None = None
+        self._ids = itertools.count()
+        self._closed = False
+        self._inflight: set[Future] = set()
+        self._lock = threading.Lock()  # submit vs close
+        # Frames are sampled, resized and hashed here, one batch after another, off the loop: vLLM's output
+        # handler shares the loop and must not wait behind them.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stllm-vllm-prepare")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="stllm-vllm-engine", daemon=True)
+        self._thread.start()
+        try:
+            self.llm: AsyncLLM = self._run(self._start(engine_args))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.max_model_len: int = self.llm.model_config.max_model_len
+        self.max_num_seqs: int = self.llm.vllm_config.scheduler_config.max_num_seqs
 
     @classmethod
     def from_pretrained(
@@ -98,219 +96,316 @@ class VLLMEngine:
         dtype: None = bfloat16 on GPU (the released shards' own dtype: nothing is rounded), float32 on CPU;
         "float16" is the original's runtime dtype. device: "auto" | "cpu" | "cuda"; the installed vLLM build
         decides the device, a mismatching request is an error. max_batch_size → vLLM `max_num_seqs`. Other
-        kwargs go to `vllm.LLM` (e.g. `load_format="dummy"`, `enforce_eager=True`). On CPU the KV cache is sized
-        from what the engine needs (`cpu_kv_cache_bytes`) unless `VLLM_CPU_KVCACHE_SPACE` (GiB) or
-        `kv_cache_memory_bytes` says otherwise.
+        kwargs are `vllm.AsyncEngineArgs` fields (e.g. `load_format="dummy"`, `enforce_eager=True`). On CPU the
+        KV cache is sized from what the engine needs (`cpu_kv_cache_bytes`) unless `VLLM_CPU_KVCACHE_SPACE` (GiB)
+        or `kv_cache_memory_bytes` says otherwise.
 
-        CPU threads: vLLM binds its model worker to all cores but one (kept for its scheduler process, which
-        busy-polls, and for this process's input processing). On a 2-core machine that is one worker thread;
-        `VLLM_CPU_OMP_THREADS_BIND=0-1` (set before this call) gives the worker both cores: ~15-20% faster on an
-        idle machine, but many times slower when other processes compete for the cores, as any two-thread
-        OpenMP run there (the `hf` engine too). The default is kept. `enforce_eager=True` starts ~15-25 s
-        sooner on CPU (no inductor compile) at ~10% slower LLM steps.
+        CPU threads and start-up: see `stllm.vllm.settings.engine_args`.
         """
-        if not os.path.isdir(model_dir):
-            raise ValueError(f"model folder {model_dir} does not exist (convert the released weights first)")
-        from vllm import LLM
-        from vllm.platforms import current_platform
+        args, config = settings.engine_args(model_dir, dtype=dtype, device=device, max_model_len=max_model_len,
+                                   gpu_memory_utilization=gpu_memory_utilization, max_batch_size=max_batch_size,
+                                   **kwargs)
+        return cls(args, STLLMProcessor.from_pretrained(model_dir, config=config))
 
-        from stllm.vllm.model import WORKER_EXTENSION
-        from stllm.vllm.plugin import register
-        from stllm.vllm.repetition_penalty import LOGITS_PROCESSOR
+    async def _start(self, engine_args: AsyncEngineArgs) -> AsyncLLM:
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-        register()  # the entry point does this too; explicit so a non-installed checkout also works here
-        platform = "cpu" if current_platform.is_cpu() else current_platform.device_type
-        if device not in ("auto", platform):
-            raise ValueError(f"device={device!r} but the installed vLLM build runs on {platform!r}")
-        if dtype is None:
-            dtype = "float32" if platform == "cpu" else "bfloat16"
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-        config = STLLMConfig.from_pretrained(model_dir)
-        llm_kwargs: dict[str, object] = dict(
-            model=str(model_dir),
-            tokenizer=str(model_dir),
-            dtype=dtype,
-            max_model_len=max_model_len,
-            limit_mm_per_prompt={"video": 1},
-            logits_processors=[LOGITS_PROCESSOR],
-            worker_extension_cls=WORKER_EXTENSION,
-            generation_config="vllm",  # decoding defaults come from GenerationOptions, not the folder
-        )
-        # Video settings (README "The vLLM engine"): every prefill holds the visual tokens + the prompt, so a step
-        # must fit a few of them; chunked prefill lets decodes of running sequences go on beside a new prefill.
-        # Prefix caching is off: the visual tokens come first and depend on the question (the Q-Former reads
-        # it), so two prompts share a prefix only when video AND question are the same — nothing to reuse.
-        per_prompt = config.num_visual_tokens() + 256
-        llm_kwargs.update(max_num_seqs=max_batch_size or 64, max_num_batched_tokens=max(4096, 4 * per_prompt),
-                          enable_chunked_prefill=True, enable_prefix_caching=False)
-        cache_bytes = vit_cache_bytes(config, dtype)
-        if platform != "cpu":
-            # The ViT feature cache lives beside the KV cache: reserve it inside the engine's share of the GPU.
-            import torch
+        from stllm.vllm.metrics import EngineMetrics
 
-            total = torch.cuda.mem_get_info()[1]
-            llm_kwargs["gpu_memory_utilization"] = max(0.1, gpu_memory_utilization - cache_bytes / total)
-        llm_kwargs.update(kwargs)
-        if platform == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in kwargs:
-            llm_kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(
-                config, dtype, max_model_len or config.text_config.max_position_embeddings,
-                int(llm_kwargs.get("max_num_seqs") or 16))
-        llm = LLM(**llm_kwargs)
-        llm.collective_rpc("stllm_clear_vit_cache")  # drop the start-up profiling dummy's ViT features
-        return cls(llm, STLLMProcessor.from_pretrained(model_dir, config=config))
+        def metrics_logger(vllm_config, engine_index: int) -> EngineMetrics:  # vLLM's StatLoggerFactory
+            self.metrics = EngineMetrics(vllm_config, engine_index)
+            return self.metrics
+
+        llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=[metrics_logger])
+        try:
+            if self.metrics is not None:
+                self.metrics.unfinished = llm.get_num_unfinished_requests
+            self._dead = asyncio.Event()
+            self._to_add: asyncio.Queue = asyncio.Queue()
+            # the loop keeps only weak references to tasks
+            self._tasks = [asyncio.create_task(self._watch(llm)), asyncio.create_task(self._adder())]
+            await llm.collective_rpc("stllm_clear_vit_cache")  # drop the start-up profiling dummy's ViT features
+        except BaseException:
+            llm.shutdown()
+            raise
+        return llm
 
     @property
     def num_frames(self) -> int:
         return self.config.num_frames
 
-    @property
-    def vit_forwards(self) -> int:
-        """ViT forwards run by the (first) worker since start-up, start-up profiling included."""
-        return int(self.llm.collective_rpc("stllm_vit_forwards")[0])
+    # ---- health, closing ------------------------------------------------------------------------------------
 
     def healthy(self) -> bool:
-        """False once vLLM's engine core has died (its client marks that): only a restart helps then."""
-        resources = getattr(self.llm.llm_engine.engine_core, "resources", None)
-        return not getattr(resources, "engine_dead", False)
+        """False once vLLM's engine core has died (vLLM's `errored`) or the loop thread is gone: only a restart
+        helps then."""
+        return self._thread.is_alive() and not self.llm.errored
 
-    def _wake_on_engine_death(self, poll_s: float = 0.5) -> None:
-        """vLLM 0.32's sync client, when its engine core dies, marks the engine dead and shuts its output thread
-        down without waking a caller blocked in `get_output()` or in a utility call (`collective_rpc`, `sleep`):
-        those would wait forever. This watchdog hands such callers the EngineDeadError they should have got."""
-        while not self._closing.wait(poll_s):
-            if not self.healthy():
-                from vllm.v1.engine.exceptions import EngineDeadError
+    async def _watch(self, llm: AsyncLLM) -> None:
+        """Wake every waiter when the engine dies. vLLM fails the requests it tracks with EngineDeadError, but a
+        utility call (`collective_rpc`, `pause_generation`) in flight when the core dies is never answered."""
+        while not llm.errored:
+            await asyncio.sleep(_DEATH_POLL_S)
+        self._dead.set()
 
-                core = self.llm.llm_engine.engine_core
-                queue = getattr(core, "outputs_queue", None)
-                if queue is not None:
-                    queue.put_nowait(EngineDeadError())
-                for future in list(getattr(core, "utility_results", {}).values()):
-                    if not future.done():
-                        future.set_exception(EngineDeadError())
+    async def _until_dead(self, awaitable: Awaitable[T]) -> T:
+        """`awaitable`'s result, or EngineDeadError as soon as the engine is found dead."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        task = asyncio.ensure_future(awaitable)
+        dead = asyncio.ensure_future(self._dead.wait())
+        try:
+            await asyncio.wait({task, dead}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dead.cancel()
+            if not task.done():
+                task.cancel()
+        if task.done() and not task.cancelled():
+            return task.result()
+        raise EngineDeadError()
+
+    def close(self, timeout_s: float = 300.0) -> None:
+        """Finish the batches in flight (each gets its results), then shut vLLM down (its engine-core
+        processes); later submits fail. A dead engine's batches have failed already: closing does not wait."""
+        with self._lock:
+            if self._closed:
                 return
+            self._closed = True
+            inflight = list(self._inflight)
+        if inflight:
+            from concurrent.futures import wait
 
-    def close(self) -> None:
-        """Stop the feeding loop and the engine-core processes now (otherwise they go at interpreter exit)."""
-        self._closing.set()
-        self.feeder.close()
-        self.llm.llm_engine.engine_core.shutdown()
+            wait(inflight, timeout=timeout_s)
+        try:
+            if self._thread.is_alive():
+                self._run(self._shutdown(), timeout_s=60.0)
+        finally:
+            self._stop_loop()
 
-    def sampling_params(self, options: GenerationOptions):
-        from vllm import SamplingParams
+    async def _shutdown(self) -> None:
+        self.llm.shutdown()
+        # what is left on the loop (ours, vLLM's output handler) ends here, not as "destroyed but pending"
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-        from stllm.vllm.repetition_penalty import PENALTY_ARG
+    def _stop_loop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(30)
+        if not self._thread.is_alive():
+            self._loop.close()
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
-        if options.num_beams > 1:
-            raise ValueError(
-                "num_beams > 1 is not supported by the vllm engine (vLLM's beam search has no repetition "
-                "penalty or stop strings); use the hf engine for beam search"
-            )
-        rp = options.repetition_penalty_for(self.config.default_repetition_penalty)
-        kwargs: dict[str, object] = dict(
-            max_tokens=options.max_new_tokens,
-            min_tokens=MIN_NEW_TOKENS,
-            stop=[self.config.stop_string],
-            repetition_penalty=1.0,  # vLLM's would penalise prompt tokens too; ours covers new tokens only
-            extra_args={PENALTY_ARG: float(rp)} if rp != 1.0 else None,
-            seed=options.seed,
-        )
-        if options.do_sample:
-            kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k or 0)
-        else:
-            kwargs.update(temperature=0.0)
-        return SamplingParams(**kwargs)
+    def _run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Run a coroutine on the engine's loop from another thread and wait for it."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a blocking engine call from the engine's own loop thread would deadlock")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
-    def _prompts(self, req: VideoRequest, options: GenerationOptions) -> tuple[str, list[dict]]:
-        """Validate one request and build its vLLM prompts; ValueError names what is wrong."""
-        if not req.questions:
-            raise ValueError("the request has no questions")
-        frames = as_frames(req.frames) if req.sampled else self.processor.sample(req.frames)
-        if not frames.flags.writeable:
-            # a view of someone's buffer (the model stage's Arrow block in Ray's object store): vLLM's caches may
-            # keep what it is given, and a view would keep the whole block alive with it
-            frames = frames.copy()
-        if frames.shape[0] > self.config.num_frames:
-            raise ValueError(f"{frames.shape[0]} frames, but this engine serves at most the checkpoint's "
-                             f"num_frames={self.config.num_frames} per video")
-        frames, key_bytes = prepare_and_key(self.processor, frames)  # vLLM's processor then reuses both
-        key = key_bytes.hex()
-        placeholder = self.config.text_config.pad_token_id
-        n_visual = self.config.num_visual_tokens(frames.shape[0])
-        prompts = []
-        for q in req.questions:
-            ids = self.processor.process_question(q, options.prompt).input_ids  # validated, memoised
-            check_prompt_budget(n_visual, len(ids), options.max_new_tokens, self.max_model_len)
-            prompts.append({
-                "prompt_token_ids": [placeholder, *ids],
-                "multi_modal_data": {"video": frames},
-                "mm_processor_kwargs": {QUESTION_KWARG: q},
-                "multi_modal_uuids": {"video": [key]},
-            })
-        return key, prompts
+    # ---- worker RPCs (the model's ViT counters and caches) ---------------------------------------------------
 
-    # ---- feeding: the loop thread of `stllm.vllm.feeder` calls these -------------------------------------
+    def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        """Call a method of the worker extension (`stllm.vllm.model.STLLMWorkerExtension`) on every worker."""
+        return self._run(self._until_dead(self.llm.collective_rpc(method, args=args)))
 
-    def enqueue(self, requests: list[VideoRequest], options: GenerationOptions
-                ) -> tuple[list[VideoResult], dict[int, str], list[tuple[str, int, int]]]:
-        """Validate and enqueue a batch: (its results, {request: content key}, [(vLLM id, request, question
-        index)]).
-        A bad request fails alone (its result has `error`); a dead engine raises."""
-        params = self.sampling_params(options)
+    @property
+    def vit_forwards(self) -> int:
+        """Videos the (first) worker's ViT encoded since start-up, start-up profiling included."""
+        return int(self.collective_rpc("stllm_vit_forwards")[0])
+
+    @property
+    def vit_passes(self) -> int:
+        """ViT forward calls of the (first) worker (several videos per call when they arrive together)."""
+        return int(self.collective_rpc("stllm_vit_passes")[0])
+
+    def reset_caches(self) -> None:
+        """Forget every video seen: the model's ViT features and vLLM's multimodal caches (benchmarks)."""
+        self.collective_rpc("stllm_clear_vit_cache")
+        self._run(self._until_dead(self.llm.reset_mm_cache()))
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    def sampling_params(self, options: GenerationOptions) -> SamplingParams:
+        return settings.sampling_params(options, self.config)
+
+    def _prepare(self, requests: list[VideoRequest], options: GenerationOptions
+                 ) -> tuple[list[VideoResult], list[tuple[int, str, list[dict]]]]:
+        """Each request's result and, for the valid ones, (index, content key, prompts); a bad request fails
+        alone."""
         results = [VideoResult(video_id=r.video_id) for r in requests]
-        keys: dict[int, str] = {}
-        added: list[tuple[str, int, int]] = []
-        # Video by video, so a video's questions reach the encoder back to back (ViT feature cache hits).
+        prepared = []
         for i, req in enumerate(requests):
             try:
-                keys[i], prompts = self._prompts(req, options)
+                key, prompts = settings.prompts(self.processor, req, options, self.max_model_len)
             except (ValueError, TypeError) as e:
                 results[i].error = f"{type(e).__name__}: {e}"
                 continue
-            mine: list[tuple[str, int, int]] = []
-            try:
-                for qi, prompt in enumerate(prompts):
-                    (rid,) = self.llm.enqueue(prompt, params, use_tqdm=False)
-                    mine.append((rid, i, qi))
-            except Exception as e:  # vLLM's input processing rejected it: fail this request alone
-                if not self.healthy():
-                    raise  # not the request's fault: the engine is gone (the caller restarts it)
-                if mine:
-                    self.llm.llm_engine.abort_request([m[0] for m in mine], internal=True)
-                results[i].error = f"{type(e).__name__}: {e}"
-                keys.pop(i)
-                continue
-            added += mine
-        return results, keys, added
+            prepared.append((i, key, prompts))
+        return results, prepared
 
-    def answer(self, question: str, output: object, options: GenerationOptions) -> Answer:
-        token_ids = list(output.outputs[0].token_ids)  # type: ignore[attr-defined]
+    def answer(self, question: str, output: RequestOutput, options: GenerationOptions) -> Answer:
+        token_ids = list(output.outputs[0].token_ids)
         return Answer(question=question, text=self.processor.decode_answer(token_ids, options.prompt),
                       token_ids=token_ids)
 
-    def attach_embeddings(self, results: list[VideoResult], keys: dict[int, str]) -> None:
+    async def _generate(self, requests: list[VideoRequest], options: GenerationOptions,
+                        params: SamplingParams) -> list[VideoResult]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self.llm.errored:
+            raise EngineDeadError()
+        loop = asyncio.get_running_loop()
+        results, prepared = await loop.run_in_executor(self._prepare_pool, self._prepare, requests, options)
+        added = await self._add(prepared, params, results)
+        # every output of the batch; a dead engine fails them all (vLLM's EngineDeadError, or ours if vLLM
+        # missed a request that was being added when the core died)
+        outputs = await self._until_dead(asyncio.gather(*(self._collect(c) for _, _, cs in added for c in cs)))
+        it = iter(outputs)
+        keys: dict[int, str] = {}
+        for i, key, collectors in added:
+            mine = [next(it) for _ in collectors]
+            failed = [o for o in mine if o.outputs[0].finish_reason in _FAILED]
+            if failed:
+                results[i].error = f"vLLM ended request {failed[0].request_id}: {failed[0].outputs[0].finish_reason}"
+                continue
+            questions = requests[i].questions
+            results[i].answers = [self.answer(q, o, options) for q, o in zip(questions, mine, strict=True)]
+            keys[i] = key
+        await self._attach_embeddings(results, keys)
+        return results
+
+    async def _add(self, prepared: list[tuple[int, str, list[dict]]], params: SamplingParams,
+                   results: list[VideoResult]) -> list[tuple[int, str, list[RequestOutputCollector]]]:
+        """Hand a batch's requests to vLLM (through the adding task): [(index, key, output collectors)]."""
+        added: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._to_add.put_nowait((prepared, params, results, added))
+        return await self._until_dead(added)
+
+    async def _adder(self) -> None:
+        """The one task that adds requests, batch after batch, video by video (a video's questions back to
+        back). An idle engine's scheduler is paused until every batch waiting here is in, so their videos share
+        the first ViT call; a busy engine is never paused (new requests join its running batch)."""
+        while True:
+            item = await self._to_add.get()
+            paused = False
+            try:
+                if self.llm.get_num_unfinished_requests() == 0:
+                    await self._until_dead(self.llm.pause_generation(mode="keep", clear_cache=False))
+                    paused = True
+                while item is not None:
+                    await self._add_batch(*item)
+                    item = self._next_to_add()
+            except Exception as e:  # the engine died (or refused the pause): this batch and the ones queued fail
+                while item is not None:
+                    if not item[3].done():
+                        item[3].set_exception(e)
+                    item = self._next_to_add()
+            finally:
+                if paused and not self.llm.errored:
+                    try:
+                        await self._until_dead(self.llm.resume_generation())
+                    except Exception:  # noqa: BLE001 — the engine died: the batches in flight learn it from vLLM
+                        pass
+
+    def _next_to_add(self) -> tuple | None:
+        return None if self._to_add.empty() else self._to_add.get_nowait()
+
+    async def _add_batch(self, prepared: list[tuple[int, str, list[dict]]], params: SamplingParams,
+                         results: list[VideoResult], added: asyncio.Future) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if added.done():  # the caller gave up (cancelled) while the batch waited
+            return
+        done: list[tuple[int, str, list[RequestOutputCollector]]] = []
+        try:
+            for i, key, prompts in prepared:
+                collectors: list[RequestOutputCollector] = []
+                try:
+                    for prompt in prompts:
+                        collectors.append(await self.llm.add_request(f"stllm-{next(self._ids)}", prompt, params))
+                except EngineDeadError:
+                    raise
+                except Exception as e:  # vLLM's input processing refused it: this video fails alone
+                    if self.llm.errored:
+                        raise EngineDeadError() from e
+                    if collectors:
+                        await self.llm.abort([c.request_id for c in collectors], internal=True)
+                    results[i].error = f"{type(e).__name__}: {e}"
+                    continue
+                done.append((i, key, collectors))
+        except EngineDeadError:
+            raise  # the adder fails this batch and the ones queued
+        except asyncio.CancelledError:  # the engine is shutting down
+            added.cancel()
+            raise
+        except Exception as e:  # anything else fails this batch alone
+            await self._abort(done)
+            if not added.done():
+                added.set_exception(e)
+            return
+        if added.done():  # cancelled meanwhile: nobody will read these outputs
+            await self._abort(done)
+        else:
+            added.set_result(done)
+
+    async def _abort(self, added: list[tuple[int, str, list[RequestOutputCollector]]]) -> None:
+        ids = [c.request_id for _, _, cs in added for c in cs]
+        if ids and not self.llm.errored:
+            await self.llm.abort(ids, internal=True)
+
+    async def _collect(self, collector: RequestOutputCollector) -> RequestOutput:
+        """A request's final output (FINAL_ONLY: one); vLLM raises EngineDeadError here when the core dies."""
+        try:
+            while True:
+                out = collector.get_nowait() or await collector.get()
+                if out.finished:
+                    return out
+        except asyncio.CancelledError:
+            if not self.llm.errored:
+                await self.llm.abort(collector.request_id, internal=True)
+            raise
+        finally:
+            collector.close()
+
+    async def _attach_embeddings(self, results: list[VideoResult], keys: dict[int, str]) -> None:
         if not keys:
             return
         order = sorted(keys)
-        embeddings = self.llm.collective_rpc("stllm_visual_embeddings", args=([keys[i] for i in order],))[0]
+        rpc = self.llm.collective_rpc("stllm_visual_embeddings", args=([keys[i] for i in order],))
+        embeddings = (await self._until_dead(rpc))[0]
         for i, emb in zip(order, embeddings, strict=True):
-            if results[i].error:
-                continue
             if emb is None:  # only if > 4096 newer videos evicted it meanwhile
                 results[i].error = "visual embedding was evicted before it could be read"
                 results[i].answers = []
             else:
                 results[i].visual_embedding = np.asarray(emb, dtype=np.float32)
 
-    # ---- the engine interface --------------------------------------------------------------------------
+    # ---- the engine interface -------------------------------------------------------------------------------
 
     def submit(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> Future:
         """Start a batch; the future resolves to its results when its own videos are done. Batches submitted
         while others run join the engine's running batch (no barrier between them)."""
         options = options or GenerationOptions()
-        self.sampling_params(options)  # refuse bad options here, in the caller's thread
-        return self.feeder.submit(requests, options)
+        params = self.sampling_params(options)  # refuse bad options here, in the caller's thread
+        with self._lock:
+            if self._closed:
+                future: Future = Future()
+                future.set_exception(RuntimeError("the engine is closed"))
+                return future
+            if self.metrics is not None:
+                self.metrics.batch_submitted()
+            future = asyncio.run_coroutine_threadsafe(self._generate(list(requests), options, params), self._loop)
+            self._inflight.add(future)
+        future.add_done_callback(lambda f: self._done(f, len(requests)))
+        return future
+
+    def _done(self, future: Future, videos: int) -> None:
+        with self._lock:
+            self._inflight.discard(future)
+        if self.metrics is not None:
+            self.metrics.batch_done(videos, ok=not future.cancelled() and future.exception() is None)
 
     def generate(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> list[VideoResult]:
         t0 = time.perf_counter()
@@ -319,8 +414,14 @@ class VLLMEngine:
         return results
 
     def stats(self) -> dict[str, object]:
-        """How busy the engine was since it started (see `stllm.vllm.feeder`)."""
-        return self.feeder.stats()
+        """vLLM's own metrics since start-up or `reset_stats()` (`stllm.vllm.metrics`; docs/engine.md says what
+        each key means)."""
+        return self.metrics.snapshot() if self.metrics is not None else {}
+
+    def reset_stats(self) -> None:
+        """Start the figures of `stats()` again (a benchmark's timed part after its warm-up)."""
+        if self.metrics is not None:
+            self.metrics.reset()
 
 
 __all__ = ["VLLMEngine"]

@@ -17,7 +17,7 @@ as long as its K requests are encoded within `STLLM_VIT_CACHE_SIZE` (default 8) 
 other; the engine enqueues requests video by video, and vLLM schedules encoder work first come first
 served, so that holds. The model also counts ViT forwards (`vit_forwards`) and keeps each video's visual
 embedding (mean ViT feature, L2-normalised, as the `hf` engine); the engine reads both through the worker
-extension below (`LLM.collective_rpc`), which works in the multiprocess engine without pickled callables.
+extension below (`AsyncLLM.collective_rpc`), which works in the multiprocess engine without pickled callables.
 """
 
 from __future__ import annotations
@@ -263,8 +263,8 @@ def weight_mismatch(expected: set[str], seen: set[str], not_loaded: set[str]) ->
 
 
 class STLLMWorkerExtension:
-    """Mixed into vLLM's worker (`LLM(worker_extension_cls=WORKER_EXTENSION)`); called with
-    `llm.collective_rpc("stllm_...")`. Results are plain lists/dicts, so no pickle is needed."""
+    """Mixed into vLLM's worker (`worker_extension_cls=WORKER_EXTENSION`); called with
+    `VLLMEngine.collective_rpc("stllm_...")`. Results are plain lists/dicts, so no pickle is needed."""
 
     def _stllm_model(self) -> STLLMVLLMModel:
         model = self.get_model()  # type: ignore[attr-defined]
