@@ -8,11 +8,8 @@ job are relative to the working directory of the run.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import re
-import typing
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -30,15 +27,12 @@ from pydantic import (
 )
 
 from pipeline.io.sources import DEFAULT_EXTENSIONS, S3Options
+from pipeline.job_overrides import JobError, apply_overrides, format_errors
 from pipeline.model_names import preset_warning, trained_preset
 
 NonEmpty = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 TableName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
 DEFAULT_JOB = "demo.yaml"
-
-
-class JobError(ValueError):
-    """An invalid job file or override; the message lists every problem, one per line."""
 
 
 class _Strict(BaseModel):
@@ -358,101 +352,5 @@ def parse_job(data: dict[str, Any]) -> JobConfig:
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        raise JobError(format_errors(e)) from None
+        raise JobError(format_errors(e, JobConfig)) from None
 
-
-def parse_value(raw: str) -> Any:
-    """An override's value as a YAML scalar (true, 3, 0.5, null, "quoted"), or a flow list/map ([a, b],
-    {k: v}); anything else stays the literal text (so 'a: b' or 'x #1' are strings, not YAML surprises)."""
-    text = raw.strip()
-    if not text:
-        return None
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        if text[0] in "{[":
-            raise ValueError(f"not a valid YAML flow list/map ({' '.join(str(e).split())[:120]}); "
-                             "quote items with punctuation, e.g. [\"Why?\"]") from None
-        return text
-    if isinstance(value, str):
-        return value if text[0] in "'\"" else text
-    if isinstance(value, (dict, list)) and text[0] not in "{[":
-        return text
-    return value
-
-
-def _parse(item: str, raw: str) -> Any:
-    try:
-        return parse_value(raw)
-    except ValueError as e:
-        raise JobError(f"--set {item!r}: {e}") from None
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """`model.engine=vllm`, `questions.0=...`, `source.s3={endpoint_url: http://...}` on a copy of `data`."""
-    data = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts):
-            raise JobError(f"--set {item!r}: expected key.sub=value")
-        node: Any = data
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            where = ".".join(parts[: depth + 1])
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) > len(node):
-                    raise JobError(f"--set {item!r}: '{where}' is not an index of a list of {len(node)}")
-                i = int(part)
-                if last:
-                    node[i:i + 1] = [_parse(item, raw)]
-                else:
-                    node = node[i]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = _parse(item, raw)
-                else:
-                    if node.get(part) is None:
-                        node[part] = {}
-                    node = node[part]
-            else:
-                raise JobError(f"--set {item!r}: '{'.'.join(parts[:depth])}' is not a section")
-    return data
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    candidates = [annotation, *typing.get_args(annotation)]
-    for c in candidates:
-        if isinstance(c, type) and issubclass(c, BaseModel):
-            return c
-    return None
-
-
-def _allowed_fields(loc: Sequence[Any]) -> list[str] | None:
-    model: type[BaseModel] | None = JobConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if model else None
-        model = _model_of(field.annotation) if field else None
-        if model is None:
-            return None
-    return list(model.model_fields) if model else None
-
-
-def format_errors(err: ValidationError) -> str:
-    """pydantic's errors as "field 'model.engine': Input should be 'hf' or 'vllm'" lines."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = re.sub(r"^(Value error|Assertion failed), ", "", e["msg"])
-        m = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg, re.S)
-        if m and (not loc or m.group(1).startswith(loc + ".")):
-            loc, msg = m.groups()  # a cross-field check names its own field
-        if e["type"] == "extra_forbidden":
-            allowed = _allowed_fields(e["loc"])
-            msg = "unknown field" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
-        elif e["type"] == "missing":
-            msg = "required field is missing"
-        lines.append(f"field '{loc or '<job>'}': {msg}")
-    return "\n".join(lines)

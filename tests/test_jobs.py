@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.jobs import JobConfig, JobError, apply_overrides, default_job_text, load_job, parse_value
+from pipeline.job_overrides import JobError, apply_overrides, parse_value
+from pipeline.jobs import JobConfig, default_job_text, load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_FILES = sorted((ROOT / "jobs").glob("*.yaml"))

@@ -203,7 +203,8 @@ def _cli_run(job: Path, env: dict[str, str] | None = None, timeout: int = 600, e
 def _job_file(tmp_path: Path, overrides: list[str]) -> Path:
     import yaml
 
-    from pipeline.jobs import apply_overrides, default_job_text
+    from pipeline.job_overrides import apply_overrides
+    from pipeline.jobs import default_job_text
 
     data = apply_overrides(yaml.safe_load(default_job_text()), overrides)
     path = tmp_path / "job.yaml"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from pipeline.jobs import JobError, apply_overrides
+from pipeline.job_overrides import JobError, apply_overrides
 from pipeline.training.world import read_manifest
 
 if TYPE_CHECKING:
