@@ -200,7 +200,7 @@ def test_two_jobs_share_one_index_at_once(tmp_path: Path) -> None:
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(j), "--no-progress"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for j in (captions, safety)]
     outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-8000:] for o in outs]
     rows, _ = _exactly_once(str(out))
     assert len(rows) == 4
     for r in rows:

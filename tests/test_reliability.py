@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo.clips import make_corrupt_video, make_test_video
-from tests.faults import cli_killed_at
+from tests.faults import cli_held_at, cli_killed_at
 
 REPO = Path(__file__).parents[1]
 TAG = "STLLM_RELIABILITY_TEST"
@@ -278,7 +278,7 @@ def test_killed_model_and_decode_actors_lose_and_duplicate_nothing(tmp_path: Pat
                 return
             time.sleep(0.05)
 
-    def kill_model_at_first_commit(point: str) -> None:
+    def kill_model_at_first_commit(point: str, _table: str) -> None:
         # The writer's first commit (2 of 16 rows): the model stage has most of its work ahead, whatever the
         # machine's speed. Run in the writer's thread, so no timing decides whether the kill happens mid-run.
         if point == "lance-committed" and "MapBatches(ModelStage)" not in killed:
@@ -380,20 +380,24 @@ def test_storage_down_fails_clearly_and_the_rerun_resumes(private_s3, tmp_path: 
                             "runtime.commit_every=2", "model.max_new_tokens=24"))
     from pipeline.store.manifest import list_manifests
 
-    client = server.client()
     stopped: list[float] = []
+    marker = tmp_path / "held"
 
-    def stop_soon(stop: threading.Event) -> None:
-        while not stop.is_set():  # the first committed part: the run is under way
-            if client.list_objects_v2(Bucket=bucket, Prefix="out/parquet/videos/part-").get("KeyCount"):
+    def stop_at_first_commit(stop: threading.Event) -> None:
+        while not stop.is_set():  # the writer holds once its first videos are committed: the run is under way
+            if marker.exists():
                 private_s3.kill()
                 stopped.append(time.time())
+                marker.unlink()  # let the writer go on, into a store that is gone
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     job = _job_file(tmp_path, overrides)
-    with alongside(stop_soon):  # the nightly run, as its own process
-        failed_run = _cli_run(job, env={"STLLM_INDEX_HOME": str(tmp_path)})
+    with alongside(stop_at_first_commit):  # the nightly run, as its own process
+        failed_run = subprocess.run(
+            [sys.executable, "-c", cli_held_at("lance-committed", str(marker), "videos", str(REPO)), "run", str(job),
+             "--no-progress"], capture_output=True, text=True, timeout=600,
+            env={**os.environ, "STLLM_INDEX_HOME": str(tmp_path)})
     assert stopped and failed_run.returncode != 0
     assert "error" in failed_run.stderr.lower() and server.secret_key not in failed_run.stderr
     failed = list_manifests(str(runs))[-1]

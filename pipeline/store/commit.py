@@ -61,13 +61,13 @@ SMALL_PARTS = 8  # parts below the target that trigger a compaction
 # covers a read that started before a compaction rewrote its fragments
 KEEP_VERSIONS_S = 60.0
 Key = tuple[str, ...]
-# Called with each commit step's name as it is passed (tests inject crashes here).
-COMMIT_HOOKS: list[Callable[[str], None]] = []
+# Called with each commit step's name and the table's as it is passed (tests inject crashes here).
+COMMIT_HOOKS: list[Callable[[str, str], None]] = []
 
 
-def _passed(point: str) -> None:
+def _passed(point: str, table: str) -> None:
     for hook in COMMIT_HOOKS:
-        hook(point)
+        hook(point, table)
 
 
 def check_existing(actual: pa.Schema, expected: pa.Schema, what: str) -> None:
@@ -254,12 +254,12 @@ class TableStore:
                     journal["remove"].append(old)
             if upserts is not None:
                 write_parquet(self.fs, self._path(STAGING, part + ".staged"), upserts)
-            _passed("staged")
+            _passed("staged", self.name)
             write_atomic(self.fs, self._path(JOURNAL, txn + ".json"), json.dumps(journal).encode())
-            _passed("journaled")
+            _passed("journaled", self.name)
         if self.lance_db is not None:
             self._commit_lance(upserts, deletes)
-            _passed("lance-committed")
+            _passed("lance-committed", self.name)
         if self.parquet_dir is not None:
             self._apply(journal)
         return part
@@ -349,11 +349,11 @@ class TableStore:
                                  promote_options="default")
         self.fs.create_dir(self._path(STAGING), recursive=True)
         write_parquet(self.fs, self._path(STAGING, new + ".staged"), table)
-        _passed("compact-staged")
+        _passed("compact-staged", self.name)
         journal = {"txn": txn, "add": new, "rewrite": [], "remove": parts, "deletes": [],
                    "moved": dict.fromkeys(parts, new)}
         write_atomic(self.fs, self._path(JOURNAL, txn + ".json"), json.dumps(journal).encode())
-        _passed("compact-journaled")
+        _passed("compact-journaled", self.name)
         self._apply(journal)
 
     def _apply(self, journal: dict[str, Any]) -> None:
@@ -361,7 +361,7 @@ class TableStore:
             staged = self._path(STAGING, journal["add"] + ".staged")
             if self._exists(staged):
                 self.fs.move(staged, self._path(journal["add"]))
-            _passed("applied-new")
+            _passed("applied-new", self.name)
         for old in journal["rewrite"]:
             staged = self._path(STAGING, old + ".rewrite.staged")
             if self._exists(staged):
@@ -373,7 +373,7 @@ class TableStore:
             # entries whose holder is gone (every row superseded since) say nothing any more
             moved = {k: v for k, v in moved.items() if self._holder(v, moved) in live}
             write_atomic(self.fs, self._path(PARTS, "map.json"), json.dumps(moved, sort_keys=True).encode())
-            _passed("compact-mapped")
+            _passed("compact-mapped", self.name)
         for old in journal["remove"]:
             if self._exists(self._path(old)):
                 self.fs.delete_file(self._path(old))

@@ -302,12 +302,17 @@ class IndexWriter:
                     for store in self._stores()}
 
     def maintain_indexes(self) -> None:
-        for store, scalars in ((self.videos, ("video_id", "content_id")), (self.segments, ("video_id", "segment_id"))):
-            if store is not None and store.lance_table is not None:
-                maintain_indexes(store.lance_table, fts_columns=("caption", "answers_text"), scalar_columns=scalars,
-                                 vector_columns=("caption_embedding", "visual_embedding"))
-        if self.cells.lance_table is not None:
-            maintain_indexes(self.cells.lance_table, fts_columns=("text",), scalar_columns=("cell_id", "content_id"))
+        """The search indexes take the run's rows. Under the lock: `optimize` rewrites fragments, and a commit of
+        another run on the same index between its read and its commit would conflict with it."""
+        with self.lock:
+            for store, scalars in ((self.videos, ("video_id", "content_id")),
+                                   (self.segments, ("video_id", "segment_id"))):
+                if store is not None and store.lance_table is not None:
+                    maintain_indexes(store.lance_table, fts_columns=("caption", "answers_text"),
+                                     scalar_columns=scalars, vector_columns=("caption_embedding", "visual_embedding"))
+            if self.cells.lance_table is not None:
+                maintain_indexes(self.cells.lance_table, fts_columns=("text",),
+                                 scalar_columns=("cell_id", "content_id"))
 
 
 def _timings(r: Row) -> dict[str, Any]:
