@@ -245,6 +245,15 @@ def test_killed_driver_then_rerun_is_exactly_once(tmp_path: Path) -> None:
     assert statuses[-1] == "succeeded" and len(statuses) == 3
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (all its threads' children)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 def _tagged_pids(needle: str) -> list[int]:
     """This module's Ray worker processes whose title holds `needle` (found by our tag in their environment)."""
     pids = []
@@ -315,14 +324,21 @@ def test_a_dead_vllm_engine_restarts_the_model_actor(tmp_path: Path) -> None:
                      if b"__init__" not in Path(f"/proc/{p}/cmdline").read_bytes()]
             cores = _tagged_pids("EngineCore")
             if ready and cores:
+                orphans.extend(_children(cores[0]))  # its worker: killing the core does not stop it
                 os.kill(cores[0], signal.SIGKILL)
                 killed.append(cores[0])
                 return
             time.sleep(0.05)
 
-    with alongside(kill_engine):
-        manifest = _run(_overrides(str(src), out, ("model.engine=vllm", "runtime.commit_every=2",
-                                                   "runtime.model_cpus=1.0", "model.max_new_tokens=16")))
+    orphans: list[int] = []
+    try:
+        with alongside(kill_engine):
+            manifest = _run(_overrides(str(src), out, ("model.engine=vllm", "runtime.commit_every=2",
+                                                       "runtime.model_cpus=1.0", "model.max_new_tokens=16")))
+    finally:
+        for pid in orphans:  # the dead core's worker, left to init: stopped here, by its process id
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert killed, "the engine core was never seen"
     rows, ledger = _exactly_once(str(out))
     assert len(rows) == 10 and ledger == [] and manifest["counts"]["errors"] == 0
