@@ -7,7 +7,8 @@ the stage itself does to its engine), 3 repetitions, each on a fresh Ray cluster
 - `sequences_running_mean_over_max`: vLLM's own scheduler statistics (`num_running_reqs`), time-weighted over the
   busy time, over `max_num_seqs` — what vLLM runs, not what our queue holds. From the engine's stat loggers
   (`engine.stats()` key `requests_running_mean_over_max`); an engine without them yields no figure;
-- `model_stage_vs_engine_alone`: the stage's videos/s over its second half (a fresh engine on CPU runs its first
+- `model_stage_vs_engine_alone`: the stage's videos/s over its second half (its rows as its batches report them to
+  the run's RunStats, sampled every 0.1 s; a fresh engine on CPU runs its first
   ~100 videos ~40% slower while oneDNN builds kernels per shape) over one engine's videos/s on the same videos
   handed to it directly in one call, its caches emptied first (the stage's engine is fresh: nothing cached either
   side), warm (started once, on other videos). The engine alone is timed right before and right after each
@@ -23,6 +24,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -81,11 +83,47 @@ def _stage_on_decoded(clips: Path, out: Path, batch_size: int, max_seqs: int) ->
         hub = ray.remote(RunStats).options(num_cpus=0).remote()  # the stages report their engine's figures here
         ops = stage_ops(job, model_facts(job), hub)
         decoded = ops["decode"](ray.data.from_items(work_rows(job))).materialize()
-        rows = ops["model"](decoded).materialize().count()
+        with _RowsOverTime(hub, "model") as progress:
+            rows = ops["model"](decoded).materialize().count()
         snapshot = ray.get(hub.snapshot.remote())
     finally:
         ray.shutdown()
-    return {**_engine_stats(snapshot), "rows": rows}
+    return {**_engine_stats(snapshot), "rows": rows, "completed": progress.completed}
+
+
+class _RowsOverTime:
+    """A stage's rows done over time, from the run's RunStats (each batch reports when it is done), sampled every
+    `every_s`: [[seconds since start, rows done since the last sample], ...] — the stage's completion times."""
+
+    def __init__(self, hub: Any, stage: str, every_s: float = 0.1):
+        self.hub, self.stage, self.every_s = hub, stage, every_s
+        self.completed: list[list[float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _rows(self) -> int:
+        import ray
+
+        return int(ray.get(self.hub.snapshot.remote())["stages"].get(self.stage, {}).get("rows", 0))
+
+    def _poll(self) -> None:
+        t0, seen = time.monotonic(), 0
+        while True:
+            stopping = self._stop.wait(self.every_s)
+            now = self._rows()
+            if now > seen:
+                self.completed.append([time.monotonic() - t0, now - seen])
+                seen = now
+            if stopping:
+                return
+
+    def __enter__(self) -> _RowsOverTime:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
 
 
 def _second_half_rate(completed: list[list[float]]) -> float:
