@@ -29,6 +29,7 @@ SUITES = {
     "listing": ("benchmarks.listing", "bench_listing"),
     "search": ("benchmarks.search", "bench_search"),
     "writer": ("benchmarks.writer", "bench_writer"),
+    "writer_s3": ("benchmarks.writer", "bench_writer_s3"),
     "evolve": ("benchmarks.evolve", "bench_evolve"),
     "feeding": ("benchmarks.feeding", "bench_feeding"),
     "segments": ("benchmarks.segments", "bench_segments"),

@@ -8,7 +8,7 @@ LanceDB, folded between commits. The table grows from 0 to N rows in ONE run; th
 run (generation of the rows included: they are made ahead, in batches of 32 as Ray Data hands them), commit
 latency p50/p95 per 100k rows (the last 100k over the first: flat?), files and LanceDB versions at the end.
 
-    python -m benchmarks.writer [--quick]      (the same as python -m benchmarks.run --only writer)
+    python -m benchmarks.writer [--quick]      (the same as python -m benchmarks.run --only writer writer_s3)
 """
 
 from __future__ import annotations
@@ -109,12 +109,9 @@ def run(rows: int, root: str, s3: Any = None, slices: int = 100_000) -> dict[str
             "writer": background.stats()}
 
 
-def bench_writer(quick: bool = False, rows: int | None = None, s3_rows: int | None = None,
-                 reps: int = 3) -> list[Result]:
-    """`reps` runs of `rows` (1M; `--quick`: 100k) on local disk, one of `s3_rows` (100k; quick: 10k) against
-    SeaweedFS."""
+def bench_writer(quick: bool = False, rows: int | None = None, reps: int = 3) -> list[Result]:
+    """`reps` runs of `rows` (1M; `--quick`: 100k) on local disk."""
     rows = rows or (100_000 if quick else 1_000_000)
-    s3_rows = s3_rows if s3_rows is not None else (10_000 if quick else 100_000)
     runs = []
     for _ in range(reps):
         root = tempfile.mkdtemp(prefix="bench-writer-", dir="/tmp")
@@ -124,7 +121,7 @@ def bench_writer(quick: bool = False, rows: int | None = None, s3_rows: int | No
             shutil.rmtree(root, ignore_errors=True)
     last = runs[-1]
     common = {"rows": rows, "disk": "local"}
-    results = [
+    return [
         from_reps("writer_rows_per_s_sustained", [r["rows_per_s"] for r in runs], ">= 1000", "rows/s",
                   detail={**common, "wall_s": [r["wall_s"] for r in runs], "writer": last["writer"],
                           "commit_latency_last_run": last["commit_latency"]}),
@@ -134,18 +131,19 @@ def bench_writer(quick: bool = False, rows: int | None = None, s3_rows: int | No
                   detail={**common, "cells_files": [r["parquet_files"]["cells"] for r in runs],
                           "lance_versions": [r["lance_versions"] for r in runs]}),
     ]
-    if s3_rows:
-        from tests.conftest import seaweedfs_for_benchmarks
 
-        with seaweedfs_for_benchmarks() as server:
-            s3 = []
-            for k in range(reps):
-                bucket = server.bucket(f"bench{k}")
-                s3.append(run(s3_rows, f"s3://{bucket}/index", s3=server.options(), slices=max(s3_rows // 10, 1)))
-        results.append(from_reps("writer_rows_per_s_s3", [r["rows_per_s"] for r in s3], ">= 300", "rows/s",
-                                 detail={"rows": s3_rows, "store": "SeaweedFS on this machine",
-                                         "commit_latency_last_run": s3[-1]["commit_latency"]}))
-    return results
+
+def bench_writer_s3(quick: bool = False, rows: int | None = None, reps: int = 3) -> list[Result]:
+    """`reps` runs of `rows` (100k; `--quick`: 10k) against SeaweedFS on this machine."""
+    from tests.conftest import seaweedfs_for_benchmarks
+
+    rows = rows or (10_000 if quick else 100_000)
+    with seaweedfs_for_benchmarks() as server:
+        runs = [run(rows, f"s3://{server.bucket(f'bench{k}')}/index", s3=server.options(), slices=max(rows // 10, 1))
+                for k in range(reps)]
+    return [from_reps("writer_rows_per_s_s3", [r["rows_per_s"] for r in runs], ">= 300", "rows/s",
+                      detail={"rows": rows, "store": "SeaweedFS on this machine", "wall_s": [r["wall_s"] for r in runs],
+                              "commit_latency_last_run": runs[-1]["commit_latency"]})]
 
 
 if __name__ == "__main__":
@@ -153,4 +151,4 @@ if __name__ == "__main__":
 
     from benchmarks.run import main
 
-    sys.exit(main(["--only", "writer", *sys.argv[1:]]))
+    sys.exit(main(["--only", "writer", "writer_s3", *sys.argv[1:]]))
