@@ -72,7 +72,7 @@ def _pick_ports() -> list[int]:
     raise RuntimeError("no free port block for SeaweedFS")
 
 
-def _start_weed(data: Path, access_key: str, secret_key: str,
+def _start_weed(data: Path, access_key: str, secret_key: str, max_volumes: int = 100,
                 ports: list[int] | None = None) -> tuple[Any, list[int], Path]:
     s3_port, master, volume, filer = ports = ports or _pick_ports()
     # With an identity configured every S3 call authenticates; without one SeaweedFS accepts any key for
@@ -88,7 +88,7 @@ def _start_weed(data: Path, access_key: str, secret_key: str,
         f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
         "-s3", f"-s3.port={s3_port}", f"-s3.config={config}",
         "-s3.port.iceberg=0", "-s3.port.lance=0",  # on by default, on fixed ports shared by every session
-        "-master.volumeSizeLimitMB=64", "-volume.max=100",
+        "-master.volumeSizeLimitMB=64", f"-volume.max={max_volumes}",
     ]
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -140,12 +140,13 @@ def _remove_sockets(ports: list[int]) -> None:
 
 
 @contextlib.contextmanager
-def seaweedfs(make_dir: Callable[[str], Path]) -> Iterator[S3Server]:
-    """A real S3-compatible server (SeaweedFS) on free local ports, stopped (by pid) at the end."""
+def seaweedfs(make_dir: Callable[[str], Path], max_volumes: int = 100) -> Iterator[S3Server]:
+    """A real S3-compatible server (SeaweedFS) on free local ports, stopped (by pid) at the end; it holds up to
+    `max_volumes` volumes of 64 MB (deleted objects keep their space until a vacuum)."""
     access_key, secret_key = "test-" + uuid.uuid4().hex[:8], uuid.uuid4().hex
     for attempt in range(3):  # a port can be taken between the check and the bind
         data = make_dir(f"seaweedfs{attempt}")
-        proc, ports, log = _start_weed(data, access_key, secret_key)
+        proc, ports, log = _start_weed(data, access_key, secret_key, max_volumes)
         server = S3Server(f"http://127.0.0.1:{ports[0]}", access_key, secret_key)
         if _wait_ready(server, proc):
             break
@@ -160,11 +161,13 @@ def seaweedfs(make_dir: Callable[[str], Path]) -> Iterator[S3Server]:
 
 @contextlib.contextmanager
 def seaweedfs_for_benchmarks() -> Iterator[S3Server]:
-    """`seaweedfs` in a temporary folder, for `make bench` (no pytest)."""
+    """`seaweedfs` in a temporary folder, for `make bench` (no pytest): room for 64 GB (the writer's runs of 100k
+    rows, their LanceDB versions included, outgrow the tests' 6.4 GB)."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
-        with seaweedfs(lambda name: Path(tmp) / name if (Path(tmp) / name).mkdir() is None else Path()) as server:
+        with seaweedfs(lambda name: Path(tmp) / name if (Path(tmp) / name).mkdir() is None else Path(),
+                       max_volumes=1000) as server:
             yield server
 
 
