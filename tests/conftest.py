@@ -72,8 +72,8 @@ def _pick_ports() -> list[int]:
     raise RuntimeError("no free port block for SeaweedFS")
 
 
-def _start_weed(data: Path, access_key: str, secret_key: str, max_volumes: int = 100,
-                ports: list[int] | None = None) -> tuple[Any, list[int], Path]:
+def _start_weed(data: Path, access_key: str, secret_key: str, ports: list[int] | None = None,
+                max_volumes: int = 100) -> tuple[Any, list[int], Path]:
     s3_port, master, volume, filer = ports = ports or _pick_ports()
     # With an identity configured every S3 call authenticates; without one SeaweedFS accepts any key for
     # simple requests but rejects multipart UploadPart (pyarrow's writes) with InvalidAccessKeyId.
@@ -146,7 +146,7 @@ def seaweedfs(make_dir: Callable[[str], Path], max_volumes: int = 100) -> Iterat
     access_key, secret_key = "test-" + uuid.uuid4().hex[:8], uuid.uuid4().hex
     for attempt in range(3):  # a port can be taken between the check and the bind
         data = make_dir(f"seaweedfs{attempt}")
-        proc, ports, log = _start_weed(data, access_key, secret_key, max_volumes)
+        proc, ports, log = _start_weed(data, access_key, secret_key, max_volumes=max_volumes)
         server = S3Server(f"http://127.0.0.1:{ports[0]}", access_key, secret_key)
         if _wait_ready(server, proc):
             break
