@@ -27,6 +27,7 @@ from benchmarks.common import Result, from_reps
 FACTS = {"model_id": "bench:residual:64", "checkpoint_id": "bench-weights", "num_frames": 64,
          "frame_sampling": "original"}
 TEXT_DIM, VISUAL_DIM, BATCH = 384, 1408, 32
+POOL = 4096  # distinct embeddings the rows cycle through: more than the vector index's √N partitions up to 1M rows
 WORDS = ("a person walks the dog along a beach at sunset while waves roll in and a child builds a sand castle "
          "near colourful umbrellas under a clear sky").split()
 
@@ -67,8 +68,8 @@ def run(rows: int, root: str, s3: Any = None, slices: int = 100_000) -> dict[str
         job.output.s3 = s3
     spec = job.spec(FACTS)
     rng = np.random.default_rng(0)
-    pool = {"text": [v.tolist() for v in rng.standard_normal((512, TEXT_DIM)).astype(np.float32)],
-            "visual": [v.tolist() for v in rng.standard_normal((512, VISUAL_DIM)).astype(np.float32)],
+    pool = {"text": [v.tolist() for v in rng.standard_normal((POOL, TEXT_DIM)).astype(np.float32)],
+            "visual": [v.tolist() for v in rng.standard_normal((POOL, VISUAL_DIM)).astype(np.float32)],
             "thumb": rng.integers(0, 255, 6000, dtype=np.uint8)}
     writer = IndexWriter(index_location(job), spec, run_id="bench")
     background = BackgroundWriter(writer, max_rows=job.runtime.commit_every, max_seconds=job.runtime.commit_seconds)

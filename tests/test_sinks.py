@@ -448,6 +448,23 @@ def test_vector_index_is_maintained_then_retrained_when_its_stats_say_so(tmp_pat
     assert hit[0]["video_id"] == table.to_arrow()["video_id"][7].as_py()
 
 
+def test_a_vector_index_that_cannot_be_trained_leaves_the_rows_searchable(tmp_path: Path) -> None:
+    """70k rows but 50 distinct vectors: k-means cannot form √70k = 264 partitions (Lance refuses once it samples
+    256 vectors a partition). The upkeep warns and goes on (the rows are committed); a search scans the exact
+    vectors."""
+    from pipeline.store import search_indexes as indexes
+    from pipeline.store.lance import connect_lance
+
+    n, distinct = 70_000, np.random.default_rng(1).standard_normal((50, 16)).astype(np.float32)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(distinct[np.arange(n) % 50].ravel()), 16)
+    db = connect_lance(str(tmp_path / "lance"))
+    table = db.create_table("videos", pa.table({"video_id": [f"v{i}" for i in range(n)], "caption_embedding": vectors}))
+    done = indexes.maintain_indexes(table, vector_columns=("caption_embedding",), vector_index_min_rows=50_000)
+    assert done == {"caption_embedding": "not trained"} and table.list_indices() == []
+    hit = table.search(distinct[7].tolist(), vector_column_name="caption_embedding").limit(1).to_list()
+    assert int(hit[0]["video_id"][1:]) % 50 == 7
+
+
 class _LostAnswerS3:
     """The real S3 file system, but the first `fail` uploads raise after (`landed`) or instead of reaching the
     server — what a stalled server does to pyarrow's CompleteMultipartUpload (its retry gets NoSuchUpload though
