@@ -12,6 +12,7 @@ changed since (`make bench-check`) say so; when the figures come from more than 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ def markdown(data: dict[str, Any], only_suites: list[str] | None = None, check_c
              "|---|---|---|---|---|---|---|"]
     for name, fig in figs.items():
         met = {True: "yes", False: "**no**", None: "—"}[fig.get("met")]
+        if "met_count" in fig:
+            met = fig["met_count"] if fig["met"] else f"**{fig['met_count']}**"
         goal = "—" if fig["goal"] == "info" else fig["goal"].replace(">=", "≥").replace("<=", "≤")
         lines.append(f"| `{name}` | {goal} | {_value(fig)} | {met} | {_baseline(fig)} | {_run(fig)} | "
                      f"{_notes(name, fig, changed)} |")
@@ -97,9 +100,34 @@ def print_results(path: Path = RESULTS, only_suites: list[str] | None = None) ->
     print(markdown(load(path), only_suites))
 
 
+def _family(name: str) -> str:
+    """Search figures of one kind across embeddings and mixtures share a README row."""
+    return re.sub(r"_(caption|visual)(?=_)", "_*", re.sub(r"_(clustered|wide)(?=_1m$|_100k$)", "_*", name))
+
+
+def readme_data(data: dict[str, Any]) -> dict[str, Any]:
+    """The README's shorter table: figures with a goal; each search family in one row (values in name order)."""
+    figs: dict[str, dict[str, Any]] = {}
+    members: dict[str, list[str]] = {}
+    for name, fig in data.get("benchmarks", {}).items():
+        if fig["goal"] != "info":
+            members.setdefault(_family(name), []).append(name)
+    for family, names in members.items():
+        if len(names) == 1:
+            figs[names[0]] = data["benchmarks"][names[0]]
+            continue
+        group = [data["benchmarks"][n] for n in sorted(names)]
+        met = [f.get("met") for f in group]
+        figs[family] = {**group[0], "value": " · ".join(_num(f["value"]) for f in group), "reps": None,
+                        "met": all(met), "met_count": f"{sum(bool(m) for m in met)} of {len(met)}",
+                        "baseline": {}, "detail": {}, "members": sorted(names)}
+    return {**data, "benchmarks": figs}
+
+
 def readme_block(data: dict[str, Any]) -> str:
-    """What README.md holds between its performance markers."""
-    return f"{BEGIN}\n{markdown(data, check_code=False)}\n{END}"
+    """What README.md holds between its performance markers: `readme_data`'s table, without the code check (it
+    must depend on results.json alone)."""
+    return f"{BEGIN}\n{markdown(readme_data(data), check_code=False)}\n{END}"
 
 
 def write_readme(data: dict[str, Any], readme: Path = README) -> None:
