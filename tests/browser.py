@@ -60,7 +60,7 @@ def chrome(profile: Path) -> Iterator[Any]:
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1200,1600", f"--user-data-dir={profile}"):
+                "--autoplay-policy=no-user-gesture-required", "--window-size=1200,1600", f"--user-data-dir={profile}"):
         opts.add_argument(arg)
     browser = webdriver.Chrome(service=Service(driver_bin), options=opts)
     try:

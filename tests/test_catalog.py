@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -18,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.demo.clips import make_corrupt_video, make_test_video
+from tests.browser import chrome, free_port, served
 
 COPY_NOTE = b"\x00\x00\x00\x10free" + b"near-copy"[:8]  # an MP4 `free` box: other bytes, the same frames
 
@@ -131,7 +130,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(index, tmp_path: Path) ->
     assert out.returncode == 2 and "unknown column 'colour'" in out.stderr
     # Read-only commands: a missing index is an error, and stays missing (LanceDB's connect used to create it).
     nowhere, target = tmp_path / "nowhere", tmp_path / "export"
-    for args in (("search", str(nowhere), "video"), ("serve", str(nowhere), "--port", str(_free_port()))):
+    for args in (("search", str(nowhere), "video"), ("serve", str(nowhere), "--port", str(free_port()))):
         out = _cli(*args)
         assert out.returncode == 2 and "is not an index" in out.stderr, (args, out.stderr)
         assert not nowhere.exists(), args
@@ -193,44 +192,14 @@ def test_a_rerun_with_nothing_new_succeeds_and_keeps_full_paths_when_piped(index
     assert re.search(r"indexed \(cells computed\)\s*│\s*0\s", text)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
-    from selenium import webdriver
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver_bin, "Debian's chromium and chromium-driver are needed (`make test` installs them)"
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(index["lancedb"]),
-                               "--port", str(port), "--manifest-dir", str(index["runs"])],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(base + "/runs", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()
-                assert time.monotonic() < deadline, "the page did not come up"
-                time.sleep(0.5)
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = chromium
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={tmp_path / 'chrome'}"):
-            opts.add_argument(arg)
-        browser = webdriver.Chrome(service=Service(driver_bin), options=opts)
+    with served(index["lancedb"], "--manifest-dir", str(index["runs"])) as base, \
+            chrome(tmp_path / "chrome") as browser:
         names = {"red.mp4", "blue.mp4", "green.webm", "red_copy.mp4", "blue_near.mp4"}
 
         def shown() -> list[str]:
@@ -243,66 +212,56 @@ def test_the_page_in_a_real_browser(index, tmp_path: Path) -> None:
                                                            WebDriverException)) \
                 .until(lambda b: text in b.find_element(By.ID, "count").text)
 
-        try:
-            browser.get(base + "/")  # the home, before any search: the latest indexed videos
-            assert {Path(u).name for u in shown()} == names
-            assert browser.find_element(By.ID, "count").text == "videos 1–5 of 5, newest first"
-            assert not browser.find_elements(By.CSS_SELECTOR, ".hit .score")  # no search, no score
-            browser.save_screenshot(str(tmp_path / "home.png"))
-            browser.get(base + "/?n=2")  # a page at a time, through the "older" links
-            pages = [shown()]
-            while browser.find_elements(By.ID, "older"):
-                browser.find_element(By.ID, "older").click()
-                count_says(f"videos {2 * len(pages) + 1}–")
-                pages.append(shown())
-            assert [len(p) for p in pages] == [2, 2, 1] and {Path(u).name for p in pages for u in p} == names
-            assert browser.find_element(By.ID, "newer")  # and back
-            browser.get(base + "/")
-            browser.find_element(By.NAME, "until").send_keys("2000-01-01")  # the until filter, as the CLI's --until
-            browser.find_element(By.ID, "go").click()
-            count_says("no video matches")
-            assert shown() == []
-            browser.find_element(By.NAME, "until").clear()
-            browser.find_element(By.NAME, "until").send_keys("2999-01-01")
-            browser.find_element(By.ID, "go").click()
-            count_says("of 5")
-            browser.get(base + "/")
-            box = browser.find_element(By.NAME, "q")
-            box.send_keys("a video")
-            browser.find_element(By.NAME, "prefix").send_keys(str(index["src"] / "b" / "green"))
-            browser.find_element(By.ID, "go").click()
-            count_says("result(s)")
-            hits = browser.find_elements(By.CSS_SELECTOR, ".hit")
-            assert len(hits) == 1 and hits[0].find_element(By.CSS_SELECTOR, ".uri").text.endswith("green.webm")
-            score, body = (hits[0].find_element(By.CSS_SELECTOR, c) for c in (".score", ".body"))
-            assert score.text.split()[0] == "score" and float(score.text.split()[1]) > 0
-            assert score.location["x"] >= body.location["x"] + body.size["width"]  # a column apart from the name
-            img = hits[0].find_element(By.TAG_NAME, "img")
-            WebDriverWait(browser, 30).until(lambda b: b.execute_script(
-                "return arguments[0].complete && arguments[0].naturalWidth > 0", img))
-            browser.save_screenshot(str(tmp_path / "search.png"))
-            hits[0].find_element(By.CSS_SELECTOR, ".uri").click()
-            player = WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.ID, "player")))
-            assert "/media/" in player.get_attribute("src")
-            WebDriverWait(browser, 60).until(lambda b: b.execute_script(
-                "return arguments[0].readyState >= 1 && arguments[0].duration > 1", player))  # the file plays
-            assert browser.find_element(By.ID, "caption").text
-            assert browser.find_elements(By.CSS_SELECTOR, ".similar a")  # what looks like it
-            browser.save_screenshot(str(tmp_path / "video.png"))
-            until = urllib.parse.urlencode({"q": "a video", "until": "2000-01-01"})
-            assert json.load(urllib.request.urlopen(f"{base}/api/search?{until}", timeout=60)) == []
-            browser.get(base + "/runs")
-            assert "succeeded" in browser.find_element(By.ID, "runs").text
-            assert (tmp_path / "search.png").stat().st_size > 1000
-        finally:
-            browser.quit()
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5)
+        browser.get(base + "/")  # the home, before any search: the latest indexed videos
+        assert {Path(u).name for u in shown()} == names
+        assert browser.find_element(By.ID, "count").text == "videos 1–5 of 5, newest first"
+        assert not browser.find_elements(By.CSS_SELECTOR, ".hit .score")  # no search, no score
+        browser.save_screenshot(str(tmp_path / "home.png"))
+        browser.get(base + "/?n=2")  # a page at a time, through the "older" links
+        pages = [shown()]
+        while browser.find_elements(By.ID, "older"):
+            browser.find_element(By.ID, "older").click()
+            count_says(f"videos {2 * len(pages) + 1}–")
+            pages.append(shown())
+        assert [len(p) for p in pages] == [2, 2, 1] and {Path(u).name for p in pages for u in p} == names
+        assert browser.find_element(By.ID, "newer")  # and back
+        browser.get(base + "/")
+        browser.find_element(By.NAME, "until").send_keys("2000-01-01")  # the until filter, as the CLI's --until
+        browser.find_element(By.ID, "go").click()
+        count_says("no video matches")
+        assert shown() == []
+        browser.find_element(By.NAME, "until").clear()
+        browser.find_element(By.NAME, "until").send_keys("2999-01-01")
+        browser.find_element(By.ID, "go").click()
+        count_says("of 5")
+        browser.get(base + "/")
+        box = browser.find_element(By.NAME, "q")
+        box.send_keys("a video")
+        browser.find_element(By.NAME, "prefix").send_keys(str(index["src"] / "b" / "green"))
+        browser.find_element(By.ID, "go").click()
+        count_says("result(s)")
+        hits = browser.find_elements(By.CSS_SELECTOR, ".hit")
+        assert len(hits) == 1 and hits[0].find_element(By.CSS_SELECTOR, ".uri").text.endswith("green.webm")
+        score, body = (hits[0].find_element(By.CSS_SELECTOR, c) for c in (".score", ".body"))
+        assert score.text.split()[0] == "score" and float(score.text.split()[1]) > 0
+        assert score.location["x"] >= body.location["x"] + body.size["width"]  # a column apart from the name
+        img = hits[0].find_element(By.TAG_NAME, "img")
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth > 0", img))
+        browser.save_screenshot(str(tmp_path / "search.png"))
+        hits[0].find_element(By.CSS_SELECTOR, ".uri").click()
+        player = WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.ID, "player")))
+        assert "/media/" in player.get_attribute("src")
+        WebDriverWait(browser, 60).until(lambda b: b.execute_script(
+            "return arguments[0].readyState >= 1 && arguments[0].duration > 1", player))  # the file plays
+        assert browser.find_element(By.ID, "caption").text
+        assert browser.find_elements(By.CSS_SELECTOR, ".similar a")  # what looks like it
+        browser.save_screenshot(str(tmp_path / "video.png"))
+        until = urllib.parse.urlencode({"q": "a video", "until": "2000-01-01"})
+        assert json.load(urllib.request.urlopen(f"{base}/api/search?{until}", timeout=60)) == []
+        browser.get(base + "/runs")
+        assert "succeeded" in browser.find_element(By.ID, "runs").text
+        assert (tmp_path / "search.png").stat().st_size > 1000
 
 
 def test_near_visual_keeps_to_one_model_and_leaves_a_content_out(tmp_path) -> None:
