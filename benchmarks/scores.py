@@ -1,7 +1,7 @@
 """decode_with_scores_vs_without: the decode stage's throughput with the job's curation scores on (the default
 `scores` section: every score but OCR) over it with every score off; the same with OCR on, 4 and 1 frames.
 
-Real clips from ../shared/videos when present (else generated ones); 64 frames per clip (the conversation
+Real clips (`benchmarks.common.SHARED_VIDEOS`) when present (else generated ones); 64 frames per clip (the conversation
 checkpoint's default) at 224. The stage is `DecodeStage.decode_row` as a job runs it: the shared decode worker,
 then the scores hook; one stage per setting, all in this process, each warmed on a clip first (worker started,
 OCR engine loaded). A round decodes every clip `INNER` times per setting, the settings' order rotating per clip
