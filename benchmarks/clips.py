@@ -3,8 +3,9 @@
 The decoder was tuned on the five real clips (`benchmarks.common.SHARED_VIDEOS`) as they are (320×240 and
 640×360 H.264, their own encoders' keyframes). The benchmarks decode NEW encodes of their pictures instead —
 other frame sizes (180 and 720 lines) and keyframe intervals (0.5 s, 2 s, and x264's default: 250 frames with
-scene-cut keyframes) with x264's default settings (preset medium) — so no figure is measured on what anything was tuned on. (No other real
-footage is available offline: the scenes are the same five; the files, their sizes and GOPs are not.)
+scene-cut keyframes) with x264's default settings (preset medium) — so no figure is measured on what anything
+was tuned on. (No other real footage is available offline: the scenes are the same five; the files, their sizes
+and GOPs are not.)
 
 Cache: $STLLM_BENCH_CACHE, default ~/.cache/stllm-index/bench (the files' names carry their parameters).
 """
