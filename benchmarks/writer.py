@@ -59,7 +59,7 @@ def _rows(spec: Any, start: int, n: int, rng: np.random.Generator, pool: dict[st
 def run(rows: int, root: str, s3: Any = None, slices: int = 100_000) -> dict[str, Any]:
     from pipeline.jobs import load_job
     from pipeline.runner import index_location
-    from pipeline.store.background import BackgroundWriter
+    from pipeline.store.background import BackgroundWriter, quantile
     from pipeline.store.writer import IndexWriter
 
     job = load_job(None, [f"output.parquet={root}/parquet", f"output.lancedb={root}/lancedb",
@@ -73,29 +73,20 @@ def run(rows: int, root: str, s3: Any = None, slices: int = 100_000) -> dict[str
             "thumb": rng.integers(0, 255, 6000, dtype=np.uint8)}
     writer = IndexWriter(index_location(job), spec, run_id="bench")
     background = BackgroundWriter(writer, max_rows=job.runtime.commit_every, max_seconds=job.runtime.commit_seconds)
-    marks: list[tuple[int, float]] = []  # (rows committed, time) after each commit group
     t0 = time.perf_counter()
     for start in range(0, rows, BATCH):
         background.submit(_rows(spec, start, min(BATCH, rows - start), rng, pool))
     background.close()
     writer.finish()
     wall = time.perf_counter() - t0
-    done = 0
-    for n in background.rows:
-        done += n
-        marks.append((done, 0.0))
     per_slice: dict[int, list[float]] = {}
     done = 0
     for n, lat in zip(background.rows, background.latencies, strict=True):
         per_slice.setdefault(done // slices, []).append(lat)
         done += n
 
-    def pct(xs: list[float], p: float) -> float:
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, int(p * len(xs)))]
-
     table = {f"{k * slices // 1000}k-{(k + 1) * slices // 1000}k": {
-        "p50_s": round(statistics.median(v), 3), "p95_s": round(pct(v, 0.95), 3), "commits": len(v)}
+        "p50_s": round(statistics.median(v), 3), "p95_s": round(quantile(v, 0.95), 3), "commits": len(v)}
         for k, v in sorted(per_slice.items())}
     files = {name: len(index_location(job).table(name, ("x",)).parquet_files())
              for name in ("videos", "cells")} if s3 is None else {}

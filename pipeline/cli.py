@@ -183,15 +183,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.preflight import EXIT_NO_VIDEOS, NoVideos
     from pipeline.runner import exit_status, run_job
 
+    # the flags are overrides of job fields: validated as the job file's own values are
+    flags = [*([f"source.limit={args.limit}"] if args.limit is not None else []),
+             *([f"runtime.metrics_port={args.metrics_port}"] if args.metrics_port is not None else [])]
     try:
-        job = load_job(args.job, args.set or [])
+        job = load_job(args.job, [*(args.set or []), *flags])
     except JobError as e:
         print(f"invalid job {args.job}:\n{e}", file=terminal("err"))
         return 2
-    if args.limit is not None:
-        job.source.limit = args.limit
-    if args.metrics_port is not None:
-        job.runtime.metrics_port = args.metrics_port
     for warning in job_warnings(job):
         print(f"warning: {warning}", file=terminal("err"))
     try:

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from pipeline.catalog.histograms import fmt, score_columns, score_histograms, text_bars
+from pipeline.catalog.histograms import fmt, table_histograms, text_bars
 from pipeline.io.sources import S3Options, is_s3
 from pipeline.store.files import filesystem, join_path
 from pipeline.store.index_record import recorded_location, recorded_manifest_dirs
@@ -60,12 +60,12 @@ def coverage(loc: IndexLocation, videos: int) -> list[dict[str, Any]]:
 def histograms(videos: Any) -> list[dict[str, Any]]:
     """Each curation score's histogram over the view (`pipeline.catalog.histograms`): bin edges, counts, nulls."""
     schema = videos.existing_schema()
-    columns = score_columns(schema.names) if schema is not None else []
-    table = videos.read_all(columns) if columns else None
-    return [] if table is None else [h.to_json() for h in score_histograms(table)]
+    return [] if schema is None else [h.to_json() for h in table_histograms(schema.names, videos.read_all)]
 
 
-def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> dict[str, Any]:
+def index_status(index: str, runs: int = 5, manifest_dir: str | None = None, summaries: bool = True) -> dict[str, Any]:
+    """The index's runs, errors and sizes; with `summaries`, also each job's coverage and each score's histogram
+    (both read a whole table: the page's runs view, which shows neither, asks without)."""
     s3 = S3Options() if is_s3(index) else None
     loc = locate(index, s3)
     videos, errors = loc.videos(), loc.errors()
@@ -94,8 +94,8 @@ def index_status(index: str, runs: int = 5, manifest_dir: str | None = None) -> 
         "stale": videos.count("stale = true") if videos.lance_table is not None else _count_stale(videos),
         "errors": len(latest), "retryable_errors": retryable,
         "errors_by_type": dict(by_type.most_common()),
-        "jobs": describe(load_registry(loc.root, s3)), "coverage": coverage(loc, n_videos),
-        "histograms": histograms(videos),
+        "jobs": describe(load_registry(loc.root, s3)),
+        **({"coverage": coverage(loc, n_videos), "histograms": histograms(videos)} if summaries else {}),
         "runs": [{k: m.get(k) for k in ("run_id", "job", "status", "started_at", "finished_at", "wall_s",
                                         "counts", "error", "progress")} for m in manifests[-runs:]],
     }

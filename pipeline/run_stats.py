@@ -4,14 +4,12 @@ own: requests running and waiting, tokens, KV-cache use). One small Ray actor pe
 a snapshot for the progress bar, the manifest and the metrics endpoint (`pipeline.metrics`).
 
 `RunStats` is a plain class, made a Ray actor by the runner (`ray.remote(RunStats)`): workers get its handle.
-`Reporter` is what a stage keeps: it sends its latest figures after each batch (at most every `every_s` seconds
-when set), without waiting.
+`Reporter` is what a stage keeps: it sends its latest figures after each batch, without waiting.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -44,19 +42,16 @@ class Reporter:
     """A stage's figures, sent to the run's `RunStats` actor (fire and forget: a slow driver never holds a stage
     up; one small actor call per batch). No hub (a stage used outside a run): nothing is sent."""
 
-    def __init__(self, hub: Any, stage: str, every_s: float = 0.0):
-        self.hub, self.stage, self.every_s = hub, stage, every_s
+    def __init__(self, hub: Any, stage: str):
+        self.hub, self.stage = hub, stage
         self.actor = f"{os.uname().nodename}:{os.getpid()}"
         self.counters: Counter[str] = Counter()
-        self._sent = 0.0
 
-    def add(self, figures: Callable[[], dict[str, Any]] | None = None, force: bool = False, **counts: float) -> None:
-        """Count `counts`; send (with `figures()` added) when the last send is `every_s` old, or `force`."""
+    def add(self, figures: Callable[[], dict[str, Any]] | None = None, **counts: float) -> None:
+        """Count `counts` and send them, with `figures()` added."""
         self.counters.update(counts)
-        if self.hub is None or (not force and time.monotonic() - self._sent < self.every_s):
-            return
-        self.hub.report.remote(self.stage, self.actor, {**self.counters, **(figures() if figures else {})})
-        self._sent = time.monotonic()
+        if self.hub is not None:
+            self.hub.report.remote(self.stage, self.actor, {**self.counters, **(figures() if figures else {})})
 
 
 __all__ = ["Reporter", "RunStats", "STAGE_COUNTERS"]

@@ -13,7 +13,6 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -148,7 +147,7 @@ def stage_ops(job, facts: dict[str, Any], hub: Any = None) -> dict[str, Callable
     return {"decode": decode, "model": model}
 
 
-def work_plan(job, spec, retry_errors: bool = False, where: str | None = None, hub: Any = None):
+def work_plan(job, spec, retry_errors: bool = False, where: str | None = None):
     from pipeline.io.listing import WorkPlan
 
     src, rt = job.source, job.runtime
@@ -156,7 +155,7 @@ def work_plan(job, spec, retry_errors: bool = False, where: str | None = None, h
         source_uri=src.uri, extensions=tuple(src.extensions), source_s3=src.s3, spec=spec, index=index_location(job),
         skip_existing=rt.skip_existing, retry_errors=retry_errors or rt.retry_errors,
         retry_after_s=rt.retry_errors_after_h * 3600 if rt.retry_errors_after_h else None,
-        limit=src.limit, page_size=src.page_size, where=where, hub=hub)
+        limit=src.limit, page_size=src.page_size, where=where)
 
 
 def index_location(job):
@@ -225,7 +224,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     writer = None
     writer_stats: dict[str, Any] = {}
     stats: dict[str, Any] = {}  # what the workers reported (pipeline.run_stats)
-    progress: list[list[float]] = []  # [seconds since start, objects done, errors], about every second
+    series: list[list[float]] = []  # [seconds since start, objects done, errors], about every second
     try:
         writer = IndexWriter(index_location(job), spec, run_id=run_id,
                              legacy_hash=job.config_hash(facts["checkpoint_id"]))
@@ -235,7 +234,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
 
             init_ray(address, job)
             hub = ray.remote(RunStats).options(num_cpus=0).remote()
-            ds = new_work_dataset(replace(plan, hub=hub))
+            ds = new_work_dataset(plan, hub)
             for op in stage_ops(job, facts, hub).values():
                 ds = op(ds)
             background = BackgroundWriter(writer, max_rows=job.runtime.commit_every,
@@ -251,7 +250,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                     for f, n in stats["tally"].items():
                         writer.counts[f] = n
                     c = writer.counts
-                    progress.append([round(time.perf_counter() - t_start, 2), c["indexed"] + c["copies"],
+                    series.append([round(time.perf_counter() - t_start, 2), c["indexed"] + c["copies"],
                                      c["errors"]])
                     polled = time.monotonic()
 
@@ -267,8 +266,8 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
                         bar.update(done=c["indexed"] + c["copies"] + c["errors"],
                                    total=c["listed"] - c["skipped"] - c["known_bad"] - c["deferred"],
                                    errors=c["errors"])
-                        record.beat(counts=writer.counts_json(), writer=background.stats(),
-                                    progress=_thinned(progress))
+                        record.beat(lambda: {"counts": writer.counts_json(), "writer": background.stats(),
+                                             "progress": _thinned(series)})
                 except BaseException:
                     background.close(quiet=True)  # the stages' error is the one to report
                     raise
@@ -295,7 +294,7 @@ def run_job(job, address: str | None = None, progress: bool = True, retry_errors
     manifest = record.end(
         status="succeeded", finished_at=datetime.now(UTC).isoformat(), wall_s=round(wall, 3),
         counts=writer.counts_json(), writer=writer_stats, stages=stats.get("stages", {}),
-        engines=stats.get("engines", []), progress=_thinned(progress),
+        engines=stats.get("engines", []), progress=_thinned(series),
         stage_seconds={k: round(v, 3) for k, v in stage_s.items()},
         videos_per_s=round(writer.counts["indexed"] / wall, 4) if wall else None)
     if progress if summary is None else summary:  # the summary table: with the progress bar unless told

@@ -166,8 +166,12 @@ def seaweedfs_for_benchmarks() -> Iterator[S3Server]:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
-        with seaweedfs(lambda name: Path(tmp) / name if (Path(tmp) / name).mkdir() is None else Path(),
-                       max_volumes=1000) as server:
+        def folder(name: str) -> Path:
+            path = Path(tmp) / name
+            path.mkdir()
+            return path
+
+        with seaweedfs(folder, max_volumes=1000) as server:
             yield server
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -24,11 +25,9 @@ class StallAt:
             time.sleep(self.seconds)
 
 
-def kill_at(point: str, nth: int = 1, table: str | None = None) -> None:
-    """SIGKILL this process at the `nth` passing of a named commit step (`pipeline.store.commit.COMMIT_HOOKS`):
-    how the exactly-once tests crash a real writer between two steps of a commit."""
-    import signal
-
+def on_pass(point: str, action: Callable[[], None], nth: int = 1, table: str | None = None) -> None:
+    """Run `action` at the `nth` passing of a named commit step (`pipeline.store.commit.COMMIT_HOOKS`), of any
+    table or of `table`."""
     from pipeline.store.commit import COMMIT_HOOKS
 
     passes = {"n": 0}
@@ -37,9 +36,17 @@ def kill_at(point: str, nth: int = 1, table: str | None = None) -> None:
         if name == point and table in (None, of):
             passes["n"] += 1
             if passes["n"] == nth:
-                os.kill(os.getpid(), signal.SIGKILL)
+                action()
 
     COMMIT_HOOKS.append(hook)
+
+
+def kill_at(point: str, nth: int = 1, table: str | None = None) -> None:
+    """SIGKILL this process at the `nth` passing of a named commit step: how the exactly-once tests crash a real
+    writer between two steps of a commit."""
+    import signal
+
+    on_pass(point, lambda: os.kill(os.getpid(), signal.SIGKILL), nth, table)
 
 
 def held_at(point: str, marker: str, table: str | None = None, nth: int = 1, timeout_s: float = 120.0) -> None:
@@ -48,31 +55,29 @@ def held_at(point: str, marker: str, table: str | None = None, nth: int = 1, tim
     run is certain to be mid-way when it strikes, whatever the machine's speed."""
     from pathlib import Path
 
-    from pipeline.store.commit import COMMIT_HOOKS
+    def hold() -> None:
+        flag = Path(marker)
+        flag.touch()
+        end = time.monotonic() + timeout_s
+        while flag.exists() and time.monotonic() < end:
+            time.sleep(0.05)
 
-    passes = {"n": 0}
+    on_pass(point, hold, nth, table)
 
-    def hook(name: str, of: str) -> None:
-        if name == point and table in (None, of):
-            passes["n"] += 1
-            if passes["n"] == nth:
-                flag = Path(marker)
-                flag.touch()
-                end = time.monotonic() + timeout_s
-                while flag.exists() and time.monotonic() < end:
-                    time.sleep(0.05)
 
-    COMMIT_HOOKS.append(hook)
+def cli_with(fault: str, repo: str) -> str:
+    """`python -c` code running `stllm-index` (its arguments follow) with `fault`, a call of this module's, made
+    first, e.g. `kill_at('journaled', 2)`."""
+    name = fault.split("(", 1)[0]
+    return (f"import sys; sys.path.insert(0, {repo!r}); from tests.faults import {name}; {fault}; "
+            "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def cli_held_at(point: str, marker: str, table: str | None, repo: str) -> str:
-    """`python -c` code running `stllm-index` with `held_at(point, marker, table)` installed (its arguments
-    follow)."""
-    return (f"import sys; sys.path.insert(0, {repo!r}); from tests.faults import held_at; "
-            f"held_at({point!r}, {marker!r}, {table!r}); from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+    """`stllm-index` with `held_at(point, marker, table)` installed (see `cli_with`)."""
+    return cli_with(f"held_at({point!r}, {marker!r}, {table!r})", repo)
 
 
 def cli_killed_at(point: str, nth: int, repo: str) -> str:
-    """`python -c` code running `stllm-index` with `kill_at(point, nth)` installed (its arguments follow)."""
-    return (f"import sys; sys.path.insert(0, {repo!r}); from tests.faults import kill_at; kill_at({point!r}, {nth}); "
-            "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))")
+    """`stllm-index` with `kill_at(point, nth)` installed (see `cli_with`)."""
+    return cli_with(f"kill_at({point!r}, {nth})", repo)

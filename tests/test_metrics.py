@@ -4,19 +4,13 @@ the writer's names are there; the page's runs view plots the finished run's thro
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 from pipeline.demo.clips import make_test_video
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.browser import free_port
 
 
 def _value(text: str, metric: str, **labels: str) -> float | None:
@@ -35,7 +29,7 @@ def test_the_run_serves_metrics_that_move(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     for i in range(10):
         make_test_video(src / f"clip{i:02d}.mp4", "h264", n_frames=24, size=(64, 48), seed=500 + i)
-    port = _free_port()
+    port = free_port()
     job = load_job(None, [f"source.uri={src}", f"output.parquet={out}/parquet", f"output.lancedb={out}/lancedb",
                           f"output.manifest_dir={out}/runs", "runtime.decode_cpus=0.5", "runtime.model_cpus=0.5",
                           # one video at a time through the model, each committed: the counts move for a while

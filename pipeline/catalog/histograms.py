@@ -10,7 +10,7 @@ largest value; cuts count in whole numbers. The last bin includes its upper edge
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-# The view's numeric score columns (pipeline.store.cells.SCORE_COLUMNS without the OCR text), in display order.
-NUMERIC_SCORES = ("score_motion", "score_sharpness", "score_brightness", "score_contrast", "score_static_fraction",
-                  "score_blank_fraction", "score_cuts", "score_text_fraction")
+from pipeline.store.cells import SCORE_COLUMNS
+
+# The view's numeric score columns (the OCR text left out), in display order.
+NUMERIC_SCORES = tuple(c for c in SCORE_COLUMNS if c != "score_text")
 FRACTIONS = {"score_brightness", "score_contrast", "score_static_fraction", "score_blank_fraction",
              "score_text_fraction"}
 INTEGERS = {"score_cuts"}
@@ -96,6 +97,14 @@ def score_histograms(table: pa.Table, bins: int = BINS) -> list[Histogram]:
 def score_columns(names: Sequence[str]) -> list[str]:
     """The numeric score columns among `names`, in display order: what to read for `score_histograms`."""
     return [c for c in NUMERIC_SCORES if c in names]
+
+
+def table_histograms(names: Sequence[str], read: Callable[[list[str]], pa.Table | None]) -> list[Histogram]:
+    """The histograms of a table with columns `names`, whose score columns `read(columns)` returns (None: no
+    rows)."""
+    columns = score_columns(names)
+    table = read(columns) if columns else None
+    return [] if table is None else score_histograms(table)
 
 
 def text_bars(counts: Sequence[int]) -> str:

@@ -27,13 +27,13 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from pipeline.catalog.browse import PER_PAGE, latest_videos
-from pipeline.catalog.histograms import Histogram, fmt, score_columns, score_histograms
+from pipeline.catalog.histograms import NUMERIC_SCORES, Histogram, fmt, score_columns, table_histograms
 from pipeline.catalog.history import models, search_history
 from pipeline.catalog.query import Catalog, Filters, parse_answer_filter
 from pipeline.io.fetch import local_path
 from pipeline.io.sources import S3Options, is_s3, split_s3_uri
 from pipeline.store.index_record import recorded_manifest_dirs
-from pipeline.store.lance import sql_str
+from pipeline.store.lance import open_table, sql_str
 
 TEMPLATES = Path(__file__).with_name("templates")
 PRESIGN_S = 300
@@ -48,6 +48,7 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
     except ValueError:
         moments = None
     templates = Jinja2Templates(directory=str(TEMPLATES))
+    templates.env.globals["numeric_scores"] = NUMERIC_SCORES
     app = FastAPI(title="stllm-index", docs_url=None, redoc_url=None)
 
     @functools.cache
@@ -74,12 +75,22 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
         """Each score's histogram over the index with the form's bounds on it."""
         version = catalog.table.version
         if version not in histograms:
-            columns = score_columns(catalog.columns)
-            table = catalog.table.search().select(columns).limit(None).to_arrow() if columns else None
             histograms.clear()
-            histograms[version] = [] if table is None else score_histograms(table)
+            histograms[version] = table_histograms(
+                catalog.columns, lambda columns: catalog.table.search().select(columns).limit(None).to_arrow())
         return [{"h": h, "min": params.get(f"{h.name}_min", ""), "max": params.get(f"{h.name}_max", "")}
                 for h in histograms[version]]
+
+    known_models: dict[int, list[str]] = {}  # by the history's version: its models read once per change
+
+    def model_choices() -> list[str]:
+        cells = open_table(catalog.db, "cells")
+        if cells is None:
+            return []
+        if cells.version not in known_models:
+            known_models.clear()
+            known_models[cells.version] = models(catalog)
+        return known_models[cells.version]
 
     def one(video_id: str, columns: list[str]) -> dict[str, Any]:
         rows = catalog.table.search().where(f"video_id = {sql_str(video_id)}").select(columns).limit(1).to_list()
@@ -110,7 +121,7 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
         return templates.TemplateResponse(request, "search.html", {
             "index": index, **form, "hits": hits, "latest": latest, "page_link": page_link, "error": error,
             "segments": segments, "has_moments": moments is not None, "scores": score_panel(request.query_params),
-            "models": models(catalog),
+            "models": model_choices(),
             "fmt": fmt})
 
     @app.get("/api/search")
@@ -173,7 +184,7 @@ def create_app(index: str, table: str = "videos", manifest_dir: str | None = Non
     def page_runs(request: Request) -> Any:
         from pipeline.index_status import index_status
 
-        status = index_status(index, runs=20, manifest_dir=manifest_dir or _guess_manifests(index))
+        status = index_status(index, runs=20, manifest_dir=manifest_dir or _guess_manifests(index), summaries=False)
         plots = [p for p in (progress_plot(r) for r in reversed(status["runs"])) if p][:5]
         return templates.TemplateResponse(request, "runs.html", {"index": index, "status": status,
                                                                  "manifest_dir": manifest_dir, "plots": plots})

@@ -49,7 +49,6 @@ class WorkPlan:
     limit: int | None = None
     page_size: int = 1000
     where: str | None = None  # only objects whose view row matches (a backfill steered by the index)
-    hub: Any = None  # the run's RunStats actor: the listing task reports each page's counts to it
 
 
 def _by_id(table: pa.Table | None, key: str) -> dict[str, dict[str, Any]]:
@@ -247,10 +246,11 @@ def _report_to(hub: Any) -> Callable[[dict[str, int]], None] | None:
     return lambda tally: ray.get(hub.add_tally.remote(tally))
 
 
-def new_work_dataset(plan: WorkPlan) -> Any:
-    """`iter_work` as a Ray Dataset read by ONE task (listing is sequential), with no CPU reservation (it
-    mostly waits on the store; the decode and model actors keep the cores) and no retries (a retried listing
-    would emit its rows twice; the job fails instead, and its rerun resumes)."""
+def new_work_dataset(plan: WorkPlan, hub: Any = None) -> Any:
+    """`iter_work` as a Ray Dataset read by ONE task (listing is sequential; each page's counts go to `hub`, the
+    run's RunStats actor), with no CPU reservation (it mostly waits on the store; the decode and model actors keep
+    the cores) and no retries (a retried listing would emit its rows twice; the job fails instead, and its rerun
+    resumes)."""
     import ray
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -262,7 +262,7 @@ def new_work_dataset(plan: WorkPlan) -> Any:
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[ReadTask]:
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
-            return [ReadTask(lambda: iter_work(plan, _report_to(plan.hub)), meta)]
+            return [ReadTask(lambda: iter_work(plan, _report_to(hub)), meta)]
 
     return ray.data.read_datasource(NewWork(), override_num_blocks=1, num_cpus=0,
                                     ray_remote_args={"max_retries": 0})  # no named parameter for it yet

@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 
 VECTOR = pa.list_(pa.float32())  # the embeddings' column type (the sinks' schemas fix their width)
-QA = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
 
 
 def values(table: pa.Table, name: str, default: Any = None) -> list[Any]:

@@ -158,8 +158,7 @@ class ModelStage:
         it had on the engine at once, and the CPU seconds of this actor and of its engine's processes."""
         if self._engine_pids is None:
             self._engine_pids = descendants(os.getpid())
-        engine = {k: v for k, v in (self.engine.stats() or {}).items() if k != "completed"}  # grows with the run
-        return {"engine": engine, "peak_on_engine": self.peak_on_engine,
+        return {"engine": self.engine.stats() or {}, "peak_on_engine": self.peak_on_engine,
                 "actor_cpu_s": process_cpu_s(os.getpid()),
                 "engine_cpu_s": sum(process_cpu_s(p) for p in self._engine_pids)}
 

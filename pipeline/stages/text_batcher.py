@@ -42,7 +42,6 @@ class TextBatcher:
         self._closed = False
         self.calls = 0  # encode calls so far, the texts they took, and this thread's CPU seconds in them
         self.texts = 0
-        self.cpu_s = 0.0
         self._thread = threading.Thread(target=self._loop, name="stllm-text-batcher", daemon=True)
         self._thread.start()
 
@@ -117,7 +116,6 @@ class TextBatcher:
         """Encode a group's texts in one call and hand each submit its rows; False if a group of several
         failed (nothing is set then: the caller tries them one by one)."""
         texts = [t for w in group for t in w.texts]
-        cpu0 = time.thread_time()
         try:
             vectors = self._encode(texts) if texts else np.zeros((0, 0), np.float32)
         except BaseException as e:  # noqa: BLE001
@@ -128,7 +126,6 @@ class TextBatcher:
             return True
         self.calls += 1
         self.texts += len(texts)
-        self.cpu_s += time.thread_time() - cpu0
         start = 0
         for w in group:
             w.future.set_result(vectors[start:start + len(w.texts)])

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -37,10 +38,6 @@ class BackgroundWriter:
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="index-writer", daemon=True)
         self._thread.start()
-
-    @property
-    def counts(self) -> Any:
-        return self.writer.counts
 
     def submit(self, batch: pa.Table) -> None:
         """Hand a batch to the writer; waits while the queue is full. Raises what failed the writer."""
@@ -119,10 +116,10 @@ class BackgroundWriter:
     def stats(self) -> dict[str, Any]:
         """For the run manifest: how busy the writer was and what a commit group cost."""
         wall = time.perf_counter() - self._started
-        lat = sorted(self.latencies)
+        lat = self.latencies
 
         def q(p: float) -> float | None:
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 4) if lat else None
+            return round(quantile(lat, p), 4) if lat else None
 
         return {"busy_fraction": round(self.busy_s / wall, 4) if wall else None, "commits": len(lat),
                 "commit_p50_s": q(0.5), "commit_p95_s": q(0.95),
@@ -130,4 +127,10 @@ class BackgroundWriter:
                 "driver_waited_s": round(self.waited_s, 3)}
 
 
-__all__ = ["BackgroundWriter"]
+def quantile(values: Sequence[float], p: float) -> float:
+    """The value at rank `p` (0..1) of `values` (nearest rank below; not empty)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+__all__ = ["BackgroundWriter", "quantile"]

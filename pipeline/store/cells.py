@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from schemas import cell_schema
+from schemas import SCORE_FIELDS, cell_schema
 
 AskKind = Literal["caption", "answer"]
 
@@ -142,8 +142,7 @@ def media_json(r: dict[str, Any], keys: tuple[str, ...]) -> str:
 
 
 # the decode stage's curation signals (pipeline.decode.scores), as the view shows them
-SCORE_COLUMNS = ("score_motion", "score_sharpness", "score_brightness", "score_contrast", "score_static_fraction",
-                 "score_blank_fraction", "score_cuts", "score_text_fraction", "score_text")
+SCORE_COLUMNS = tuple(f.name for f in SCORE_FIELDS)
 VIDEO_MEDIA = ("duration_s", "fps", "width", "height", "codec", "decoder", "n_frames", "frame_indices")
 SEGMENT_MEDIA = ("start_s", "end_s", "frame_indices")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from typing import Any
@@ -91,9 +91,11 @@ class RunRecord:
         self.data = {**manifest, "status": "running"}
         self.write()
 
-    def beat(self, **fields: Any) -> None:
+    def beat(self, fields: Callable[[], dict[str, Any]]) -> None:
+        """Write `fields()` when the last write is HEARTBEAT_S old (called per batch: the fields are made only
+        then)."""
         if time.monotonic() - self._beat >= HEARTBEAT_S:
-            self.write(**fields)
+            self.write(**fields())
 
     def write(self, **fields: Any) -> None:
         self.data.update(fields)

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pipeline.io.sources import S3Options
 from pipeline.store.cells import JobSpec, cells_table, new_cells, plan_cell, segment_scope
-from pipeline.store.commit import KEEP_VERSIONS_S, check_existing
+from pipeline.store.commit import check_existing
 from pipeline.store.files import utc_now
 from pipeline.store.ledger import failure_row, ledger_row, ledger_table
 from pipeline.store.location import IndexLocation
@@ -98,9 +98,8 @@ class IndexWriter:
 
     # ---- one batch -------------------------------------------------------------------------------------
 
-    def write(self, batch: pa.Table | list[Row]) -> dict[str, int]:
-        """One batch of the stages' rows → the index, committed. Returns how the object counts moved."""
-        before = Counter(self.counts)
+    def write(self, batch: pa.Table | list[Row]) -> None:
+        """One batch of the stages' rows → the index, committed."""
         records = batch.to_pylist() if isinstance(batch, pa.Table) else list(batch)
         ok: list[Row] = []
         bad: list[Row] = []
@@ -133,7 +132,6 @@ class IndexWriter:
         self._commit(ok, cells, copies, ledger, now)
         self.counts["indexed"] += len(ok)
         self.counts["errors"] += len(bad)
-        return {k: self.counts[k] - before[k] for k in COUNT_KEYS}
 
     def _cells_of(self, r: Row, now: Any) -> list[Row]:
         """The cells a model result made: the video's, and with segments its moments' and their plan."""
@@ -293,26 +291,25 @@ class IndexWriter:
         if self.counts["indexed"] + self.counts["copies"]:
             self.maintain_indexes()
 
-    def maintain(self, keep_versions_s: float = KEEP_VERSIONS_S) -> dict[str, Any]:
+    def maintain(self) -> dict[str, Any]:
         """Between commits of a long run: fold small Parquet parts into large ones and compact LanceDB's fragments
         into its indexes (scalar indexes made on first use), so lookups and merges keep their cost flat."""
         with self.lock:
-            return {store.name: store.fold(run_id=self.run_id, keep_versions_s=keep_versions_s,
-                                           scalar_columns=SCALAR_INDEXES.get(store.key[0], ()))
+            return {store.name: store.fold(run_id=self.run_id, scalar_columns=SCALAR_INDEXES.get(store.key[0], ()))
                     for store in self._stores()}
 
     def maintain_indexes(self) -> None:
         """The search indexes take the run's rows. Under the lock: `optimize` rewrites fragments, and a commit of
         another run on the same index between its read and its commit would conflict with it."""
         with self.lock:
-            for store, scalars in ((self.videos, ("video_id", "content_id")),
-                                   (self.segments, ("video_id", "segment_id"))):
+            for store in (self.videos, self.segments):
                 if store is not None and store.lance_table is not None:
                     maintain_indexes(store.lance_table, fts_columns=("caption", "answers_text"),
-                                     scalar_columns=scalars, vector_columns=("caption_embedding", "visual_embedding"))
+                                     scalar_columns=SCALAR_INDEXES[store.key[0]],
+                                     vector_columns=("caption_embedding", "visual_embedding"))
             if self.cells.lance_table is not None:
                 maintain_indexes(self.cells.lance_table, fts_columns=("text",),
-                                 scalar_columns=("cell_id", "content_id"))
+                                 scalar_columns=SCALAR_INDEXES["cell_id"])
 
 
 def _timings(r: Row) -> dict[str, Any]:

@@ -398,14 +398,14 @@ class VLLMEngine:
                 self.metrics.batch_submitted()
             future = asyncio.run_coroutine_threadsafe(self._generate(list(requests), options, params), self._loop)
             self._inflight.add(future)
-        future.add_done_callback(lambda f: self._done(f, len(requests)))
+        future.add_done_callback(self._done)
         return future
 
-    def _done(self, future: Future, videos: int) -> None:
+    def _done(self, future: Future) -> None:
         with self._lock:
             self._inflight.discard(future)
         if self.metrics is not None:
-            self.metrics.batch_done(videos, ok=not future.cancelled() and future.exception() is None)
+            self.metrics.batch_done()
 
     def generate(self, requests: list[VideoRequest], options: GenerationOptions | None = None) -> list[VideoResult]:
         t0 = time.perf_counter()

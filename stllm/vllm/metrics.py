@@ -20,7 +20,6 @@ instead of failing vLLM's output handler, which would fail every request.
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -66,7 +65,6 @@ class EngineMetrics(StatLoggerBase):
         self._first_submit: float | None = now if self._batches_open else None
         self._last_result: float | None = None
         self._batches = 0
-        self._completed: collections.deque[tuple[float, int]] = collections.deque(maxlen=10_000)
 
     def reset(self) -> None:
         with self._lock:
@@ -134,13 +132,10 @@ class EngineMetrics(StatLoggerBase):
             self._batches_open += 1
             self._batches += 1
 
-    def batch_done(self, videos: int, ok: bool = True) -> None:
+    def batch_done(self) -> None:
         with self._lock:
-            now = time.monotonic()
             self._batches_open -= 1
-            self._last_result = now
-            if ok:
-                self._completed.append((now - (self._first_submit or now), videos))
+            self._last_result = time.monotonic()
 
     def snapshot(self) -> dict[str, Any]:
         """The figures so far (see the module docstring; docs/engine.md says what each key means)."""
@@ -173,7 +168,6 @@ class EngineMetrics(StatLoggerBase):
                 "prompt_tokens_per_s": per(self._prompt_tokens, wall, 1),
                 "generation_tokens_per_s": per(self._generation_tokens, wall, 1),
                 "steps": self._steps, "batches": self._batches, "metrics_enabled": self.enabled,
-                "completed": [[round(t, 4), n] for t, n in self._completed],
             }
 
 
