@@ -164,20 +164,26 @@ kill_at({point!r})
 store = _store({root!r}, s3={s3})
 store.recover()
 rows = _rows(3)
-store.commit(_table([{{**rows[1], "caption": "replaced"}}, _rows(5)[4]]), deletes=[("vid2",)], run_id="r2")
+if {fresh_only}:  # none of the keys is there: LanceDB appends
+    store.commit(_table(_rows(6)[4:]), run_id="r2")
+else:  # a key replaced, one deleted, one new: LanceDB merges
+    store.commit(_table([{{**rows[1], "caption": "replaced"}}, _rows(5)[4]]), deletes=[("vid2",)], run_id="r2")
 """
 
 
+@pytest.mark.parametrize("fresh_only", [False, True], ids=["merge", "append"])
 @pytest.mark.parametrize("point", ["staged", "journaled", "lance-committed", "applied-new"])
-def test_a_commit_killed_at_any_point_is_all_or_nothing(tmp_path: Path, point: str) -> None:
+def test_a_commit_killed_at_any_point_is_all_or_nothing(tmp_path: Path, point: str, fresh_only: bool) -> None:
     import subprocess
     import sys
 
     store = _store(str(tmp_path))
     store.commit(_table(_rows(3)), run_id="r1")
     before = sorted((f"vid{i}", CAPTIONS[i]) for i in range(3))
-    after = sorted([("vid0", CAPTIONS[0]), ("vid1", "replaced"), ("vid4", CAPTIONS[4])])
-    code = _CRASH_SCRIPT.format(repo=str(Path(__file__).parents[1]), root=str(tmp_path), s3=None, point=point)
+    after = sorted([*before, ("vid4", CAPTIONS[4]), ("vid5", CAPTIONS[0])]) if fresh_only else sorted(
+        [("vid0", CAPTIONS[0]), ("vid1", "replaced"), ("vid4", CAPTIONS[4])])
+    code = _CRASH_SCRIPT.format(repo=str(Path(__file__).parents[1]), root=str(tmp_path), s3=None, point=point,
+                                fresh_only=fresh_only)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == -9, out.stderr  # killed by SIGKILL at that point
     recovered = _store(str(tmp_path))
@@ -199,7 +205,8 @@ def test_commit_and_recovery_on_s3(s3_server) -> None:
     store.commit(_table(_rows(3)), run_id="r1")
     s3_expr = (f"__import__('pipeline.io.sources', fromlist=['S3Options']).S3Options(endpoint_url="
                f"{opts.endpoint_url!r}, access_key_id={opts.access_key_id!r}, secret_access_key={opts.secret!r})")
-    code = _CRASH_SCRIPT.format(repo=str(Path(__file__).parents[1]), root=root, s3=s3_expr, point="lance-committed")
+    code = _CRASH_SCRIPT.format(repo=str(Path(__file__).parents[1]), root=root, s3=s3_expr, point="lance-committed",
+                                fresh_only=False)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == -9, out.stderr
     recovered = _store(root, s3=opts)

@@ -6,12 +6,13 @@ duplicates without knowing our rules, so a row that replaces an older one takes 
 file: copy-on-write of the few part files that hold superseded keys.
 
 The commit protocol (`commit`), under the index lock (`pipeline.store.locks`):
-  1. find the part files that hold keys being replaced or deleted (LanceDB's `part` column, else a scan);
+  1. find the rows of the keys being replaced or deleted, and the part files that hold them (LanceDB's `part`
+     column, else a scan);
   2. stage the new part `_staging/<N>.staged` and each rewritten old part `_staging/<P>.rewrite.staged`
      (names no reader globs: `_` folders and non-.parquet names are skipped by pyarrow and DuckDB);
   3. write the journal `_journal/<txn>.json` naming what moves where;
-  4. commit LanceDB (the commit point when LanceDB is configured): merge_insert the rows (with part=N), then
-     delete the deleted keys;
+  4. commit LanceDB (the commit point when LanceDB is configured): merge_insert the rows (with part=N) — append
+     them when step 1 found none of their keys, one commit either way — then delete the deleted keys;
   5. apply the journal: staged files into place (a rename / one PUT replaces a whole file atomically), drop
      emptied parts, remove the journal.
 `recover()` (at open): a journal whose LanceDB rows exist (or with no LanceDB, whose journal exists) is
@@ -101,13 +102,15 @@ def key_filter(key: Key, keys: Sequence[tuple[str, ...]]) -> str:
 
 class TableStore:
     """`name` in the Parquet root `<parquet_root>/<name>/` and/or the LanceDB database `lance_db`, one row per
-    `key` (a tuple of columns)."""
+    `key` (a tuple of columns). `locate_by`: an indexed column whose value the key fixes (a cell's content), by
+    which a commit finds the rows its keys already have."""
 
     def __init__(self, name: str, *, parquet_root: str | None, lance_db: Any | None, s3: S3Options | None,
-                 key: Key, schema: pa.Schema | None = None, lance_uri: str = ""):
+                 key: Key, schema: pa.Schema | None = None, lance_uri: str = "", locate_by: str | None = None):
         if parquet_root is None and lance_db is None:
             raise ValueError("a table needs a Parquet root, a LanceDB database, or both")
         self.name, self.s3, self.lance_db, self.key = name, s3, lance_db, key
+        self.locate_by = locate_by
         self.parquet_dir = None if parquet_root is None else (
             parquet_root.rstrip("/") + "/" + name if parquet_root.startswith("s3://")
             else os.path.join(parquet_root, name))
@@ -205,21 +208,42 @@ class TableStore:
             part = moved[part]
         return part
 
-    def _parts_holding(self, keys: set[tuple[str, ...]]) -> dict[str, set[tuple[str, ...]]]:
-        """{part file: the given keys it holds}."""
-        moved = self._parts_map()
-        by_rest: dict[tuple[str, ...], list[str]] = {}
-        for k in keys:
-            by_rest.setdefault(tuple(k[1:]), []).append(k[0])
-        out: dict[str, set[tuple[str, ...]]] = {}
+    def _existing(self, upserts: pa.Table | None, deletes: Sequence[tuple[str, ...]]) -> dict[Key, str | None]:
+        """{key: the part it was committed in (None: a LanceDB-only row)} of the keys to upsert or delete that the
+        table holds now. Upserted keys are found through `locate_by` when the table has one: a column fixed by
+        the key (a cell's content) and indexed, so one commit's thousands of keys are a few hundred values."""
         cols = [*self.key, "part"]
+        wanted: set[Key] = set(deletes)
+        found: list[tuple[pa.Table, set[Key]]] = []
+        if upserts is not None:
+            keys = self._keys_of(upserts)
+            if self.locate_by is not None:
+                near = self.lookup(self.locate_by, sorted(set(upserts.column(self.locate_by).to_pylist())), cols)
+                if near is not None:
+                    found.append((near, keys))
+            else:
+                wanted |= keys
+        by_rest: dict[tuple[str, ...], list[str]] = {}
+        for k in wanted:
+            by_rest.setdefault(tuple(k[1:]), []).append(k[0])
         for rest, firsts in by_rest.items():
-            found = self.lookup(self.key[0], firsts, columns=cols, **dict(zip(self.key[1:], rest, strict=True)))
-            if found is None:
-                continue
-            for *k, part in zip(*(found.column(n).to_pylist() for n in cols), strict=True):
-                if part:
-                    out.setdefault(self._holder(part, moved), set()).add(tuple(k))
+            got = self.lookup(self.key[0], sorted(firsts), columns=cols, **dict(zip(self.key[1:], rest, strict=True)))
+            if got is not None:
+                found.append((got, wanted))
+        out: dict[Key, str | None] = {}
+        for table, keys in found:
+            for *k, part in zip(*(table.column(n).to_pylist() for n in cols), strict=True):
+                if tuple(k) in keys:
+                    out[tuple(k)] = part
+        return out
+
+    def _parts_holding(self, existing: dict[Key, str | None]) -> dict[str, set[Key]]:
+        """{part file: the keys it holds} of these rows."""
+        moved = self._parts_map()
+        out: dict[str, set[Key]] = {}
+        for k, part in existing.items():
+            if part:
+                out.setdefault(self._holder(part, moved), set()).add(k)
         return out
 
     def commit(self, upserts: pa.Table | None, deletes: Sequence[tuple[str, ...]] = (), *,
@@ -230,9 +254,10 @@ class TableStore:
         deletes = [tuple(k) for k in deletes]
         if upserts is None and not deletes:
             return None
-        keys = set(deletes)
-        if upserts is not None:
-            keys |= self._keys_of(upserts)
+        existing = self._existing(upserts, deletes)
+        # nothing to replace (a first run over an archive): LanceDB appends, which costs the same at any table
+        # size; merge_insert joins against the whole key column (or its index and every unindexed fragment)
+        append = upserts is not None and not existing and len(self._keys_of(upserts)) == upserts.num_rows
         txn = f"{run_id}-{uuid.uuid4().hex[:8]}"
         part = f"part-{txn}.parquet" if upserts is not None else None
         if upserts is not None:
@@ -242,7 +267,7 @@ class TableStore:
                                    "deletes": [list(k) for k in deletes]}
         if self.parquet_dir is not None:
             self.fs.create_dir(self._path(STAGING), recursive=True)
-            for old, held in self._parts_holding(keys).items():
+            for old, held in self._parts_holding(existing).items():
                 if not self._exists(self._path(old)):
                     continue  # its rows were all superseded and the part removed
                 table = pq.read_table(self._path(old), filesystem=self.fs)
@@ -258,7 +283,7 @@ class TableStore:
             write_atomic(self.fs, self._path(JOURNAL, txn + ".json"), json.dumps(journal).encode())
             _passed("journaled", self.name)
         if self.lance_db is not None:
-            self._commit_lance(upserts, deletes)
+            self._commit_lance(upserts, deletes, append=append)
             _passed("lance-committed", self.name)
         if self.parquet_dir is not None:
             self._apply(journal)
@@ -282,14 +307,19 @@ class TableStore:
         if self.parquet_dir is not None:
             self._apply(journal)
 
-    def _commit_lance(self, upserts: pa.Table | None, deletes: Sequence[tuple[str, ...]]) -> None:
+    def _commit_lance(self, upserts: pa.Table | None, deletes: Sequence[tuple[str, ...]], *,
+                      append: bool = False) -> None:
+        """One LanceDB commit for the upserts (`append`: none of their keys is there), then the deletes."""
         if upserts is not None:
             if self.lance_table is None:
                 self._lance = self.lance_db.create_table(self.name, schema=upserts.schema)
-            # on_bad_vectors="null": a null embedding is a valid value here, but merge_insert's vector check
-            # counts it as a "variable length vector" when it leads a batch.
-            (self._lance.merge_insert(list(self.key)).when_matched_update_all()
-             .when_not_matched_insert_all().execute(upserts, on_bad_vectors="null"))
+            # on_bad_vectors="null": a null embedding is a valid value here, but LanceDB's vector check counts it
+            # as a "variable length vector" when it leads a batch.
+            if append:
+                self._lance.add(upserts, on_bad_vectors="null")
+            else:
+                (self._lance.merge_insert(list(self.key)).when_matched_update_all()
+                 .when_not_matched_insert_all().execute(upserts, on_bad_vectors="null"))
         if deletes and self.lance_table is not None:
             self._lance.delete(key_filter(self.key, deletes))
 

@@ -26,21 +26,21 @@ class IndexLocation:
     segments_table: str = "segments"
     cells_table: str = CELLS_TABLE
 
-    def table(self, name: str, key: tuple[str, ...], schema: Any = None) -> TableStore:
+    def table(self, name: str, key: tuple[str, ...], schema: Any = None, locate_by: str | None = None) -> TableStore:
         """One of the index's tables (`schema`: checked against what is there; None: opened as it is)."""
         db = connect_lance(self.lancedb, self.s3) if self.lancedb else None
         return TableStore(name, key=key, schema=schema, parquet_root=self.parquet_root, lance_db=db, s3=self.s3,
-                          lance_uri=self.lancedb or "")
+                          lance_uri=self.lancedb or "", locate_by=locate_by)
 
     def videos(self) -> TableStore:
         """The current view, one row per object (its schema's embedding widths are the index's)."""
         return self.table(self.videos_table, ("video_id",))
 
     def segments(self) -> TableStore:
-        return self.table(self.segments_table, ("segment_id",))
+        return self.table(self.segments_table, ("segment_id",), locate_by="video_id")
 
     def cells(self) -> TableStore:
-        return self.table(self.cells_table, ("cell_id",), cell_schema())
+        return self.table(self.cells_table, ("cell_id",), cell_schema(), locate_by="content_id")
 
     def errors(self) -> TableStore:
         return self.table(self.errors_table, ("video_id", "config_hash"), error_schema())
