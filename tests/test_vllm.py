@@ -216,6 +216,8 @@ class TestResidual:
 
         cores = [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
         assert len(cores) == 1, cores
+        workers = cores[0].children(recursive=True)
+        assert workers and {p.pid for p in [*cores, *workers]} <= {p.pid for p in engine.processes}
         steps = engine.stats()["steps"]
         opts = GenerationOptions(max_new_tokens=200)
         pending = [engine.submit(_requests(range(60 + 8 * b, 68 + 8 * b)), opts) for b in range(3)]
@@ -237,6 +239,8 @@ class TestResidual:
         t0 = time.monotonic()
         engine.close()
         assert time.monotonic() - t0 < 30
+        # the core's worker, left to init when the core died, is stopped by close()
+        assert not [p.pid for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 # ---- all-mode checkpoint with a BT-Adapter --------------------------------------------------------------
@@ -302,6 +306,8 @@ class TestAllModeBTAdapter:
 
 
 def test_mean_mode_parity_and_close_drains_what_is_in_flight(tmp_path_factory):
+    import psutil
+
     from stllm.hf_engine import HFEngine
 
     d = build_tiny(tmp_path_factory.mktemp("tiny_mean") / "model", video_input="mean")
@@ -313,8 +319,10 @@ def test_mean_mode_parity_and_close_drains_what_is_in_flight(tmp_path_factory):
         requests = _requests(range(2), short=True)
         _assert_parity(hf.generate(requests, opts), engine.generate(requests, opts))
         pending = engine.submit(_requests(range(5, 8)), opts)
+        assert engine.processes  # vLLM's engine core and worker
         engine.close()  # shutdown while a batch is in flight: it is finished, not lost
         closed = True
+        assert not [p.pid for p in engine.processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert all(r.ok and len(r.answers) == 3 for r in pending.result(timeout=5))
         with pytest.raises(RuntimeError, match="closed"):
             engine.submit(_requests(range(1)), opts).result(timeout=5)
