@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.sources import S3Options
 from pipeline.store.files import filesystem, write_atomic, write_parquet
-from pipeline.store.lance import open_table, sql_in, sql_str
+from pipeline.store.lance import key_filter, open_table, sql_in, sql_str
 from schemas import SCHEMA_VERSION, check_schema, schema_version
 
 log = logging.getLogger(__name__)
@@ -84,20 +84,6 @@ def check_existing(actual: pa.Schema, expected: pa.Schema, what: str) -> None:
         check_schema(actual, expected)
     except ValueError as e:
         raise ValueError(f"{what} does not match the schema: {e}") from None
-
-
-def key_filter(key: Key, keys: Sequence[tuple[str, ...]]) -> str:
-    """A LanceDB filter matching exactly these keys."""
-    if len(key) == 1:
-        return sql_in(key[0], [k[0] for k in keys])
-    by_rest: dict[tuple[str, ...], list[str]] = {}
-    for k in keys:
-        by_rest.setdefault(tuple(k[1:]), []).append(k[0])
-    parts = []
-    for rest, firsts in by_rest.items():
-        eq = " AND ".join(f"{c} = {sql_str(v)}" for c, v in zip(key[1:], rest, strict=True))
-        parts.append(f"({sql_in(key[0], firsts)} AND {eq})")
-    return " OR ".join(parts) or "false"
 
 
 class TableStore:
@@ -208,32 +194,29 @@ class TableStore:
             part = moved[part]
         return part
 
-    def _existing(self, upserts: pa.Table | None, deletes: Sequence[tuple[str, ...]]) -> dict[Key, str | None]:
-        """{key: the part it was committed in (None: a LanceDB-only row)} of the keys to upsert or delete that the
-        table holds now. Upserted keys are found through `locate_by` when the table has one: a column fixed by
-        the key (a cell's content) and indexed, so one commit's thousands of keys are a few hundred values."""
+    def _existing(self, upserts: pa.Table | None, keys: set[Key], deletes: Sequence[Key]) -> dict[Key, str | None]:
+        """{key: the part it was committed in (None: a LanceDB-only row)} of `keys` (the upserts') and `deletes`
+        that the table holds now. Upserted keys are found through `locate_by` when the table has one: a column
+        fixed by the key (a cell's content) and indexed, so one commit's thousands of keys are a few hundred
+        values."""
         cols = [*self.key, "part"]
-        wanted: set[Key] = set(deletes)
-        found: list[tuple[pa.Table, set[Key]]] = []
-        if upserts is not None:
-            keys = self._keys_of(upserts)
-            if self.locate_by is not None:
-                near = self.lookup(self.locate_by, sorted(set(upserts.column(self.locate_by).to_pylist())), cols)
-                if near is not None:
-                    found.append((near, keys))
-            else:
-                wanted |= keys
+        wanted = keys | set(deletes)
+        found = []
+        by_key = set(deletes)
+        if self.locate_by is not None and upserts is not None:
+            found.append(self.lookup(self.locate_by, sorted(set(upserts.column(self.locate_by).to_pylist())), cols))
+        else:
+            by_key |= keys
         by_rest: dict[tuple[str, ...], list[str]] = {}
-        for k in wanted:
+        for k in by_key:
             by_rest.setdefault(tuple(k[1:]), []).append(k[0])
         for rest, firsts in by_rest.items():
-            got = self.lookup(self.key[0], sorted(firsts), columns=cols, **dict(zip(self.key[1:], rest, strict=True)))
-            if got is not None:
-                found.append((got, wanted))
+            found.append(self.lookup(self.key[0], sorted(firsts), columns=cols,
+                                     **dict(zip(self.key[1:], rest, strict=True))))
         out: dict[Key, str | None] = {}
-        for table, keys in found:
+        for table in filter(None, found):
             for *k, part in zip(*(table.column(n).to_pylist() for n in cols), strict=True):
-                if tuple(k) in keys:
+                if tuple(k) in wanted:
                     out[tuple(k)] = part
         return out
 
@@ -254,10 +237,11 @@ class TableStore:
         deletes = [tuple(k) for k in deletes]
         if upserts is None and not deletes:
             return None
-        existing = self._existing(upserts, deletes)
+        keys = self._keys_of(upserts) if upserts is not None else set()
+        existing = self._existing(upserts, keys, deletes)
         # nothing to replace (a first run over an archive): LanceDB appends, which costs the same at any table
         # size; merge_insert joins against the whole key column (or its index and every unindexed fragment)
-        append = upserts is not None and not existing and len(self._keys_of(upserts)) == upserts.num_rows
+        append = upserts is not None and not existing and len(keys) == upserts.num_rows
         txn = f"{run_id}-{uuid.uuid4().hex[:8]}"
         part = f"part-{txn}.parquet" if upserts is not None else None
         if upserts is not None:
@@ -468,4 +452,4 @@ class TableStore:
         return pc.is_in(joined, value_set=pa.array(["\x1f".join(k) for k in keys], pa.string()))
 
 
-__all__ = ["TableStore", "COMMIT_HOOKS", "KEEP_VERSIONS_S", "check_existing", "key_filter"]
+__all__ = ["TableStore", "COMMIT_HOOKS", "KEEP_VERSIONS_S", "check_existing"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -35,4 +35,18 @@ def sql_in(column: str, values: Iterable[Any]) -> str:
     return f"{column} IN ({', '.join(vals)})" if vals else "false"
 
 
-__all__ = ["connect_lance", "open_table", "sql_in", "sql_str"]
+def key_filter(key: Sequence[str], keys: Iterable[Sequence[str]]) -> str:
+    """A LanceDB filter matching exactly these keys."""
+    if len(key) == 1:
+        return sql_in(key[0], [k[0] for k in keys])
+    by_rest: dict[tuple[str, ...], list[str]] = {}
+    for k in keys:
+        by_rest.setdefault(tuple(k[1:]), []).append(k[0])
+    parts = []
+    for rest, firsts in by_rest.items():
+        eq = " AND ".join(f"{c} = {sql_str(v)}" for c, v in zip(key[1:], rest, strict=True))
+        parts.append(f"({sql_in(key[0], firsts)} AND {eq})")
+    return " OR ".join(parts) or "false"
+
+
+__all__ = ["connect_lance", "key_filter", "open_table", "sql_in", "sql_str"]

@@ -23,7 +23,6 @@ Decoding parity with `hf` and the settings for video: `stllm.vllm.settings`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import threading
 import time
@@ -32,7 +31,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import psutil  # a dependency of vLLM
 
 from stllm.configuration_stllm import STLLMConfig
 from stllm.engine import (
@@ -42,7 +40,7 @@ from stllm.engine import (
     VideoResult,
 )
 from stllm.processing_stllm import STLLMProcessor
-from stllm.vllm import settings
+from stllm.vllm import processes, settings
 
 if TYPE_CHECKING:
     from vllm import AsyncEngineArgs, RequestOutput, SamplingParams
@@ -54,20 +52,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 _DEATH_POLL_S = 0.2  # how soon waiters learn that the engine core died
 _FAILED = ("abort", "error")  # finish reasons of a request that did not complete
-
-
-def _titled(p: psutil.Process, prefix: str) -> bool:
-    try:
-        return p.name().startswith(prefix) or " ".join(p.cmdline()).startswith(prefix)
-    except psutil.Error:
-        return False
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 class VLLMEngine:
@@ -89,16 +73,13 @@ class VLLMEngine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="stllm-vllm-engine", daemon=True)
         self._thread.start()
-        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        before = processes.children()
         try:
             self.llm: AsyncLLM = self._run(self._start(engine_args))
         except BaseException:
             self._stop_loop()
             raise
-        # vLLM's engine core and its workers, by their titles (not the interpreter's shared helpers, such as
-        # multiprocessing's resource tracker); psutil.Process: a pid reused later is not mistaken for them
-        self.processes = [p for p in psutil.Process().children(recursive=True)
-                          if p.pid not in before and _titled(p, "VLLM::")]
+        self.processes = processes.started_since(before)  # vLLM's engine core and its workers
         self.max_model_len: int = self.llm.model_config.max_model_len
         self.max_num_seqs: int = self.llm.vllm_config.scheduler_config.max_num_seqs
 
@@ -203,19 +184,7 @@ class VLLMEngine:
                 self._run(self._shutdown(), timeout_s=60.0)
         finally:
             self._stop_loop()
-            self._stop_processes()
-
-    def _stop_processes(self, grace_s: float = 5.0) -> None:
-        """Stop what vLLM's shutdown left running (the worker of an engine core that was killed)."""
-        left = [p for p in self.processes if _running(p)]
-        for p in left:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        _, alive = psutil.wait_procs(left, timeout=grace_s)
-        for p in alive:  # a worker blocked on its dead core's queue does not act on SIGTERM
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(alive, timeout=grace_s)
+            processes.stop(self.processes)
 
     async def _shutdown(self) -> None:
         self.llm.shutdown()
